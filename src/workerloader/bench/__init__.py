@@ -1,0 +1,10 @@
+"""Benchmarks, each printing its figures beside a baseline measured in the same run.
+
+Run them with ``workerloader bench NAME`` or ``python -m workerloader.bench NAME``.
+"""
+
+from ._report import Figure as Figure
+from ._report import print_figures as print_figures
+from ._rpc import run_rpc_bench as run_rpc_bench
+
+__all__ = ["Figure", "print_figures", "run_rpc_bench"]

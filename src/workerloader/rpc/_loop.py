@@ -1,0 +1,56 @@
+"""An asyncio event loop that spins briefly before sleeping, for low-latency RPC.
+
+On this kind of machine a process woken from ``epoll_wait`` by a peer's write takes ~20 µs to run
+again, which dominates a cross-process round trip (~115 µs on a plain asyncio loop). Right after
+it handled an event, this loop polls without blocking for up to ``spin_us`` before it blocks: a
+reply that arrives within that window is picked up at once. An idle loop blocks as usual after
+one window, so the cost is at most ``spin_us`` of CPU per burst of activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run"]
+
+DEFAULT_SPIN_US = 50
+"""Spin window, measured on this machine: 50 µs catches a typical RPC reply."""
+
+_T = TypeVar("_T")
+
+
+class _SpinningSelector(selectors.EpollSelector):
+    def __init__(self, spin_ns: int) -> None:
+        super().__init__()
+        self._spin_ns = spin_ns
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout <= 0:
+            return super().select(0)
+        deadline = time.perf_counter_ns() + self._spin_ns
+        if timeout is not None:
+            deadline = min(deadline, time.perf_counter_ns() + int(timeout * 1e9))
+        while True:
+            ready = super().select(0)
+            if ready or time.perf_counter_ns() >= deadline:
+                break
+        if ready:
+            return ready
+        return super().select(timeout)
+
+
+def new_event_loop(spin_us: int = DEFAULT_SPIN_US) -> asyncio.AbstractEventLoop:
+    """A selector event loop that spins ``spin_us`` before blocking (0: a plain loop)."""
+    if spin_us <= 0:
+        return asyncio.SelectorEventLoop()
+    return asyncio.SelectorEventLoop(_SpinningSelector(spin_us * 1000))
+
+
+def run(main: Coroutine[Any, Any, _T], *, spin_us: int = DEFAULT_SPIN_US) -> _T:
+    """Like ``asyncio.run``, on a spinning loop."""
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(spin_us)) as runner:
+        return runner.run(main)
