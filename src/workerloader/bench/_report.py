@@ -50,8 +50,10 @@ def print_figures(title: str, figures: list[Figure], console: Console | None = N
         baseline = _fmt(f.baseline, f.unit)
         if f.baseline_name:
             baseline += f" ({f.baseline_name})"
-        target = "-" if f.target is None else ("≥ " if f.higher_is_better else "≤ ") + _fmt(
-            f.target, f.unit
+        target = (
+            "-"
+            if f.target is None
+            else ("≥ " if f.higher_is_better else "≤ ") + _fmt(f.target, f.unit)
         )
         met = {None: "-", True: "yes", False: "NO"}[f.meets_target]
         table.add_row(f.name, _fmt(f.value, f.unit), baseline, target, met)

@@ -53,21 +53,23 @@ def _fork(close_in_child: Connection | socket.socket, target: object, *args: obj
     return pid
 
 
-async def _measure_rpc(sock: socket.socket, calls: int, pipelined: int) -> tuple[list[float], float]:
+async def _measure_rpc(
+    sock: socket.socket, calls: int, pipelined: int
+) -> tuple[list[float], float]:
     session = await rpc.connect(sock)
     main = session.main
     for _ in range(500):
         await main.add(1, 2)
-    samples = []
+    samples: list[float] = []
     for i in range(calls):
         t0 = time.perf_counter_ns()
         await main.add(i, 1)
         samples.append((time.perf_counter_ns() - t0) / 1000)
     batch = 500
-    t0 = time.perf_counter()
+    start_s = time.perf_counter()
     for start in range(0, pipelined, batch):
         await asyncio.gather(*(main.add(i, 1) for i in range(start, start + batch)))
-    rate = pipelined / (time.perf_counter() - t0)
+    rate = pipelined / (time.perf_counter() - start_s)
     await session.aclose()
     return samples, rate
 
@@ -81,20 +83,20 @@ def _measure_pickle(calls: int, pipelined: int) -> tuple[list[float], float]:
     for _ in range(500):
         parent.send((1, 2))
         parent.recv()
-    samples = []
+    samples: list[float] = []
     for i in range(calls):
         t0 = time.perf_counter_ns()
         parent.send((i, 1))
         parent.recv()
         samples.append((time.perf_counter_ns() - t0) / 1000)
     batch = 500
-    t0 = time.perf_counter()
+    start_s = time.perf_counter()
     for start in range(0, pipelined, batch):
         for i in range(start, start + batch):
             parent.send((i, 1))
         for _ in range(batch):
             parent.recv()
-    rate = pipelined / (time.perf_counter() - t0)
+    rate = pipelined / (time.perf_counter() - start_s)
     parent.close()
     os.waitpid(pid, 0)
     return samples, rate
@@ -117,14 +119,39 @@ def run_rpc_bench(calls: int = 5000, pipelined: int = 20000) -> list[Figure]:
     plain_samples, plain_rate = _measure_ours(0, calls, pipelined)
     base = "multiprocessing.connection + pickle"
     return [
-        Figure("round trip p50", percentile(samples, 0.5), "µs",
-               percentile(base_samples, 0.5), base, target=60),
-        Figure("round trip p99", percentile(samples, 0.99), "µs",
-               percentile(base_samples, 0.99), base),
-        Figure("pipelined calls", rate, "calls/s", base_rate, base,
-               target=30_000, higher_is_better=True),
-        Figure("round trip p50, plain asyncio loop", percentile(plain_samples, 0.5), "µs",
-               percentile(base_samples, 0.5), base),
-        Figure("pipelined calls, plain asyncio loop", plain_rate, "calls/s", base_rate, base,
-               higher_is_better=True),
+        Figure(
+            "round trip p50",
+            percentile(samples, 0.5),
+            "µs",
+            percentile(base_samples, 0.5),
+            base,
+            target=60,
+        ),
+        Figure(
+            "round trip p99", percentile(samples, 0.99), "µs", percentile(base_samples, 0.99), base
+        ),
+        Figure(
+            "pipelined calls",
+            rate,
+            "calls/s",
+            base_rate,
+            base,
+            target=30_000,
+            higher_is_better=True,
+        ),
+        Figure(
+            "round trip p50, plain asyncio loop",
+            percentile(plain_samples, 0.5),
+            "µs",
+            percentile(base_samples, 0.5),
+            base,
+        ),
+        Figure(
+            "pipelined calls, plain asyncio loop",
+            plain_rate,
+            "calls/s",
+            base_rate,
+            base,
+            higher_is_better=True,
+        ),
     ]

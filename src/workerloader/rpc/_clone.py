@@ -1,4 +1,4 @@
-"""Structured clone: Python values to and from the msgpack-ready wire tree of ``docs/protocol.md`` §4.
+"""Structured clone: Python values to and from the msgpack-ready wire tree (protocol §4).
 
 ``encode_value`` turns a value into a tree of msgpack-native objects (it does not produce bytes; the
 message codec does that in one pass for the whole frame). ``decode_value`` does the reverse on a
@@ -112,12 +112,13 @@ class _Encoder:
         self.memo[key] = len(self.memo)
         return None
 
-    def walk(self, v: object, depth: int) -> object:  # noqa: PLR0911, PLR0912 - a type switch
+    def walk(self, v: object, depth: int) -> object:
         t = type(v)
         if t is str or t is float or t is bool or v is None or t is bytes:
             return v
         if t is int:
-            return v if _INT_MIN <= v < _INT_END else self._bigint(v)  # type: ignore[operator]
+            assert isinstance(v, int)
+            return v if _INT_MIN <= v < _INT_END else self._bigint(v)
         if t is list or t is dict or t is tuple or t is set or t is frozenset or t is bytearray:
             return self._walk_container(v, t, depth)
         # Subclasses of the builtins travel as their base type, as json and pickle-free
@@ -158,20 +159,20 @@ class _Encoder:
             raise _CloneFailure(f"int with more than {limit} digits")
         return {T_BIGINT: str(v)}
 
-    def _walk_container(self, v: object, t: type, depth: int) -> object:
+    def _walk_container(self, v: Any, t: type, depth: int) -> object:
         if t is bytearray:
             ref = self._container(v, 0, depth)
-            return ref if ref is not None else {T_BYTEARRAY: bytes(v)}  # type: ignore[call-overload]
-        ref = self._container(v, len(v), depth)  # type: ignore[arg-type]
+            return ref if ref is not None else {T_BYTEARRAY: bytes(v)}
+        ref = self._container(v, len(v), depth)
         if ref is not None:
             return ref
         walk = self.walk
         inner = depth + 1
         if t is dict:
-            return self._walk_dict(v, inner)  # type: ignore[arg-type]
+            return self._walk_dict(v, inner)
         items: list[object] = []
         if t is list:
-            for i, item in enumerate(v):  # type: ignore[attr-defined]
+            for i, item in enumerate(v):
                 try:
                     items.append(walk(item, inner))
                 except _CloneFailure as failure:
@@ -180,7 +181,7 @@ class _Encoder:
             return items
         number = len(self.memo) - 1
         self.open_immutables.add(number)
-        for i, item in enumerate(v):  # type: ignore[attr-defined]
+        for i, item in enumerate(v):
             try:
                 out = walk(item, inner)
                 if type(out) is dict and out.get(T_REF, -1) in self.open_immutables:
@@ -332,7 +333,7 @@ class _Decoder:
         self.stack.append(_Frame(kind, items, out, memo_index, depth))  # type: ignore[arg-type]
         return _NEW_FRAME
 
-    def _enter(self, raw: object, depth: int) -> object:  # noqa: PLR0911, PLR0912
+    def _enter(self, raw: object, depth: int) -> object:
         t = type(raw)
         if t is list:
             return self._push(_LIST, raw, raw, len(raw), depth)  # type: ignore[arg-type]
@@ -442,7 +443,7 @@ class _Decoder:
 
     def _finish(self, frame: _Frame) -> object:
         kind = frame.kind
-        if kind == _LIST or kind == _MAP or kind == _PAIRS:
+        if kind in (_LIST, _MAP, _PAIRS):
             return frame.out
         value: object
         try:
@@ -458,7 +459,7 @@ class _Decoder:
         assert isinstance(pending, _Pending)
         self.memo[frame.memo_index] = value
         for container, slot in pending.fixups:
-            container[slot] = value  # type: ignore[index]
+            container[slot] = value  # type: ignore[call-overload]
         return value
 
 

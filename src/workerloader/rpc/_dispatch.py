@@ -13,7 +13,7 @@ __all__ = ["evaluate"]
 
 def _step(obj: object, step: str | int, is_stub: type | tuple[type, ...]) -> object:
     if isinstance(obj, RpcTarget):
-        if type(step) is str and step in rpc_members(type(obj)):
+        if type(step) is str and step in rpc_members(type(obj)):  # type: ignore[arg-type]
             return getattr(obj, step)
         raise AttributeError(f"{type(obj).__name__!r} object has no RPC member {step!r}")
     if isinstance(obj, is_stub):

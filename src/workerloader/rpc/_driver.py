@@ -10,6 +10,7 @@ calls are running here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 from collections.abc import Awaitable, Coroutine
@@ -195,10 +196,8 @@ class RpcSession(asyncio.Protocol):
         if self._flush_scheduled:
             return
         self._flush_scheduled = True
-        try:
+        with contextlib.suppress(RuntimeError):  # loop closed: the session is gone anyway
             self._loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:  # loop closed: the session is gone anyway
-            pass
 
     def _drain_releases(self) -> None:
         queue = self._release_queue
@@ -437,5 +436,3 @@ async def memory_pair(
     b.connection_made(tb)
     await asyncio.sleep(0)
     return a, b
-
-

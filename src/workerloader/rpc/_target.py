@@ -46,8 +46,6 @@ def rpc_members(cls: type) -> frozenset[str]:
         if name.startswith("_"):
             continue
         member = inspect.getattr_static(cls, name)
-        if isinstance(member, (staticmethod, classmethod)):
-            names.add(name)
-        elif isinstance(member, property) or inspect.isfunction(member):
+        if isinstance(member, (staticmethod, classmethod, property)) or inspect.isfunction(member):
             names.add(name)
     return frozenset(names)

@@ -98,7 +98,8 @@ def decode_message(body: bytes | memoryview) -> Message:
             extension type, nesting beyond the decoder's own guard).
     """
     try:
-        return _decoder.decode(body)
+        message: Message = _decoder.decode(body)
+        return message
     except ProtocolError:
         raise
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # incl. bad UTF-8
