@@ -19,7 +19,7 @@ from typing import Any, Final
 from .._errors import DataCloneError, ProtocolError
 from ._limits import RpcLimits
 
-__all__ = ["Export", "Import", "decode_value", "encode_value"]
+__all__ = ["Export", "Import", "decode_value", "encode_value", "flat_scalars"]
 
 # Tags of the single-entry int-keyed maps; docs/protocol.md §4 is the table.
 T_REF: Final = 0
@@ -47,6 +47,23 @@ Export = Callable[[object], "dict[int, int] | None"]
 
 Import = Callable[[int, int], object]
 """Maps a capability tag and id from the peer to the local object (stub or own export)."""
+
+
+def flat_scalars(items: list[object], limits: RpcLimits) -> bool:
+    """True if ``items`` is a list of msgpack-native scalars that needs no encoding or decoding.
+
+    The fast path for the common call ``f(1, "a")``: such a list is its own wire form.
+    """
+    if len(items) > limits.max_collection_len:
+        return False
+    for v in items:
+        t = type(v)
+        if t is str or t is float or t is bool or v is None or t is bytes:
+            continue
+        if t is int and _INT_MIN <= v < _INT_END:  # type: ignore[operator]
+            continue
+        return False
+    return True
 
 
 def encode_value(value: object, root: str, export: Export, limits: RpcLimits) -> object:

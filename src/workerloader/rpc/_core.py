@@ -23,7 +23,7 @@ from .._errors import (
     WorkerloaderError,
 )
 from . import _wire
-from ._clone import T_EXPORT, T_IMPORT, decode_value, encode_value
+from ._clone import T_EXPORT, T_IMPORT, decode_value, encode_value, flat_scalars
 from ._limits import RpcLimits
 from ._wire import Abort, Hello, Message, Pull, Push, Reject, Release, Resolve
 
@@ -281,7 +281,7 @@ class Session:
         """The next event, or None when there is none for now."""
         return self._events.popleft() if self._events else None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Feed bytes from the peer. A protocol violation aborts the session (a ``Closed`` event
         follows and an ``Abort`` frame is queued); it is not raised."""
         if self._state == _CLOSED:
@@ -381,7 +381,10 @@ class Session:
         wire_args: object = None
         exports: list[int] = []
         if args is not None:
-            wire_args, exports = self._encode([args[0], args[1]], "arguments")
+            if not args[1] and flat_scalars(args[0], self.limits):
+                wire_args = [args[0], {}]  # already its own wire form
+            else:
+                wire_args, exports = self._encode([args[0], args[1]], "arguments")
         question_id = self._next_question
         self._send_checked(Push(question_id, target, path, wire_args, pull), exports)
         self._next_question += 1
@@ -602,8 +605,17 @@ class Session:
             raise ProtocolError(f"push path longer than {self.limits.max_path_len} steps")
         args: list[object] | None = None
         kwargs: dict[str, object] = {}
-        if push.args is not None:
-            decoded = decode_value(push.args, self._import, self.limits)
+        raw = push.args
+        if (
+            type(raw) is list
+            and len(raw) == 2
+            and type(raw[0]) is list
+            and raw[1] == {}
+            and flat_scalars(raw[0], self.limits)
+        ):
+            args = raw[0]  # plain scalars: nothing to decode
+        elif raw is not None:
+            decoded = decode_value(raw, self._import, self.limits)
             if (
                 type(decoded) is not list
                 or len(decoded) != 2

@@ -27,6 +27,10 @@ from ._target import is_local_capability
 __all__ = ["RpcSession", "connect", "memory_pair"]
 
 _STUB_TYPES = (RpcStub, RpcPromise)
+_READ_SIZE = 64 * 1024
+# Coalesced output is written once this much is queued, even mid-turn, so the peer can start on
+# a long pipelined burst while this side is still producing it.
+_EAGER_WRITE_BYTES = 4096
 
 
 class _Stubs:
@@ -48,7 +52,7 @@ class _Stubs:
         return is_local_capability(value) or isinstance(value, _STUB_TYPES)
 
 
-class RpcSession(asyncio.Protocol):
+class RpcSession(asyncio.BufferedProtocol):
     """One side of an RPC session over an asyncio transport.
 
     ``main`` is the peer's main capability. Close with ``aclose()`` or ``async with``; closing
@@ -73,6 +77,7 @@ class RpcSession(asyncio.Protocol):
         self._release_queue: list[tuple[bool, int]] = []
         self._write_resumed: asyncio.Event | None = None
         self._read_paused = False
+        self._read_view = memoryview(bytearray(_READ_SIZE))
         self._closed = self._loop.create_future()
 
     # -- public -----------------------------------------------------------------------------
@@ -117,7 +122,15 @@ class RpcSession(asyncio.Protocol):
         self._transport.set_write_buffer_limits(high=limits.write_high_water)
         self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # A reused buffer: plain data_received would make asyncio allocate (and, at its 256 KiB
+        # read size, mmap and munmap) a fresh bytes object for every read.
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._session.receive_data(data)
         self._process_events()
         self._flush()
@@ -186,6 +199,8 @@ class RpcSession(asyncio.Protocol):
         follow in the same turn are coalesced into one write (throughput for many calls).
         """
         if self._flush_scheduled:
+            if self._session.pending_bytes >= _EAGER_WRITE_BYTES:
+                self._write_pending()
             return
         self._flush()
         self._flush_scheduled = True
@@ -211,12 +226,16 @@ class RpcSession(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._drain_releases()
+        self._write_pending()
+        transport = self._transport
+        if self._session.closed and transport is not None and not transport.is_closing():
+            transport.close()
+
+    def _write_pending(self) -> None:
         data = self._session.data_to_send()
         transport = self._transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
-        if self._session.closed and transport is not None and not transport.is_closing():
-            transport.close()
 
     def _process_events(self) -> None:
         session = self._session
@@ -224,6 +243,8 @@ class RpcSession(asyncio.Protocol):
             match event:
                 case Evaluate():
                     self._evaluate(event)
+                    if session.pending_bytes >= _EAGER_WRITE_BYTES:
+                        self._write_pending()
                 case Returned(question_id=question_id, value=value):
                     future = self._futures.pop(question_id, None)
                     if future is not None and not future.done():
