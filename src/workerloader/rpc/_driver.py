@@ -374,7 +374,7 @@ async def connect(
 class _MemoryTransport(asyncio.Transport):
     """One end of an in-process byte pipe; delivers writes to the peer on the next loop turn."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: RpcSession) -> None:
         super().__init__()
         self._loop = loop
         self._protocol = protocol
