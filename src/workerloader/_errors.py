@@ -6,6 +6,8 @@
     ├── DataCloneError (also TypeError)    fix your code: a value cannot cross to the other side
     ├── RemoteError                        fix your code (or theirs): the far side raised a
     │                                      non-builtin exception; carries its type name
+    ├── SandboxUnavailable                 fix the machine: namespaces, seccomp or Landlock
+    │                                      missing (or opt into insecure mode)
     └── RpcError                           the session itself is in trouble
         ├── ProtocolError                  the peer broke the protocol; the session is aborted
         ├── SessionClosed                  the session ended (peer gone, aborted, closed);
@@ -25,6 +27,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RpcError",
+    "SandboxUnavailable",
     "SessionClosed",
     "WorkerloaderError",
 ]
@@ -70,6 +73,11 @@ class ProtocolError(RpcError):
 
 class SessionClosed(RpcError):
     """The session is closed; calls in flight and new calls fail with this."""
+
+
+class SandboxUnavailable(WorkerloaderError):
+    """This machine cannot run the sandbox (no namespaces, seccomp or Landlock, not root);
+    the message says what is missing. Pass ``insecure=True`` only where that is acceptable."""
 
 
 class FrameTooLarge(RpcError):

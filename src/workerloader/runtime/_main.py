@@ -1,0 +1,246 @@
+"""The worker's side of the host ↔ worker session: ``serve`` runs it over the inherited channel.
+
+The host drives a ``WorkerRuntime``: ``load`` the code once, then ``invoke``/``fetch`` per call.
+Each call's answer is an envelope ``{"value": ...} | {"error": {...}}`` plus ``"logs"``, so logs
+travel with results and errors alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import io
+import logging
+import resource
+import socket
+import sys
+import traceback
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from .. import rpc
+from ..rpc._loop import run
+from . import workers
+from ._modules import ModuleMap
+
+__all__ = ["WorkerRuntime", "serve"]
+
+_LOG_CAP = 64 * 1024
+_calls: contextvars.ContextVar[_CallLog] = contextvars.ContextVar("workerloader_call")
+
+
+class OutputLimitExceeded(BaseException):  # noqa: N818 - the name the caller sees
+    """Raised inside the worker when a call prints more than its cap; ``except Exception`` in
+    user code cannot swallow it."""
+
+
+class _CallLog:
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.size = 0
+        self.lines: list[str] = []
+        self.partial = ""
+
+    def write(self, text: str) -> None:
+        self.size += len(text)
+        if self.size > self.cap:
+            raise OutputLimitExceeded(f"the call wrote more than {self.cap} characters of output")
+        self.partial += text
+        *done, self.partial = self.partial.split("\n")
+        self.lines.extend(done)
+
+    def finish(self) -> list[str]:
+        if self.partial:
+            self.lines.append(self.partial)
+            self.partial = ""
+        return self.lines
+
+
+class _Stream(io.TextIOBase):
+    """sys.stdout/sys.stderr: route writes to the current call's log."""
+
+    def write(self, text: str) -> int:
+        log = _calls.get(None)
+        if log is not None:
+            log.write(text)
+        return len(text)
+
+
+def _user_traceback(exc: BaseException, user_files: set[str]) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in user_files]
+    lines = traceback.format_list(frames)
+    return "Traceback (most recent call last):\n" + "".join(lines) + "".join(
+        traceback.format_exception_only(exc)
+    )
+
+
+class WorkerRuntime(rpc.RpcTarget):
+    """The host's handle on this worker."""
+
+    def __init__(self) -> None:
+        self._modules: ModuleMap | None = None
+        self._entrypoints: dict[str | None, Any] = {}
+        self._env = workers.Env({})
+        self._log_cap = _LOG_CAP
+
+    def load(self, code: dict[str, Any]) -> dict[str, Any] | None:
+        """Load the worker's code; None on success, else ``{"type", "message", "file", "line"}``."""
+        limits = code.get("limits") or {}
+        memory_mb = limits.get("memory_mb")
+        if memory_mb:
+            # Virtual memory the interpreter already maps, plus the worker's allowance.
+            with open("/proc/self/statm") as f:
+                base = int(f.read().split()[0]) * resource.getpagesize()
+            cap = base + int(memory_mb) * (1 << 20)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        self._log_cap = int(limits.get("output_bytes") or _LOG_CAP)
+        try:
+            self._modules = ModuleMap(code["modules"])
+        except ValueError as exc:
+            return {"type": "ValueError", "message": str(exc), "file": None, "line": None}
+        self._modules.install()
+        workers.modules.update(self._modules.data)
+        self._env = workers.Env(code.get("env") or {})
+        main = code["main_module"]
+        name = main[:-3].replace("/", ".") if main.endswith(".py") else None
+        if name is None or name not in self._modules.sources:
+            return {
+                "type": "ValueError",
+                "message": f"main module {main!r} is not a .py entry of the module map",
+                "file": None,
+                "line": None,
+            }
+        log = _CallLog(self._log_cap)
+        token = _calls.set(log)
+        try:
+            module = __import__(name, fromlist=["*"])
+        except SyntaxError as exc:
+            return {
+                "type": "SyntaxError",
+                "message": exc.msg,
+                "file": exc.filename,
+                "line": exc.lineno,
+            }
+        except BaseException as exc:
+            frames = traceback.extract_tb(exc.__traceback__)
+            user = [f for f in frames if f.filename in self._modules.user_files()]
+            last = user[-1] if user else None
+            return {
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "file": last.filename if last else None,
+                "line": last.lineno if last else None,
+            }
+        finally:
+            _calls.reset(token)
+        for attr, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(value, workers.WorkerEntrypoint):
+                if value is not workers.WorkerEntrypoint and value.__module__ == name:
+                    self._entrypoints[None if attr == "Default" else attr] = value
+        fetch = getattr(module, "fetch", None)
+        if None not in self._entrypoints and inspect.iscoroutinefunction(fetch):
+            self._entrypoints[None] = fetch
+        return None
+
+    def entrypoints(self) -> list[str | None]:
+        return list(self._entrypoints)
+
+    async def invoke(
+        self,
+        entrypoint: str | None,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        props: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Call ``method`` on a new instance of ``entrypoint``; the result envelope."""
+        return await self._call(entrypoint, method, args, kwargs, props)
+
+    async def fetch(
+        self, entrypoint: str | None, request: dict[str, Any], props: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Run the entrypoint's ``fetch`` on a request; the envelope's value is a response."""
+        req = workers.Request.from_wire(request)
+        return await self._call(entrypoint, "fetch", [req], {}, props)
+
+    async def _call(
+        self,
+        entrypoint: str | None,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        props: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        log = _CallLog(self._log_cap)
+        token = _calls.set(log)
+        ctx = workers.Context(props)
+        try:
+            value = await self._dispatch(entrypoint, method, args, kwargs, ctx)
+            if isinstance(value, workers.Response):
+                value = {"__response__": value.to_wire()}
+            envelope: dict[str, Any] = {"value": value}
+        except (Exception, OutputLimitExceeded) as exc:
+            user_files = self._modules.user_files() if self._modules else set()
+            envelope = {
+                "error": {
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": _user_traceback(exc, user_files),
+                }
+            }
+        finally:
+            _calls.reset(token)
+        envelope["logs"] = log.finish()
+        for awaitable in ctx._waiting:
+            asyncio.ensure_future(awaitable)
+        return envelope
+
+    async def _dispatch(
+        self,
+        entrypoint: str | None,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: workers.Context,
+    ) -> Any:
+        target = self._entrypoints.get(entrypoint)
+        if target is None:
+            raise LookupError(
+                f"the worker has no entrypoint {entrypoint or 'Default'!r}"
+                f" (it exports {[e or 'Default' for e in self._entrypoints]})"
+            )
+        if not inspect.isclass(target):  # a module-level fetch(request, env, ctx)
+            if method != "fetch":
+                raise AttributeError(f"the default entrypoint has no method {method!r}")
+            return await target(*args, self._env, ctx)
+        if method.startswith("_") or method not in vars(target) and not any(
+            method in vars(base) for base in target.__mro__[:-1] if base is not workers.WorkerEntrypoint
+        ):
+            raise AttributeError(f"entrypoint {target.__name__!r} has no method {method!r}")
+        instance = target(ctx, self._env)
+        result = getattr(instance, method)(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def _install_streams() -> None:
+    sys.stdout = _Stream()  # type: ignore[assignment]
+    sys.stderr = _Stream()  # type: ignore[assignment]
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
+    warnings.simplefilter("default")
+
+
+def serve(channel: socket.socket) -> int:
+    """Run the worker's session until the host closes it; the process exit code."""
+    sys.modules["workers"] = workers
+    _install_streams()
+
+    async def main() -> None:
+        session = await rpc.connect(channel, WorkerRuntime())
+        await session.wait_closed()
+
+    run(main())
+    return 0

@@ -1,0 +1,83 @@
+"""Importing a worker's modules from its module map, with the user's file names and lines."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import sys
+import types
+from collections.abc import Mapping, Sequence
+
+__all__ = ["ModuleMap", "module_name"]
+
+
+def module_name(path: str) -> str | None:
+    """``"pkg/util.py"`` → ``"pkg.util"``, ``"pkg/__init__.py"`` → ``"pkg"``; None if not .py."""
+    if not path.endswith(".py"):
+        return None
+    name = path[:-3].replace("/", ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A finder and loader for the ``.py`` entries of a module map; data entries are parsed into
+    ``workers.modules``."""
+
+    def __init__(self, modules: Mapping[str, object]) -> None:
+        self.sources: dict[str, tuple[str, str, bool]] = {}  # name -> (path, source, is_pkg)
+        self.data: dict[str, object] = {}
+        for path, value in modules.items():
+            name = module_name(path)
+            if name is not None and isinstance(value, str):
+                self.sources[name] = (path, value, path.endswith("__init__.py"))
+            elif isinstance(value, Mapping) and len(value) == 1:
+                ((kind, content),) = value.items()
+                if kind == "json":
+                    self.data[path] = content
+                elif kind == "text" and isinstance(content, str):
+                    self.data[path] = content
+                elif kind == "data" and isinstance(content, (bytes, bytearray)):
+                    self.data[path] = bytes(content)
+                elif kind == "json" and isinstance(content, str):
+                    self.data[path] = json.loads(content)
+                else:
+                    raise ValueError(f"module {path!r}: unknown module type {kind!r}")
+            else:
+                raise ValueError(
+                    f"module {path!r}: expected Python source (str) or one of "
+                    '{"json": ...}, {"text": str}, {"data": bytes}'
+                )
+        # Implicit packages for "pkg/mod.py" without "pkg/__init__.py".
+        for name in list(self.sources):
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                package = ".".join(parts[:i])
+                self.sources.setdefault(package, (package.replace(".", "/") + "/", "", True))
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        entry = self.sources.get(fullname)
+        if entry is None:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, is_package=entry[2], origin=entry[0])
+        if spec is not None and entry[2]:
+            spec.submodule_search_locations = []
+        return spec
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        path, source, _ = self.sources[module.__name__]
+        module.__file__ = path
+        code = compile(source, path, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+
+    def install(self) -> None:
+        sys.meta_path.insert(0, self)
+
+    def user_files(self) -> set[str]:
+        return {path for path, _, _ in self.sources.values()}

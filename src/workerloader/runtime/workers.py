@@ -1,0 +1,139 @@
+"""The ``workers`` module as user code sees it (``from workers import WorkerEntrypoint``).
+
+Mirrors Cloudflare's Python Workers: ``WorkerEntrypoint(ctx, env)`` with a new instance per call,
+``Request``/``Response`` in the Fetch API's shape, and ``fetch`` for outbound HTTP.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import Any
+
+__all__ = ["Context", "Env", "Request", "Response", "WorkerEntrypoint", "fetch", "modules"]
+
+modules: dict[str, object] = {}
+"""The worker's data modules by name: ``{"json": ...}`` parsed, ``{"text": ...}`` as str,
+``{"data": ...}`` as bytes (``workers.modules["config.json"]``)."""
+
+
+class Env:
+    """The worker's bindings, by attribute (``env.KV``) or item (``env["KV"]``)."""
+
+    def __init__(self, values: Mapping[str, object]) -> None:
+        self.__dict__.update(values)
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.__dict__
+
+    def __repr__(self) -> str:
+        return f"Env({sorted(self.__dict__)})"
+
+
+class Context:
+    """Per-call context: ``props`` set by the host, ``wait_until`` for work after the reply."""
+
+    def __init__(self, props: Mapping[str, object] | None = None) -> None:
+        self.props: dict[str, object] = dict(props or {})
+        self._waiting: list[Awaitable[object]] = []
+
+    def wait_until(self, awaitable: Awaitable[object]) -> None:
+        """Keep the worker running ``awaitable`` after the response is sent."""
+        self._waiting.append(awaitable)
+
+    waitUntil = wait_until  # Cloudflare's spelling  # noqa: N815
+
+
+class WorkerEntrypoint:
+    """Base class of entrypoints. ``fetch(request)`` answers HTTP; other public async methods are
+    RPC methods callable from the host."""
+
+    def __init__(self, ctx: Context, env: Env) -> None:
+        self.ctx = ctx
+        self.env = env
+
+
+def _headers(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return {str(k).lower(): str(v) for k, v in items}
+
+
+class Request:
+    """An HTTP request: ``method``, ``url``, ``headers``, and the body via ``await text()``,
+    ``await json()`` or ``await bytes()``."""
+
+    def __init__(
+        self,
+        url: str,
+        method: str = "GET",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        body: bytes | str | None = None,
+    ) -> None:
+        self.url = url
+        self.method = method.upper()
+        self.headers = _headers(headers)
+        self._body = body.encode() if isinstance(body, str) else (body or b"")
+
+    async def bytes(self) -> bytes:
+        return self._body
+
+    async def text(self) -> str:
+        return self._body.decode()
+
+    async def json(self) -> Any:
+        return _json.loads(self._body)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"url": self.url, "method": self.method, "headers": self.headers, "body": self._body}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Request:
+        return cls(data["url"], data["method"], data["headers"], data["body"])
+
+
+class Response:
+    """An HTTP response: ``Response(body, status=200, headers=None)``; ``Response.json(data)``."""
+
+    def __init__(
+        self,
+        body: bytes | str | None = None,
+        status: int = 200,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = _headers(headers)
+        if isinstance(body, str):
+            self.headers.setdefault("content-type", "text/plain;charset=UTF-8")
+        self._body = body.encode() if isinstance(body, str) else (body or b"")
+
+    @classmethod
+    def json(
+        cls, data: object, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        merged = {"content-type": "application/json", **(headers or {})}
+        return cls(_json.dumps(data), status=status, headers=merged)
+
+    async def bytes(self) -> bytes:
+        return self._body
+
+    async def text(self) -> str:
+        return self._body.decode()
+
+    def to_wire(self) -> dict[str, object]:
+        return {"status": self.status, "headers": self.headers, "body": self._body}
+
+
+async def fetch(url: str | Request, **init: Any) -> Response:
+    """Outbound HTTP. With ``global_outbound=None`` (the default) there is no network at all."""
+    raise PermissionError(
+        "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
+        "so fetch() and sockets are disabled."
+    )

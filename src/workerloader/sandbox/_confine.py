@@ -1,0 +1,67 @@
+"""What a freshly forked worker does to itself before any tenant code runs.
+
+Order matters: mounts need the namespace-root identity, so they come before dropping to the
+worker's own uid; Landlock and seccomp come last, once nothing else needs the calls they deny.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+import landlock
+
+from . import _syscalls as sc
+from ._policy import READ_ONLY_PATHS
+
+__all__ = ["SCRATCH", "confine"]
+
+SCRATCH = "/tmp"
+"""The worker's private, size-capped scratch directory (a tmpfs of its own)."""
+
+_FS_READ = landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE
+
+
+def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> None:
+    """Confine the calling process, which must be pid 1 of its own PID namespace inside the
+    zygote's user, network, IPC and UTS namespaces. Raises OSError if any step fails (the
+    caller then exits: a worker that is not fully confined never runs)."""
+    # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
+    os.closerange(3, channel_fd)
+    os.closerange(channel_fd + 1, 1 << 16)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.environ.clear()  # the zygote's (already scrubbed) settings are none of the tenant's business
+    # 2. A private mount namespace with a size-capped tmpfs as scratch.
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount(
+        "tmpfs",
+        SCRATCH,
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        f"size={scratch_mb}m,nr_inodes=4096,mode=0777",
+    )
+    # 3. The worker's own identity: no two workers share a uid.
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    # 4. Hard limits that hold whatever the tenant does (per-worker limits lower them later).
+    for limit, value in (
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_FSIZE, scratch_mb << 20),
+        (resource.RLIMIT_NPROC, 64),
+    ):
+        resource.setrlimit(limit, (value, value))
+    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    # 5. Filesystem: read the interpreter, read and write the scratch, nothing else.
+    rules = landlock.Ruleset()
+    rules.allow(*READ_ONLY_PATHS, rules=_FS_READ)
+    rules.allow("/dev/null", rules=landlock.FSAccess.READ_FILE | landlock.FSAccess.WRITE_FILE)
+    rules.allow(SCRATCH)
+    rules.apply()
+    # 6. System calls: the allow-list.
+    sc.load_seccomp_bpf(seccomp_bpf)

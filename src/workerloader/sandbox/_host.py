@@ -1,0 +1,166 @@
+"""The host's side of the sandbox: start the zygote, ask it for workers, kill them."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .._errors import SandboxUnavailable
+
+__all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
+
+_UID_BASE = 100_000  # host uid of uid 0 inside the zygote's user namespace
+_UID_RANGE = 65_536
+
+
+def sandbox_support() -> str | None:
+    """None if this machine can run the sandbox, else why not."""
+    if sys.platform != "linux":
+        return f"the sandbox needs Linux namespaces and seccomp; this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "the sandbox must start as root to map its workers' user ids"
+    for path in ("/proc/self/ns/user", "/proc/self/ns/pid", "/proc/self/ns/net"):
+        if not os.path.exists(path):
+            return f"namespaces are missing ({path})"
+    try:
+        import landlock
+        import pyseccomp  # noqa: F401
+
+        if landlock.landlock_abi_version() < 1:
+            return "Landlock is not enabled in this kernel"
+    except Exception as exc:  # libseccomp or Landlock missing
+        return f"seccomp or Landlock is unavailable: {exc}"
+    return None
+
+
+@dataclass
+class WorkerProcess:
+    """One sandboxed worker process: its RPC channel and a pidfd to signal it."""
+
+    channel: socket.socket
+    pidfd: int
+    pid: int
+
+    def kill(self) -> None:
+        """SIGKILL the worker (its whole PID namespace goes with it); safe if already dead."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def cpu_ns(self) -> int:
+        """CPU time the worker has used, in nanoseconds (0 once it is gone)."""
+        try:
+            with open(f"/proc/{self.pid}/schedstat") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def close(self) -> None:
+        self.kill()
+        self.channel.close()
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError("no pid for pidfd")
+
+
+class Sandbox:
+    """The zygote process and the workers it forks. Use ``async with`` or ``start``/``aclose``."""
+
+    def __init__(self, *, pool_size: int = 8, scratch_mb: int = 16) -> None:
+        self._pool_size = pool_size
+        self._scratch_mb = scratch_mb
+        self._ctrl: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the zygote and wait until its pool is warm."""
+        reason = sandbox_support()
+        if reason is not None:
+            raise SandboxUnavailable(reason)
+        host, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "WORKERLOADER_POOL": str(self._pool_size),
+            "WORKERLOADER_SCRATCH_MB": str(self._scratch_mb),
+        }
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
+            pass_fds=[zygote.fileno()],
+            env=env,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        zygote.close()
+        self._ctrl = host
+        host.setblocking(False)
+        loop = asyncio.get_running_loop()
+        if await loop.sock_recv(host, 16) != b"userns":
+            raise SandboxUnavailable("the zygote could not create its namespaces")
+        pid = self._proc.pid
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 {_UID_BASE} {_UID_RANGE}")
+        await loop.sock_sendall(host, b"mapped")
+        if await loop.sock_recv(host, 16) != b"ready":
+            raise SandboxUnavailable("the zygote failed to start")
+
+    async def spawn(self) -> WorkerProcess:
+        """A new confined worker, waiting for its code on its channel."""
+        ctrl = self._ctrl
+        if ctrl is None:
+            raise SandboxUnavailable("the sandbox is not running")
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await loop.sock_sendall(ctrl, b"spawn")
+            fds = array.array("i")
+            while True:
+                try:
+                    msg, ancdata, _, _ = ctrl.recvmsg(16, socket.CMSG_LEN(2 * fds.itemsize))
+                    break
+                except BlockingIOError:
+                    waiter = loop.create_future()
+                    loop.add_reader(ctrl, waiter.set_result, None)
+                    try:
+                        await waiter
+                    finally:
+                        loop.remove_reader(ctrl)
+        if not msg:
+            raise SandboxUnavailable("the zygote has exited")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        channel_fd, pidfd = fds[0], fds[1]
+        return WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
+
+    async def aclose(self) -> None:
+        """Stop the zygote; every worker dies with it. Safe to call twice."""
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 5)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)

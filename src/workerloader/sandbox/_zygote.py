@@ -1,0 +1,187 @@
+"""The zygote: a clean-exec'd, confined process that forks pre-confined workers.
+
+Started by the host as ``python -I -m workerloader.sandbox._zygote FD`` with a scrubbed
+environment. It unshares user, network, IPC, UTS, mount and PID namespaces, waits for the host to
+write its uid/gid maps, then forks the zygote proper (pid 1 of the new PID namespace). That
+process imports the worker runtime once and keeps a pool of pre-forked workers, each pid 1 of
+its own PID namespace, already confined and waiting on its RPC channel.
+
+Control protocol (SOCK_SEQPACKET, one message per datagram):
+
+- zygote → host ``b"userns"``; host writes the maps and answers ``b"mapped"``;
+- zygote → host ``b"ready"`` once the pool is warm;
+- host → zygote ``b"spawn"``; zygote → host ``b"worker"`` with two fds (SCM_RIGHTS): the host's
+  end of the worker's channel and a pidfd of the worker;
+- the host closing the socket stops the zygote; its workers die with it (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections import deque
+
+from . import _syscalls as sc
+
+POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
+SCRATCH_MB = int(os.environ.get("WORKERLOADER_SCRATCH_MB", "16"))
+_UID_FIRST, _UID_COUNT = 1000, 60000
+_NAMESPACES = (
+    sc.CLONE_NEWUSER
+    | sc.CLONE_NEWNET
+    | sc.CLONE_NEWIPC
+    | sc.CLONE_NEWUTS
+    | sc.CLONE_NEWNS
+    | sc.CLONE_NEWPID
+)
+
+
+def _send_fds(ctrl: socket.socket, message: bytes, fds: list[int]) -> None:
+    ctrl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+class _Zygote:
+    def __init__(self, ctrl: socket.socket) -> None:
+        from ..runtime import _main as runtime  # imported once; every worker inherits it
+        from ._policy import compile_seccomp
+
+        self.ctrl = ctrl
+        self.runtime = runtime
+        self.seccomp = compile_seccomp()
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+        self.pool: deque[tuple[socket.socket, int]] = deque()
+        self.next_uid = 0
+
+    def prefork(self) -> None:
+        host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        uid = _UID_FIRST + self.next_uid
+        self.next_uid = (self.next_uid + 1) % _UID_COUNT
+        sc.unshare(sc.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                host_end.close()
+                from ._confine import confine
+
+                confine(worker_end.fileno(), uid, self.seccomp, SCRATCH_MB)
+                code = self.runtime.serve(worker_end)
+            except BaseException:
+                pass  # confinement failed or the session broke: exit, never run unconfined
+            finally:
+                os._exit(code)
+        sc.setns(self.own_pidns, sc.CLONE_NEWPID)
+        worker_end.close()
+        self.pool.append((host_end, os.pidfd_open(pid)))
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        while len(self.pool) < POOL_SIZE:
+            self.prefork()
+        self.ctrl.send(b"ready")
+        while True:
+            self._reap()
+            timeout = 0 if len(self.pool) < POOL_SIZE else 1.0
+            readable, _, _ = select.select([self.ctrl], [], [], timeout)
+            if not readable:
+                if len(self.pool) < POOL_SIZE:
+                    self.prefork()
+                continue
+            request = self.ctrl.recv(64)
+            if not request:
+                return
+            if request == b"spawn":
+                if not self.pool:
+                    self.prefork()
+                host_end, pidfd = self.pool.popleft()
+                _send_fds(self.ctrl, b"worker", [host_end.fileno(), pidfd])
+                host_end.close()
+                os.close(pidfd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+
+def _blocked_ancestor(path: str) -> str | None:
+    """The highest ancestor of ``path`` that other users cannot traverse (e.g. /root), if any."""
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts)):
+        ancestor = "/" + "/".join(parts[:i])
+        if not os.stat(ancestor).st_mode & 0o001:
+            return ancestor
+    return None
+
+
+def _expose_interpreter() -> list[tuple[str, str, int]]:
+    """Open the interpreter paths that sit under a directory the zygote's unprivileged uids
+    could not traverse (a Python under /root). Runs as the host's root."""
+    from ._policy import READ_ONLY_PATHS
+
+    exposed = []
+    for path in READ_ONLY_PATHS:
+        ancestor = _blocked_ancestor(path)
+        if ancestor is not None:
+            exposed.append((ancestor, path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    return exposed
+
+
+def _mount_interpreter(exposed: list[tuple[str, str, int]]) -> None:
+    """Cover each blocked ancestor with a tmpfs holding read-only binds of just the interpreter
+    paths, at their original locations (the venv and .pth files name absolute paths)."""
+    for ancestor in sorted({a for a, _, _ in exposed}):
+        sc.mount("tmpfs", ancestor, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
+    for _, path, fd in exposed:
+        os.makedirs(path, exist_ok=True)
+        sc.mount(f"/proc/self/fd/{fd}", path, None, sc.MS_BIND | sc.MS_REC, None)
+        try:
+            flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+            sc.mount("none", path, None, flags, None)
+        except OSError:
+            pass  # locked mount flags; Landlock still makes it read-only for workers
+        os.close(fd)
+
+
+def main() -> None:
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    # Shape the filesystem view while still the host's root, in a mount namespace of our own;
+    # the user namespace's mount namespace below starts as a copy of it.
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
+    _mount_interpreter(_expose_interpreter())
+    sc.unshare(_NAMESPACES)
+    ctrl.send(b"userns")
+    if ctrl.recv(16) != b"mapped":
+        os._exit(1)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    pid = os.fork()  # the zygote proper: pid 1 of the new PID namespace
+    if pid == 0:
+        code = 1
+        try:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            sc.prctl(sc.PR_SET_DUMPABLE, 0)
+            _Zygote(ctrl).serve()
+            code = 0
+        except BaseException:
+            traceback.print_exc()  # to the host's stderr: the zygote runs no tenant code
+        finally:
+            os._exit(code)
+    ctrl.close()
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+if __name__ == "__main__":
+    main()
