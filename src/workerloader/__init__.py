@@ -4,13 +4,29 @@ only through capabilities.
 The public surface is what this module exports; everything in a ``_module`` is private.
 """
 
+from ._errors import CpuLimitExceeded as CpuLimitExceeded
 from ._errors import DataCloneError as DataCloneError
 from ._errors import FrameTooLarge as FrameTooLarge
+from ._errors import LimitExceeded as LimitExceeded
+from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
+from ._errors import OutputLimitExceeded as OutputLimitExceeded
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteError as RemoteError
 from ._errors import RpcError as RpcError
+from ._errors import SandboxUnavailable as SandboxUnavailable
 from ._errors import SessionClosed as SessionClosed
+from ._errors import WallTimeExceeded as WallTimeExceeded
+from ._errors import WorkerCrashed as WorkerCrashed
+from ._errors import WorkerError as WorkerError
 from ._errors import WorkerloaderError as WorkerloaderError
+from ._errors import WorkerLoadError as WorkerLoadError
+from .loader import EntrypointStub as EntrypointStub
+from .loader import Limits as Limits
+from .loader import Loader as Loader
+from .loader import Request as Request
+from .loader import Response as Response
+from .loader import WorkerCode as WorkerCode
+from .loader import WorkerStub as WorkerStub
 from .rpc import RpcLimits as RpcLimits
 from .rpc import RpcStub as RpcStub
 from .rpc import RpcTarget as RpcTarget
@@ -18,14 +34,30 @@ from .rpc import RpcTarget as RpcTarget
 __version__ = "0.1.0"
 
 __all__ = [
+    "CpuLimitExceeded",
     "DataCloneError",
+    "EntrypointStub",
     "FrameTooLarge",
+    "LimitExceeded",
+    "Limits",
+    "Loader",
+    "MemoryLimitExceeded",
+    "OutputLimitExceeded",
     "ProtocolError",
     "RemoteError",
+    "Request",
+    "Response",
     "RpcError",
     "RpcLimits",
     "RpcStub",
     "RpcTarget",
+    "SandboxUnavailable",
     "SessionClosed",
+    "WallTimeExceeded",
+    "WorkerCode",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerLoadError",
+    "WorkerStub",
     "WorkerloaderError",
 ]

@@ -8,6 +8,18 @@
     │                                      non-builtin exception; carries its type name
     ├── SandboxUnavailable                 fix the machine: namespaces, seccomp or Landlock
     │                                      missing (or opt into insecure mode)
+    ├── WorkerLoadError                    fix the worker's code: bad module map, syntax error,
+    │                                      import failure (carries file and line)
+    ├── WorkerError                        fix the worker's code: it raised (type, message and
+    │                                      a traceback of user frames only)
+    ├── WorkerCrashed                      retry: the worker process died; the next call gets
+    │                                      a fresh one
+    ├── LimitExceeded                      a limit ended the call; the next call gets a fresh
+    │   │                                  worker
+    │   ├── CpuLimitExceeded
+    │   ├── MemoryLimitExceeded
+    │   ├── WallTimeExceeded
+    │   └── OutputLimitExceeded
     └── RpcError                           the session itself is in trouble
         ├── ProtocolError                  the peer broke the protocol; the session is aborted
         ├── SessionClosed                  the session ended (peer gone, aborted, closed);
@@ -22,13 +34,21 @@ not as ``RemoteError``; see ``docs/protocol.md`` §6.
 from __future__ import annotations
 
 __all__ = [
+    "CpuLimitExceeded",
     "DataCloneError",
     "FrameTooLarge",
+    "LimitExceeded",
+    "MemoryLimitExceeded",
+    "OutputLimitExceeded",
     "ProtocolError",
     "RemoteError",
     "RpcError",
     "SandboxUnavailable",
     "SessionClosed",
+    "WallTimeExceeded",
+    "WorkerCrashed",
+    "WorkerError",
+    "WorkerLoadError",
     "WorkerloaderError",
 ]
 
@@ -78,6 +98,53 @@ class SessionClosed(RpcError):
 class SandboxUnavailable(WorkerloaderError):
     """This machine cannot run the sandbox (no namespaces, seccomp or Landlock, not root);
     the message says what is missing. Pass ``insecure=True`` only where that is acceptable."""
+
+
+class WorkerLoadError(WorkerloaderError):
+    """The worker's code could not be loaded. ``file`` and ``line`` point into the user's
+    modules when known."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+        self.file = file
+        self.line = line
+        where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
+        super().__init__(where + message)
+
+
+class WorkerError(WorkerloaderError):
+    """User code raised an exception that is not a builtin; ``type_name``, ``message`` and a
+    ``traceback`` of user frames only, with the user's line numbers. ``logs`` has its output."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.logs: list[str] = []
+        super().__init__(f"{type_name}: {message}")
+
+
+class WorkerCrashed(WorkerloaderError):
+    """The worker process died during the call (not because of a limit)."""
+
+
+class LimitExceeded(WorkerloaderError):
+    """A limit of the worker ended the call; the worker was killed."""
+
+
+class CpuLimitExceeded(LimitExceeded):
+    """The call used more CPU time than ``Limits.cpu_ms``."""
+
+
+class MemoryLimitExceeded(LimitExceeded):
+    """The worker ran out of its ``Limits.memory_mb``."""
+
+
+class WallTimeExceeded(LimitExceeded):
+    """The call took longer than ``Limits.wall_ms``."""
+
+
+class OutputLimitExceeded(LimitExceeded):
+    """The call wrote more output than ``Limits.output_bytes``."""
 
 
 class FrameTooLarge(RpcError):

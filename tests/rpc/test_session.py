@@ -216,7 +216,9 @@ def test_hello_lowers_the_send_limit_to_the_peers_frame_cap() -> None:
     link = Link(Peer("a", None), Peer("b", Database(), limits=RpcLimits(max_frame_bytes=1024)))
     link.pump()
     assert link.b.flushes == [[Hello(1, 1024)]]
-    with pytest.raises(FrameTooLarge, match=r"^message of \d+ bytes exceeds the frame limit of 1024"):
+    with pytest.raises(
+        FrameTooLarge, match=r"^message of \d+ bytes exceeds the frame limit of 1024 bytes$"
+    ):
         link.a.session.push(0, ["add"], ([b"x" * 2000], {}), pull=True)
     assert link.a.session.data_to_send() == b""
     # Within the cap, it still works.

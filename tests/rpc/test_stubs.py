@@ -65,6 +65,7 @@ class Service(RpcTarget):
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.handles: list[Handle] = []
+        self.wait_log: list[str] = []
 
     # -- reachable ----------------------------------------------------------------------------
 
@@ -142,7 +143,14 @@ class Service(RpcTarget):
 
     async def wait(self) -> str:
         self.started.set()
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.wait_log.append("cancelled")
+            raise
+        except GeneratorExit:
+            self.wait_log.append("closed without CancelledError")
+            raise
         return "done"
 
     def __call__(self) -> str:
@@ -276,10 +284,13 @@ async def test_private_names_instance_attributes_and_dunders_are_unreachable(
     path: list[str | int],
 ) -> None:
     async with pair() as (caller, _, _):
-        for args in ([], {}), None:
+        calls: list[tuple[list[object], dict[str, object]] | None] = [([], {}), None]
+        for args in calls:
             with pytest.raises(AttributeError) as info:
                 await raw_call(caller, path, args)
-            assert_error(info.value, AttributeError, f"'Service' object has no RPC member {path[0]!r}")
+            assert_error(
+                info.value, AttributeError, f"'Service' object has no RPC member {path[0]!r}"
+            )
         # A refused name does not end the session.
         assert await caller.main.add(2, 2) == 4
         assert not caller.closed
@@ -287,7 +298,7 @@ async def test_private_names_instance_attributes_and_dunders_are_unreachable(
 
 async def test_getattr_of_the_target_is_not_consulted() -> None:
     async with pair() as (caller, _, service):
-        assert service.anything == "dynamic anything"  # type: ignore[comparison-overlap]
+        assert service.anything == "dynamic anything"
         with pytest.raises(AttributeError) as info:
             await caller.main.anything
         assert_error(info.value, AttributeError, "'Service' object has no RPC member 'anything'")
@@ -405,7 +416,7 @@ async def test_callback_raising_reaches_the_callee_and_back() -> None:
         raise ValueError(f"bad {x}")
 
     async with pair() as (caller, _, _):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match=r"^bad 3$") as info:
             await caller.main.apply(callback, 3)
         assert_error(info.value, ValueError, "bad 3")
 
@@ -632,8 +643,10 @@ async def test_debug_sessions_send_the_remote_traceback() -> None:
         assert "in fail\n" in tb
         assert tb.endswith(f"{__name__}.CustomError: with traceback\n")
 
-        with pytest.raises(ValueError, match=r"^bad value$") as vinfo:
+        # pytest matches the notes too: the message, then the remote traceback note.
+        with pytest.raises(ValueError, match=r"^bad value\nremote traceback:\n") as vinfo:
             await caller.main.fail("ValueError", "bad value")
+        assert_error(vinfo.value, ValueError, "bad value")
         notes = vinfo.value.__notes__
         assert len(notes) == 1
         assert notes[0].startswith("remote traceback:\nTraceback (most recent call last):\n")
@@ -798,15 +811,23 @@ async def test_calls_after_aclose_raise_session_closed() -> None:
             await caller.main.add(1, 2)
 
 
+async def _start_waiting(caller: RpcSession, service: Service) -> asyncio.Task[object]:
+    """A task awaiting ``caller.main.wait()``, once the callee has started evaluating it."""
+
+    async def call() -> object:
+        return await caller.main.wait()
+
+    task = asyncio.create_task(call())
+    async with asyncio.timeout(5):
+        await service.started.wait()
+    return task
+
+
 async def test_pending_calls_fail_when_the_peer_closes() -> None:
     async with pair() as (caller, callee, service):
-
-        async def call() -> object:
-            return await caller.main.wait()
-
-        task = asyncio.create_task(call())
-        async with asyncio.timeout(5):
-            await service.started.wait()
+        task = await _start_waiting(caller, service)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the callee's evaluation task is running
         await callee.aclose()
         async with asyncio.timeout(5):
             with pytest.raises(SessionClosed, match=r"^the peer closed the connection$"):
@@ -814,19 +835,28 @@ async def test_pending_calls_fail_when_the_peer_closes() -> None:
             reason = await caller.wait_closed()
         assert str(reason) == "the peer closed the connection"
         assert caller.closed
-        with pytest.raises(SessionClosed):
+        assert service.wait_log == ["cancelled"]  # the callee's evaluation was cancelled
+        with pytest.raises(SessionClosed, match=r"^the peer closed the connection$"):
             await caller.main.add(1, 2)
+
+
+async def test_closing_right_after_a_call_suspended_cancels_its_evaluation() -> None:
+    # The callee closes in the same loop turn in which the call's first step ran and
+    # suspended (its task was created but has not run yet). The evaluation must still be
+    # cancelled like any other: CancelledError inside it, no "never awaited" coroutine.
+    async with pair() as (caller, callee, service):
+        task = await _start_waiting(caller, service)
+        await callee.aclose()
+        async with asyncio.timeout(5):
+            with pytest.raises(SessionClosed, match=r"^the peer closed the connection$"):
+                await task
+        await settle()
+        assert service.wait_log == ["cancelled"]
 
 
 async def test_pending_calls_fail_when_this_side_closes() -> None:
     async with pair() as (caller, _, service):
-
-        async def call() -> object:
-            return await caller.main.wait()
-
-        task = asyncio.create_task(call())
-        async with asyncio.timeout(5):
-            await service.started.wait()
+        task = await _start_waiting(caller, service)
         await caller.aclose()
         async with asyncio.timeout(5):
             with pytest.raises(SessionClosed, match=r"^the session was closed$"):
@@ -835,13 +865,7 @@ async def test_pending_calls_fail_when_this_side_closes() -> None:
 
 async def test_cancelling_an_awaiting_task_does_not_break_the_session() -> None:
     async with pair() as (caller, callee, service):
-
-        async def call() -> object:
-            return await caller.main.wait()
-
-        task = asyncio.create_task(call())
-        async with asyncio.timeout(5):
-            await service.started.wait()
+        task = await _start_waiting(caller, service)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -277,7 +277,7 @@ class RpcSession(asyncio.BufferedProtocol):
                 except StopIteration as stop:
                     result = stop.value
                 else:
-                    self._spawn(answer_id, _resume(result, yielded))
+                    self._spawn(answer_id, _resume(result, yielded), started=result)
                     return
             elif inspect.isawaitable(result):
                 self._spawn(answer_id, result)
@@ -290,10 +290,31 @@ class RpcSession(asyncio.BufferedProtocol):
         else:
             self._spawn(answer_id, _ready(result))
 
-    def _spawn(self, answer_id: int, awaitable: Awaitable[object]) -> None:
+    def _spawn(
+        self,
+        answer_id: int,
+        awaitable: Awaitable[object],
+        started: Coroutine[Any, Any, object] | None = None,
+    ) -> None:
+        """Finish an evaluation in a task. ``started`` is the user's coroutine when its first
+        step already ran: if the task is cancelled before it runs, that coroutine still gets its
+        CancelledError (so its ``finally`` blocks run) and nothing is left never-awaited."""
         task = self._loop.create_task(self._finish(answer_id, awaitable))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if (
+                task.cancelled()
+                and inspect.iscoroutine(awaitable)
+                and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED
+            ):
+                awaitable.close()
+                if started is not None:
+                    with contextlib.suppress(BaseException):
+                        started.throw(asyncio.CancelledError())
+
+        task.add_done_callback(done)
 
     async def _finish(self, answer_id: int, awaitable: Awaitable[object]) -> None:
         try:

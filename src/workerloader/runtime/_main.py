@@ -18,7 +18,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from .. import rpc
 from ..rpc._loop import run
@@ -28,10 +28,24 @@ from ._modules import ModuleMap
 __all__ = ["WorkerRuntime", "serve"]
 
 _LOG_CAP = 64 * 1024
+
+_background: set[asyncio.Future[object]] = set()  # ctx.wait_until work still running
+
+base_vm_bytes = 0
+"""Virtual memory mapped before confinement (measured then: /proc is closed afterwards)."""
+
+
+def measure_base_vm() -> None:
+    """Record ``base_vm_bytes``; called by the zygote in each worker before confinement."""
+    global base_vm_bytes
+    with open("/proc/self/statm") as f:
+        base_vm_bytes = int(f.read().split()[0]) * resource.getpagesize()
+
+
 _calls: contextvars.ContextVar[_CallLog] = contextvars.ContextVar("workerloader_call")
 
 
-class OutputLimitExceeded(BaseException):  # noqa: N818 - the name the caller sees
+class OutputLimitExceeded(BaseException):
     """Raised inside the worker when a call prints more than its cap; ``except Exception`` in
     user code cannot swallow it."""
 
@@ -71,8 +85,10 @@ class _Stream(io.TextIOBase):
 def _user_traceback(exc: BaseException, user_files: set[str]) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in user_files]
     lines = traceback.format_list(frames)
-    return "Traceback (most recent call last):\n" + "".join(lines) + "".join(
-        traceback.format_exception_only(exc)
+    return (
+        "Traceback (most recent call last):\n"
+        + "".join(lines)
+        + "".join(traceback.format_exception_only(exc))
     )
 
 
@@ -91,9 +107,7 @@ class WorkerRuntime(rpc.RpcTarget):
         memory_mb = limits.get("memory_mb")
         if memory_mb:
             # Virtual memory the interpreter already maps, plus the worker's allowance.
-            with open("/proc/self/statm") as f:
-                base = int(f.read().split()[0]) * resource.getpagesize()
-            cap = base + int(memory_mb) * (1 << 20)
+            cap = base_vm_bytes + int(memory_mb) * (1 << 20)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         self._log_cap = int(limits.get("output_bytes") or _LOG_CAP)
         try:
@@ -136,9 +150,13 @@ class WorkerRuntime(rpc.RpcTarget):
         finally:
             _calls.reset(token)
         for attr, value in vars(module).items():
-            if inspect.isclass(value) and issubclass(value, workers.WorkerEntrypoint):
-                if value is not workers.WorkerEntrypoint and value.__module__ == name:
-                    self._entrypoints[None if attr == "Default" else attr] = value
+            if (
+                inspect.isclass(value)
+                and issubclass(value, workers.WorkerEntrypoint)
+                and value is not workers.WorkerEntrypoint
+                and value.__module__ == name
+            ):
+                self._entrypoints[None if attr == "Default" else attr] = value
         fetch = getattr(module, "fetch", None)
         if None not in self._entrypoints and inspect.iscoroutinefunction(fetch):
             self._entrypoints[None] = fetch
@@ -183,10 +201,11 @@ class WorkerRuntime(rpc.RpcTarget):
             envelope: dict[str, Any] = {"value": value}
         except (Exception, OutputLimitExceeded) as exc:
             user_files = self._modules.user_files() if self._modules else set()
+            single = len(exc.args) == 1 and isinstance(exc.args[0], str)
             envelope = {
                 "error": {
                     "type": type(exc).__name__,
-                    "message": str(exc),
+                    "message": exc.args[0] if single else str(exc),
                     "traceback": _user_traceback(exc, user_files),
                 }
             }
@@ -194,7 +213,9 @@ class WorkerRuntime(rpc.RpcTarget):
             _calls.reset(token)
         envelope["logs"] = log.finish()
         for awaitable in ctx._waiting:
-            asyncio.ensure_future(awaitable)
+            task = asyncio.ensure_future(awaitable)
+            _background.add(task)
+            task.add_done_callback(_background.discard)
         return envelope
 
     async def _dispatch(
@@ -215,11 +236,16 @@ class WorkerRuntime(rpc.RpcTarget):
             if method != "fetch":
                 raise AttributeError(f"the default entrypoint has no method {method!r}")
             return await target(*args, self._env, ctx)
-        if method.startswith("_") or method not in vars(target) and not any(
-            method in vars(base) for base in target.__mro__[:-1] if base is not workers.WorkerEntrypoint
+        if method.startswith("_") or (
+            method not in vars(target)
+            and not any(
+                method in vars(base)
+                for base in target.__mro__[:-1]
+                if base is not workers.WorkerEntrypoint
+            )
         ):
             raise AttributeError(f"entrypoint {target.__name__!r} has no method {method!r}")
-        instance = target(ctx, self._env)
+        instance = cast(Any, target)(ctx, self._env)
         result = getattr(instance, method)(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
@@ -227,8 +253,8 @@ class WorkerRuntime(rpc.RpcTarget):
 
 
 def _install_streams() -> None:
-    sys.stdout = _Stream()  # type: ignore[assignment]
-    sys.stderr = _Stream()  # type: ignore[assignment]
+    sys.stdout = _Stream()
+    sys.stderr = _Stream()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     warnings.simplefilter("default")
 

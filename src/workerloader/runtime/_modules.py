@@ -34,9 +34,7 @@ class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 self.sources[name] = (path, value, path.endswith("__init__.py"))
             elif isinstance(value, Mapping) and len(value) == 1:
                 ((kind, content),) = value.items()
-                if kind == "json":
-                    self.data[path] = content
-                elif kind == "text" and isinstance(content, str):
+                if kind == "json" or (kind == "text" and isinstance(content, str)):
                     self.data[path] = content
                 elif kind == "data" and isinstance(content, (bytes, bytearray)):
                     self.data[path] = bytes(content)

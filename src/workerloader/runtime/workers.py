@@ -47,7 +47,7 @@ class Context:
         """Keep the worker running ``awaitable`` after the response is sent."""
         self._waiting.append(awaitable)
 
-    waitUntil = wait_until  # Cloudflare's spelling  # noqa: N815
+    waitUntil = wait_until  # Cloudflare's spelling
 
 
 class WorkerEntrypoint:

@@ -10,7 +10,7 @@ import os
 import resource
 import signal
 
-import landlock
+import landlock  # type: ignore[import-untyped]
 
 from . import _syscalls as sc
 from ._policy import READ_ONLY_PATHS

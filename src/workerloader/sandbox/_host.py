@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -29,8 +30,8 @@ def sandbox_support() -> str | None:
         if not os.path.exists(path):
             return f"namespaces are missing ({path})"
     try:
-        import landlock
-        import pyseccomp  # noqa: F401
+        import landlock  # type: ignore[import-untyped]
+        import pyseccomp  # type: ignore[import-untyped]  # noqa: F401
 
         if landlock.landlock_abi_version() < 1:
             return "Landlock is not enabled in this kernel"
@@ -49,10 +50,8 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker (its whole PID namespace goes with it); safe if already dead."""
-        try:
+        with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def cpu_ns(self) -> int:
         """CPU time the worker has used, in nanoseconds (0 once it is gone)."""
@@ -65,10 +64,8 @@ class WorkerProcess:
     def close(self) -> None:
         self.kill()
         self.channel.close()
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.pidfd)
-        except OSError:
-            pass
 
 
 def _pid_of(pidfd: int) -> int:
@@ -77,6 +74,16 @@ def _pid_of(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise OSError("no pid for pidfd")
+
+
+def _write_id_maps(pid: int) -> None:
+    """Map uid/gid 0..65535 in the zygote's user namespace to unprivileged host ids (procfs
+    writes, which do not block)."""
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 {_UID_BASE} {_UID_RANGE}")
 
 
 class Sandbox:
@@ -100,7 +107,7 @@ class Sandbox:
             "WORKERLOADER_POOL": str(self._pool_size),
             "WORKERLOADER_SCRATCH_MB": str(self._scratch_mb),
         }
-        self._proc = subprocess.Popen(
+        self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the zygote is long-lived
             [sys.executable, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
             pass_fds=[zygote.fileno()],
             env=env,
@@ -114,12 +121,7 @@ class Sandbox:
         loop = asyncio.get_running_loop()
         if await loop.sock_recv(host, 16) != b"userns":
             raise SandboxUnavailable("the zygote could not create its namespaces")
-        pid = self._proc.pid
-        with open(f"/proc/{pid}/setgroups", "w") as f:
-            f.write("deny")
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(f"0 {_UID_BASE} {_UID_RANGE}")
+        _write_id_maps(self._proc.pid)
         await loop.sock_sendall(host, b"mapped")
         if await loop.sock_recv(host, 16) != b"ready":
             raise SandboxUnavailable("the zygote failed to start")

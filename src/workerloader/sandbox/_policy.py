@@ -12,7 +12,7 @@ import sys
 import tempfile
 from typing import Final
 
-import pyseccomp as seccomp
+import pyseccomp as seccomp  # type: ignore[import-untyped]
 
 __all__ = ["READ_ONLY_PATHS", "compile_seccomp"]
 
@@ -21,25 +21,29 @@ __all__ = ["READ_ONLY_PATHS", "compile_seccomp"]
 # connect/bind/listen/accept (no socket of any family can reach anything), and fork (clone is
 # allowed only to start threads). libseccomp adds the architecture check: i386 and x32 system
 # calls kill the process.
-_ALLOWED: Final = """
-read write readv writev pread64 pwrite64 close close_range fstat newfstatat statx lseek
-mmap mprotect munmap mremap madvise brk mincore
-rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack rt_sigpending rt_sigtimedwait
-openat getdents64 getcwd readlink readlinkat faccessat faccessat2 fcntl dup dup3 pipe2
-mkdirat unlinkat renameat renameat2 ftruncate fsync fdatasync utimensat fchmod fchmodat umask
-recvfrom sendto recvmsg sendmsg shutdown getsockopt getsockname getpeername
-epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 poll ppoll pselect6 eventfd2
-timerfd_create timerfd_settime timerfd_gettime
-futex set_robust_list get_robust_list rseq set_tid_address membarrier
-sched_yield sched_getaffinity getpriority
-clock_gettime clock_getres gettimeofday nanosleep clock_nanosleep getrandom
-getpid gettid getppid getuid geteuid getgid getegid getresuid getresgid getgroups
-uname sysinfo prlimit64 getrlimit setrlimit getrusage times
-exit exit_group tgkill kill wait4 restart_syscall arch_prctl
-""".split()
+_ALLOWED: Final = (
+    "read write readv writev pread64 pwrite64 close close_range fstat newfstatat statx lseek "
+    "mmap mprotect munmap mremap madvise brk mincore rt_sigaction rt_sigprocmask rt_sigreturn "
+    "sigaltstack rt_sigpending rt_sigtimedwait openat getdents64 getcwd readlink readlinkat "
+    "faccessat faccessat2 fcntl dup dup3 pipe2 mkdirat unlinkat renameat renameat2 ftruncate "
+    "fsync fdatasync utimensat fchmod fchmodat umask recvfrom sendto recvmsg sendmsg shutdown "
+    "getsockopt getsockname getpeername epoll_create1 epoll_ctl epoll_wait epoll_pwait "
+    "epoll_pwait2 poll ppoll pselect6 eventfd2 timerfd_create timerfd_settime timerfd_gettime "
+    "futex set_robust_list get_robust_list rseq set_tid_address membarrier sched_yield "
+    "sched_getaffinity getpriority clock_gettime clock_getres gettimeofday nanosleep "
+    "clock_nanosleep getrandom getpid gettid getppid getuid geteuid getgid getegid getresuid "
+    "getresgid getgroups uname sysinfo prlimit64 getrlimit setrlimit getrusage times exit "
+    "exit_group tgkill kill wait4 restart_syscall arch_prctl "
+).split()
 
 _CLONE_THREAD: Final = 0x00010000
-_IOCTLS: Final = (0x5401, 0x5421, 0x5450, 0x5451, 0x541B)  # TCGETS FIONBIO FIONCLEX FIOCLEX FIONREAD
+_IOCTLS: Final = (
+    0x5401,
+    0x5421,
+    0x5450,
+    0x5451,
+    0x541B,
+)  # TCGETS FIONBIO FIONCLEX FIOCLEX FIONREAD
 
 
 def compile_seccomp() -> bytes:

@@ -69,6 +69,7 @@ class _Zygote:
                 host_end.close()
                 from ._confine import confine
 
+                self.runtime.measure_base_vm()
                 confine(worker_end.fileno(), uid, self.seccomp, SCRATCH_MB)
                 code = self.runtime.serve(worker_end)
             except BaseException:

@@ -1,0 +1,277 @@
+"""The Loader: sandboxed workers by id, started lazily, kept warm, evicted by LRU and idle TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .. import rpc
+from .._errors import (
+    CpuLimitExceeded,
+    LimitExceeded,
+    MemoryLimitExceeded,
+    OutputLimitExceeded,
+    SessionClosed,
+    WallTimeExceeded,
+    WorkerCrashed,
+    WorkerError,
+    WorkerLoadError,
+)
+from ..sandbox import Sandbox, WorkerProcess
+from ._code import Limits, WorkerCode
+from ._http import Request, Response
+
+__all__ = ["EntrypointStub", "Loader", "WorkerStub"]
+
+_CPU_POLL_S = 0.005
+
+
+class _Worker:
+    """A running worker: its process, its session, and what killed it (if something did)."""
+
+    def __init__(self, process: WorkerProcess, session: rpc.RpcSession, limits: Limits) -> None:
+        self.process = process
+        self.session = session
+        self.limits = limits
+        self.killed_by: LimitExceeded | None = None
+        self.last_used = time.monotonic()
+
+    async def call(self, method: str, *args: object) -> dict[str, Any]:
+        """One envelope-returning call under the worker's cpu and wall limits."""
+        self.last_used = time.monotonic()
+        limits = self.limits
+        cpu_start = self.process.cpu_ns()
+        call = asyncio.ensure_future(getattr(self.session.main, method)(*args))
+        deadline = time.monotonic() + limits.wall_ms / 1000
+        while not call.done():
+            await asyncio.wait([call], timeout=_CPU_POLL_S)
+            if call.done():
+                break
+            used_ms = (self.process.cpu_ns() - cpu_start) / 1e6
+            if used_ms > limits.cpu_ms:
+                self._kill(CpuLimitExceeded(f"the call used more than {limits.cpu_ms} ms of CPU"))
+            elif time.monotonic() > deadline:
+                self._kill(WallTimeExceeded(f"the call took longer than {limits.wall_ms} ms"))
+        try:
+            envelope: dict[str, Any] = call.result()
+        except SessionClosed:
+            if self.killed_by is not None:
+                raise self.killed_by from None
+            raise WorkerCrashed("the worker process died during the call") from None
+        return envelope
+
+    def _kill(self, reason: LimitExceeded) -> None:
+        if self.killed_by is None:
+            self.killed_by = reason
+        self.process.kill()
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+        self.process.close()
+
+
+def _unwrap(envelope: dict[str, Any]) -> Any:
+    """The value of a call envelope, or its error raised as the caller should see it."""
+    error = envelope.get("error")
+    if error is None:
+        return envelope.get("value")
+    name, message = error["type"], error["message"]
+    exc: BaseException
+    if name == "MemoryError":
+        exc = MemoryLimitExceeded(message or "the worker ran out of memory")
+    elif name == "OutputLimitExceeded":
+        exc = OutputLimitExceeded(message)
+    else:
+        cls = getattr(builtins, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                exc = cls(message)
+                exc.add_note(error["traceback"])
+            except Exception:
+                exc = WorkerError(name, message, error["traceback"])
+        else:
+            exc = WorkerError(name, message, error["traceback"])
+    exc.logs = envelope.get("logs", [])  # type: ignore[attr-defined]
+    raise exc
+
+
+class WorkerStub:
+    """A handle on a worker by id. Returned at once; the worker starts on the first call."""
+
+    def __init__(self, loader: Loader, worker_id: str | None, factory: Callable[[], WorkerCode]):
+        self._loader = loader
+        self._id = worker_id
+        self._factory = factory
+        self._worker: _Worker | None = None
+        self._starting: asyncio.Task[_Worker] | None = None
+        self.logs: list[str] = []
+        """Output of the most recent call through this stub."""
+
+    def get_entrypoint(
+        self, name: str | None = None, props: dict[str, object] | None = None
+    ) -> EntrypointStub:
+        """The default entrypoint (``name=None``) or a named one, with host-bound ``props``."""
+        return EntrypointStub(self, name, props)
+
+    async def fetch(self, request: Request | str) -> Response:
+        """The same as ``get_entrypoint().fetch(request)``."""
+        return await self.get_entrypoint().fetch(request)
+
+    async def _running(self) -> _Worker:
+        worker = self._worker
+        if worker is not None and not worker.session.closed:
+            return worker
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start())
+        try:
+            return await asyncio.shield(self._starting)
+        finally:
+            if self._starting.done() and self._starting.exception() is not None:
+                self._starting = None
+
+    async def _start(self) -> _Worker:
+        code = self._factory()
+        process = await self._loader._sandbox.spawn()
+        session = await rpc.connect(process.channel)
+        worker = _Worker(process, session, code.limits)
+        error = await session.main.load(code.to_wire())
+        if error is not None:
+            await worker.aclose()
+            raise WorkerLoadError(
+                f"{error['type']}: {error['message']}", error["file"], error["line"]
+            )
+        self._worker = worker
+        return worker
+
+    async def _call(self, method: str, *args: object) -> Any:
+        worker = await self._running()
+        try:
+            envelope = await worker.call(method, *args)
+        except (LimitExceeded, WorkerCrashed):
+            self._worker = None
+            await worker.aclose()
+            raise
+        self.logs = envelope.get("logs", [])
+        return _unwrap(envelope)
+
+    async def aclose(self) -> None:
+        """Stop the worker (the next call starts a fresh one)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.aclose()
+
+
+class EntrypointStub:
+    """An entrypoint of a worker: ``await ep.fetch(request)`` and ``await ep.method(*args)``."""
+
+    def __init__(self, stub: WorkerStub, name: str | None, props: dict[str, object] | None):
+        self._stub = stub
+        self._name = name
+        self._props = props
+
+    async def fetch(self, request: Request | str) -> Response:
+        req = Request(request) if isinstance(request, str) else request
+        value = await self._stub._call("fetch", self._name, req.to_wire(), self._props)
+        wire = value["__response__"]
+        return Response(wire["status"], wire["headers"], wire["body"])
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        async def call(*args: object, **kwargs: object) -> Any:
+            return await self._stub._call(
+                "invoke", self._name, method, list(args), kwargs, self._props
+            )
+
+        return call
+
+
+class Loader:
+    """Loads worker code into sandboxed workers on demand (see ``docs/design.md``).
+
+    Use as ``async with Loader() as loader``. ``max_workers`` bounds the warm workers (least
+    recently used evicted first); workers idle longer than ``idle_ttl_s`` are stopped.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = ".workerloader",
+        *,
+        max_workers: int = 1000,
+        idle_ttl_s: float = 300.0,
+        pool_size: int = 8,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.max_workers = max_workers
+        self.idle_ttl_s = idle_ttl_s
+        self._sandbox = Sandbox(pool_size=pool_size)
+        self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
+
+    async def __aenter__(self) -> Loader:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self._sandbox.start()
+        self._reaper = asyncio.ensure_future(self._reap_idle())
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every worker and the sandbox. Safe to call twice."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        stubs = list(self._stubs.values())
+        self._stubs.clear()
+        for stub in stubs:
+            await stub.aclose()
+        await self._sandbox.aclose()
+
+    def get(self, worker_id: str | None, factory: Callable[[], WorkerCode]) -> WorkerStub:
+        """The worker ``worker_id``, started from ``factory()`` on first use if no warm worker
+        holds that id (same id ⇒ same code is the caller's contract). ``None`` makes an uncached
+        worker. Load errors surface on the first call."""
+        if worker_id is None:
+            return WorkerStub(self, None, factory)
+        stub = self._stubs.get(worker_id)
+        if stub is None:
+            stub = self._stubs[worker_id] = WorkerStub(self, worker_id, factory)
+            while len(self._stubs) > self.max_workers:
+                _, oldest = self._stubs.popitem(last=False)
+                task = asyncio.ensure_future(oldest.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        self._stubs.move_to_end(worker_id)
+        return stub
+
+    async def load(self, code: WorkerCode) -> WorkerStub:
+        """An uncached worker, loaded now: load errors raise here."""
+        stub = WorkerStub(self, None, lambda: code)
+        await stub._running()
+        return stub
+
+    async def evict(self, worker_id: str) -> None:
+        """Stop the warm worker ``worker_id``, if any."""
+        stub = self._stubs.pop(worker_id, None)
+        if stub is not None:
+            await stub.aclose()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.idle_ttl_s, 10.0))
+            now = time.monotonic()
+            for worker_id, stub in list(self._stubs.items()):
+                worker = stub._worker
+                if worker is not None and now - worker.last_used > self.idle_ttl_s:
+                    await self.evict(worker_id)

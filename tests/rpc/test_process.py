@@ -1,0 +1,261 @@
+"""Two real processes over ``socket.socketpair()``, and the spinning event loop of ``_loop``.
+
+The parent forks a child that serves a ``Worker`` over its end of the pair with
+``workerloader.rpc.connect`` inside ``_loop.run`` until the parent closes, then ``os._exit(0)``.
+The tests are plain functions (not ``async``): the fork happens before any event loop runs in
+this process, and the parent then runs its side in a loop of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import pytest
+
+from workerloader import RemoteError, SessionClosed
+from workerloader.rpc import RpcSession, RpcStub, RpcTarget, _loop, connect
+
+
+class WorkerError(Exception):
+    """Raised in the child; crosses as RemoteError."""
+
+
+class Worker(RpcTarget):
+    """The child's main capability."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def sleep_add(self, a: int, b: int) -> int:
+        await asyncio.sleep(0.001)
+        return a + b
+
+    async def call_back(self, fn: RpcStub, x: object) -> object:
+        return [await fn(x), await fn(x)]
+
+    def fail(self, kind: str) -> None:
+        if kind == "value":
+            raise ValueError("bad input")
+        raise WorkerError("worker broke")
+
+    def echo(self, value: object) -> object:
+        return value
+
+
+async def _serve(sock: socket.socket, debug: bool) -> None:
+    rpc = await connect(sock, Worker(), debug=debug)
+    try:
+        await rpc.wait_closed()
+    finally:
+        await rpc.aclose()
+
+
+def _child(sock: socket.socket, debug: bool) -> None:
+    """Runs in the forked child; never returns."""
+    code = 1
+    try:
+        _loop.run(_serve(sock, debug))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+@contextmanager
+def forked_worker(*, debug: bool = False) -> Iterator[tuple[socket.socket, Callable[[], int]]]:
+    """Fork a child serving a ``Worker``; yield (parent's socket, reap) where ``reap()`` waits
+    for the child and returns its exit code. The child is killed if the test fails first."""
+    parent_sock, child_sock = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        parent_sock.close()
+        _child(child_sock, debug)
+    child_sock.close()
+    reaped: list[int] = []
+
+    def reap() -> int:
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped.append(os.waitstatus_to_exitcode(status))
+                return reaped[0]
+            if time.monotonic() > deadline:
+                raise AssertionError("the child did not exit within 10 s")
+            time.sleep(0.005)
+
+    try:
+        yield parent_sock, reap
+    finally:
+        parent_sock.close()
+        if not reaped:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def run_parent(
+    main: Callable[[RpcSession], Coroutine[Any, Any, None]], sock: socket.socket
+) -> None:
+    """Connect over ``sock`` and run ``main`` with the session on a fresh spinning loop."""
+
+    async def parent() -> None:
+        rpc = await connect(sock, None)
+        try:
+            async with asyncio.timeout(10):
+                await main(rpc)
+        finally:
+            await rpc.aclose()
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    _loop.run(parent())
+
+
+def test_calls_callbacks_and_errors_cross_processes() -> None:
+    calls: list[object] = []
+
+    def callback(x: object) -> object:
+        calls.append(x)
+        return f"parent saw {x}"
+
+    async def main(rpc: RpcSession) -> None:
+        child_pid = await rpc.main.pid()
+        assert isinstance(child_pid, int)
+        assert child_pid != os.getpid()
+        assert await rpc.main.add(2, 40) == 42
+        assert await rpc.main.sleep_add(1, 2) == 3
+        value = {"t": (1, 2), "s": {3}, "b": b"\x00", "n": None, "big": 10**30}
+        assert await rpc.main.echo(value) == value
+        results = await asyncio.gather(*(rpc.main.add(i, i) for i in range(50)))
+        assert results == [2 * i for i in range(50)]
+        # A callback the child calls back, twice.
+        assert await rpc.main.call_back(callback, 7) == ["parent saw 7", "parent saw 7"]
+        assert calls == [7, 7]
+        # Errors cross.
+        with pytest.raises(ValueError, match=r"^bad input$") as info:
+            await rpc.main.fail("value")
+        assert type(info.value) is ValueError
+        assert info.value.args == ("bad input",)
+        with pytest.raises(RemoteError) as remote:
+            await rpc.main.fail("custom")
+        assert remote.value.remote_type == f"{__name__}.WorkerError"
+        assert remote.value.remote_message == "worker broke"
+        assert remote.value.remote_traceback is None
+        with pytest.raises(AttributeError) as attr:
+            await rpc.main.nothing()
+        assert attr.value.args == ("'Worker' object has no RPC member 'nothing'",)
+        assert await rpc.main.add(1, 1) == 2
+        # Releases cross too: nothing is left once the callback stub is gone over there.
+        for _ in range(100):
+            if rpc.table_sizes()["exports"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert rpc.table_sizes() == {"exports": 0, "imports": 0, "questions": 0, "answers": 0}
+
+    with forked_worker() as (sock, reap):
+        run_parent(main, sock)
+        assert reap() == 0
+
+
+def test_debug_child_sends_tracebacks() -> None:
+    async def main(rpc: RpcSession) -> None:
+        with pytest.raises(RemoteError) as remote:
+            await rpc.main.fail("custom")
+        tb = remote.value.remote_traceback
+        assert tb is not None
+        assert tb.startswith("Traceback (most recent call last):\n")
+        assert tb.endswith(f"{__name__}.WorkerError: worker broke\n")
+
+    with forked_worker(debug=True) as (sock, reap):
+        run_parent(main, sock)
+        assert reap() == 0
+
+
+def test_pending_call_fails_when_the_child_dies() -> None:
+    async def main(rpc: RpcSession) -> None:
+        assert await rpc.main.add(1, 2) == 3
+        pid = await rpc.main.pid()
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(SessionClosed, match=r"^the peer closed the connection$"):
+            await rpc.main.sleep_add(1, 2)
+
+    with forked_worker() as (sock, reap):
+        run_parent(main, sock)
+        assert reap() == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------
+# The spinning loop
+
+
+def _selector_of(loop: asyncio.AbstractEventLoop) -> selectors.BaseSelector:
+    selector = vars(loop)["_selector"]
+    assert isinstance(selector, selectors.BaseSelector)
+    return selector
+
+
+@pytest.mark.parametrize("spin_us", [50, 0])
+def test_new_event_loop_runs_timers(spin_us: int) -> None:
+    loop = _loop.new_event_loop(spin_us=spin_us)
+    try:
+        assert isinstance(loop, asyncio.SelectorEventLoop)
+        spinning = type(_selector_of(loop)).__name__ == "_SpinningSelector"
+        assert spinning is (spin_us > 0)
+        start = time.perf_counter()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        elapsed = time.perf_counter() - start
+        assert 0.009 <= elapsed < 1.0
+        assert loop.run_until_complete(_value_after(0.001, "ok")) == "ok"
+    finally:
+        loop.close()
+
+
+def test_spin_zero_is_a_plain_selector_loop() -> None:
+    loop = _loop.new_event_loop(spin_us=0)
+    try:
+        assert type(loop) is asyncio.SelectorEventLoop
+        assert type(_selector_of(loop)) is selectors.DefaultSelector
+    finally:
+        loop.close()
+
+
+def test_spinning_loop_wakes_for_socket_data() -> None:
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        try:
+            loop.call_later(0.005, b.send, b"ping")
+            async with asyncio.timeout(5):
+                return await loop.sock_recv(a, 16)
+        finally:
+            a.close()
+            b.close()
+
+    assert _loop.run(main(), spin_us=50) == b"ping"
+
+
+def test_run_returns_the_coroutines_value() -> None:
+    assert _loop.run(_value_after(0.002, 42), spin_us=50) == 42
+    assert _loop.run(_value_after(0, "plain"), spin_us=0) == "plain"
+
+
+async def _value_after(delay: float, value: object) -> object:
+    await asyncio.sleep(delay)
+    return value
