@@ -21,7 +21,7 @@ __all__ = ["READ_ONLY_PATHS", "compile_seccomp"]
 # connect/bind/listen/accept (no socket of any family can reach anything), and fork (clone is
 # allowed only to start threads). libseccomp adds the architecture check: i386 and x32 system
 # calls kill the process.
-_ALLOWED: Final = (
+_ALLOWED: Final = (  # noqa: SIM905 - a readable block of names
     "read write readv writev pread64 pwrite64 close close_range fstat newfstatat statx lseek "
     "mmap mprotect munmap mremap madvise brk mincore rt_sigaction rt_sigprocmask rt_sigreturn "
     "sigaltstack rt_sigpending rt_sigtimedwait openat getdents64 getcwd readlink readlinkat "
