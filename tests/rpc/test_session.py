@@ -620,3 +620,32 @@ def test_same_capability_sent_twice_is_one_export_released_with_the_full_count()
     assert link.step(link.b) == [Release(-1, 2)]
     assert a.table_sizes() == EMPTY
     assert b.table_sizes() == EMPTY
+
+
+def test_a_push_read_with_a_violation_in_the_same_chunk_never_runs() -> None:
+    from workerloader.rpc import _wire
+    from workerloader.rpc._core import Closed, Evaluate, Session
+    from workerloader.rpc._wire import Hello, Push
+
+    class Codec:
+        def wrap_import(self, session: Session, import_id: int) -> object:
+            return import_id
+
+        def unwrap_import(self, session: Session, value: object) -> int | None:
+            return None
+
+        def is_capability(self, value: object) -> bool:
+            return False
+
+    session = Session(lambda: None, Codec())
+    chunk = (
+        _wire.encode_frame(Hello(1, 1 << 20))
+        + _wire.encode_frame(Push(1, 0, [], [[], {}], True))
+        + _wire.encode_frame(Push(7, 0, [], [[], {}], True))  # out of sequence: abort
+    )
+    session.receive_data(chunk)
+    events = []
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    assert not any(isinstance(e, Evaluate) for e in events)
+    assert isinstance(events[-1], Closed)

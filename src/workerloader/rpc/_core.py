@@ -685,4 +685,6 @@ class Session:
         self._answers.clear()
         self._running.clear()
         self._deferred.clear()
+        # Calls read in the same chunk as a violation must not run once the session is over.
+        self._events = deque(e for e in self._events if not isinstance(e, Evaluate))
         self._events.append(Closed(error))
