@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from .. import rpc
@@ -112,6 +113,34 @@ def _measure_ours(spin_us: int, calls: int, pipelined: int) -> tuple[list[float]
         os.waitpid(pid, 0)
 
 
+def _codec_us(encode: Callable[[], bytes], decode: Callable[[bytes], object]) -> float:
+    """Microseconds to encode and decode one typical call frame."""
+    n = 20000
+    start = time.perf_counter()
+    for _ in range(n):
+        decode(encode())
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def _codec_figures() -> list[Figure]:
+    """Why msgspec: the same Push frame through msgspec's typed structs and through msgpack."""
+    try:
+        import msgpack  # type: ignore[import-untyped]  # only for this comparison
+    except ImportError:  # installed with the test extras
+        return []
+
+    from ..rpc._wire import Push, decode_message, encode_frame
+
+    push = Push(7, 0, ["add"], [[1, 2], {}], True)
+    ours = _codec_us(lambda: encode_frame(push)[4:], decode_message)
+    as_list = [1, 7, 0, ["add"], [[1, 2], {}], True]
+    packer = msgpack.Packer()
+    base = _codec_us(
+        lambda: packer.pack(as_list), lambda b: msgpack.unpackb(b, strict_map_key=False)
+    )
+    return [Figure("codec: encode+decode a call frame", ours, "µs", base, "msgpack 1.x")]
+
+
 def run_rpc_bench(calls: int = 5000, pipelined: int = 20000) -> list[Figure]:
     """Measure and return the figures of issue "Capability RPC protocol" (p50/p99 µs, calls/s)."""
     base_samples, base_rate = _measure_pickle(calls, pipelined)
@@ -154,4 +183,5 @@ def run_rpc_bench(calls: int = 5000, pipelined: int = 20000) -> list[Figure]:
             base,
             higher_is_better=True,
         ),
+        *_codec_figures(),
     ]
