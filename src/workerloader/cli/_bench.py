@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..bench import print_figures, run_rpc_bench
+from ..bench import print_figures, run_loader_bench, run_rpc_bench
 
 
 @click.group()
@@ -18,3 +18,10 @@ def bench() -> None:
 def bench_rpc(calls: int, pipelined: int) -> None:
     """Call round trip and pipelined calls/s between two processes over a socketpair."""
     print_figures("RPC between two processes (Unix socketpair)", run_rpc_bench(calls, pipelined))
+
+
+@bench.command("loader")
+@click.option("--live", default=1000, show_default=True, help="Live workers for the memory figure.")
+def bench_loader(live: int) -> None:
+    """Cold and warm calls, new workers/s and memory per idle worker, in the real sandbox."""
+    print_figures("Loader: sandboxed workers", run_loader_bench(live=live))

@@ -18,6 +18,7 @@ Control protocol (SOCK_SEQPACKET, one message per datagram):
 from __future__ import annotations
 
 import array
+import gc
 import os
 import select
 import signal
@@ -82,6 +83,10 @@ class _Zygote:
 
     def serve(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Move everything imported so far out of the collector's reach: a collection in a worker
+        # would otherwise write to every object's header and copy the zygote's whole heap.
+        gc.collect()
+        gc.freeze()
         while len(self.pool) < POOL_SIZE:
             self.prefork()
         self.ctrl.send(b"ready")
