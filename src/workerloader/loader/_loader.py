@@ -30,6 +30,10 @@ from ._http import Request, Response
 __all__ = ["EntrypointStub", "Loader", "WorkerStub"]
 
 _CPU_POLL_S = 0.005
+_INSECURE_NOTICE = (
+    "[workerloader] insecure mode: this machine has no sandbox and the Loader was started with "
+    "insecure=True, so this worker ran unconfined"
+)
 
 
 class _Worker:
@@ -171,6 +175,8 @@ class WorkerStub:
             self._worker = None
             await worker.aclose()
             raise
+        if self._loader._sandbox.insecure:
+            envelope.setdefault("logs", []).insert(0, _INSECURE_NOTICE)
         self.logs = envelope.get("logs", [])
         return _unwrap(envelope)
 
@@ -212,6 +218,10 @@ class Loader:
 
     Use as ``async with Loader() as loader``. ``max_workers`` bounds the warm workers (least
     recently used evicted first); workers idle longer than ``idle_ttl_s`` are stopped.
+
+    Where namespaces, seccomp or Landlock are missing (or not root), entering refuses with
+    ``SandboxUnavailable`` unless ``insecure=True``; then workers run unconfined and every
+    call's logs say so.
     """
 
     def __init__(
@@ -221,11 +231,12 @@ class Loader:
         max_workers: int = 1000,
         idle_ttl_s: float = 300.0,
         pool_size: int = 8,
+        insecure: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.max_workers = max_workers
         self.idle_ttl_s = idle_ttl_s
-        self._sandbox = Sandbox(pool_size=pool_size)
+        self._sandbox = Sandbox(pool_size=pool_size, insecure=insecure)
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress

@@ -15,7 +15,7 @@ import landlock  # type: ignore[import-untyped]
 from . import _syscalls as sc
 from ._policy import READ_ONLY_PATHS
 
-__all__ = ["SCRATCH", "confine"]
+__all__ = ["SCRATCH", "close_inherited", "confine"]
 
 SCRATCH = "/tmp"
 """The worker's private, size-capped scratch directory (a tmpfs of its own)."""
@@ -23,17 +23,22 @@ SCRATCH = "/tmp"
 _FS_READ = landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE
 
 
-def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> None:
-    """Confine the calling process, which must be pid 1 of its own PID namespace inside the
-    zygote's user, network, IPC and UTS namespaces. Raises OSError if any step fails (the
-    caller then exits: a worker that is not fully confined never runs)."""
-    # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
+def close_inherited(channel_fd: int) -> None:
+    """Close every fd but the channel; point stdio at /dev/null."""
     os.closerange(3, channel_fd)
     os.closerange(channel_fd + 1, 1 << 16)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+
+
+def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> None:
+    """Confine the calling process, which must be pid 1 of its own PID namespace inside the
+    zygote's user, network, IPC and UTS namespaces. Raises OSError if any step fails (the
+    caller then exits: a worker that is not fully confined never runs)."""
+    # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
+    close_inherited(channel_fd)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     os.environ.clear()  # the zygote's (already scrubbed) settings are none of the tenant's business
     # 2. A private mount namespace with a size-capped tmpfs as scratch.
