@@ -30,6 +30,7 @@ from ._http import Request, Response
 __all__ = ["EntrypointStub", "Loader", "WorkerStub"]
 
 _CPU_POLL_S = 0.005
+_CGROUP_HEADROOM_MB = 64
 _INSECURE_NOTICE = (
     "[workerloader] insecure mode: this machine has no sandbox and the Loader was started with "
     "insecure=True, so this worker ran unconfined"
@@ -76,6 +77,12 @@ class _Worker:
         try:
             envelope: dict[str, Any] = await getattr(self.session.main, method)(*args)
         except SessionClosed:
+            if self.killed_by is None:
+                await self.process.wait_exit(0.5)
+                if self.process.oom_killed():
+                    self.killed_by = MemoryLimitExceeded(
+                        f"the worker used more than its {limits.memory_mb} MB of memory"
+                    )
             if self.killed_by is not None:
                 raise self.killed_by from None
             raise WorkerCrashed("the worker process died during the call") from None
@@ -91,7 +98,7 @@ class _Worker:
 
     async def aclose(self) -> None:
         await self.session.aclose()
-        self.process.close()
+        await self.process.aclose()
 
 
 def _unwrap(envelope: dict[str, Any]) -> Any:
@@ -155,7 +162,9 @@ class WorkerStub:
 
     async def _start(self) -> _Worker:
         code = self._factory()
-        process = await self._loader._sandbox.spawn()
+        # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
+        limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
+        process = await self._loader._sandbox.spawn(limit)
         session = await rpc.connect(process.channel)
         worker = _Worker(process, session, code.limits)
         error = await session.main.load(code.to_wire())

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from .._errors import SandboxUnavailable
+from ._cgroup import MemoryCgroups, WorkerCgroup
 
 __all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
 
@@ -42,11 +43,37 @@ def sandbox_support() -> str | None:
 
 @dataclass
 class WorkerProcess:
-    """One sandboxed worker process: its RPC channel and a pidfd to signal it."""
+    """One sandboxed worker process: its RPC channel, a pidfd to signal it, and its memory
+    cgroup where the host can make one."""
 
     channel: socket.socket
     pidfd: int
     pid: int
+    cgroup: WorkerCgroup | None = None
+
+    def oom_killed(self) -> bool:
+        """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
+        return self.cgroup is not None and self.cgroup.oom_killed()
+
+    async def wait_exit(self, within_s: float = 1.0) -> None:
+        """Wait (up to ``within_s``) until the process has exited; its pidfd turns readable."""
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:  # level-triggered: may run again before remove_reader
+            if not exited.done():
+                exited.set_result(None)
+
+        try:
+            loop.add_reader(self.pidfd, on_exit)
+        except (OSError, ValueError):
+            return
+        try:
+            await asyncio.wait_for(exited, within_s)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(self.pidfd)
 
     def kill(self) -> None:
         """SIGKILL the worker (its whole PID namespace goes with it); safe if already dead."""
@@ -61,11 +88,18 @@ class WorkerProcess:
         except (OSError, ValueError, IndexError):
             return 0
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Kill the worker, wait for it to exit, release its fds and cgroup. Safe twice."""
+        if self.pidfd < 0:
+            return
         self.kill()
+        await self.wait_exit()
         self.channel.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
+        self.pidfd = -1
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 def _pid_of(pidfd: int) -> int:
@@ -99,6 +133,7 @@ class Sandbox:
         self._ctrl: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = asyncio.Lock()
+        self._cgroups: MemoryCgroups | None = None
 
     async def start(self) -> None:
         """Start the zygote and wait until its pool is warm."""
@@ -134,11 +169,14 @@ class Sandbox:
         if not self.insecure:
             _write_id_maps(self._proc.pid)
         await loop.sock_sendall(host, b"mapped")
+        if not self.insecure:
+            self._cgroups = MemoryCgroups.detect()
         if await loop.sock_recv(host, 16) != b"ready":
             raise SandboxUnavailable("the zygote failed to start")
 
-    async def spawn(self) -> WorkerProcess:
-        """A new confined worker, waiting for its code on its channel."""
+    async def spawn(self, memory_limit_bytes: int | None = None) -> WorkerProcess:
+        """A new confined worker, waiting for its code on its channel; in a memory cgroup of
+        ``memory_limit_bytes`` where cgroups are writable."""
         ctrl = self._ctrl
         if ctrl is None:
             raise SandboxUnavailable("the sandbox is not running")
@@ -163,7 +201,10 @@ class Sandbox:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         channel_fd, pidfd = fds[0], fds[1]
-        return WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
+        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
+        if self._cgroups is not None and memory_limit_bytes is not None:
+            process.cgroup = self._cgroups.attach(process.pid, memory_limit_bytes)
+        return process
 
     async def aclose(self) -> None:
         """Stop the zygote; every worker dies with it. Safe to call twice."""
@@ -177,3 +218,6 @@ class Sandbox:
             except TimeoutError:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+        if self._cgroups is not None:
+            self._cgroups.remove()
+            self._cgroups = None
