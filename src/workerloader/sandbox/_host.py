@@ -50,6 +50,7 @@ class WorkerProcess:
     pidfd: int
     pid: int
     cgroup: WorkerCgroup | None = None
+    _attaching: asyncio.Future[WorkerCgroup | None] | None = None
 
     def oom_killed(self) -> bool:
         """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
@@ -94,6 +95,8 @@ class WorkerProcess:
             return
         self.kill()
         await self.wait_exit()
+        if self._attaching is not None:
+            self.cgroup = await self._attaching
         self.channel.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
@@ -203,7 +206,16 @@ class Sandbox:
         channel_fd, pidfd = fds[0], fds[1]
         process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
         if self._cgroups is not None and memory_limit_bytes is not None:
-            process.cgroup = self._cgroups.attach(process.pid, memory_limit_bytes)
+            # Moving a task into a v1 cgroup can block ~10 ms in the kernel (an RCU grace
+            # period), so it happens in a thread while the worker loads; RLIMIT_AS covers it
+            # until then.
+            cgroups = self._cgroups
+
+            def attach() -> WorkerCgroup | None:
+                process.cgroup = cgroups.attach(process.pid, memory_limit_bytes)
+                return process.cgroup
+
+            process._attaching = asyncio.ensure_future(asyncio.to_thread(attach))
         return process
 
     async def aclose(self) -> None:
