@@ -46,6 +46,14 @@ class _Worker:
         self.limits = limits
         self.killed_by: LimitExceeded | None = None
         self.last_used = time.monotonic()
+        self.active_calls = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def busy(self) -> bool:
+        """True while a call is in flight (idle and LRU eviction leave such a worker alone)."""
+        return self.active_calls > 0
 
     async def call(self, method: str, *args: object) -> dict[str, Any]:
         """One envelope-returning call under the worker's cpu and wall limits.
@@ -74,6 +82,8 @@ class _Worker:
                 handle = loop.call_later(_CPU_POLL_S, tick)
 
         handle = loop.call_later(_CPU_POLL_S, tick)
+        self.active_calls += 1
+        self.idle.clear()
         try:
             envelope: dict[str, Any] = await getattr(self.session.main, method)(*args)
         except SessionClosed:
@@ -87,6 +97,10 @@ class _Worker:
                 raise self.killed_by from None
             raise WorkerCrashed("the worker process died during the call") from None
         finally:
+            self.active_calls -= 1
+            if not self.active_calls:
+                self.idle.set()
+            self.last_used = time.monotonic()
             if handle is not None:
                 handle.cancel()
         return envelope
@@ -167,9 +181,10 @@ class WorkerStub:
         process = await self._loader._sandbox.spawn(limit)
         session = await rpc.connect(process.channel)
         worker = _Worker(process, session, code.limits)
+        self._loader._workers.add(worker)
         error = await session.main.load(code.to_wire())
         if error is not None:
-            await worker.aclose()
+            await self._loader._forget(worker)
             raise WorkerLoadError(
                 f"{error['type']}: {error['message']}", error["file"], error["line"]
             )
@@ -180,20 +195,32 @@ class WorkerStub:
         worker = await self._running()
         try:
             envelope = await worker.call(method, *args)
+            if self._loader._sandbox.insecure:
+                envelope.setdefault("logs", []).insert(0, _INSECURE_NOTICE)
+            self.logs = envelope.get("logs", [])
+            return _unwrap(envelope)
         except (LimitExceeded, WorkerCrashed):
-            self._worker = None
-            await worker.aclose()
+            # Whatever ended the call, the worker does not serve another: the next call starts
+            # a fresh one (a worker that ran out of memory may hold half-built state).
+            if self._worker is worker:
+                self._worker = None
+            await self._loader._forget(worker)
             raise
-        if self._loader._sandbox.insecure:
-            envelope.setdefault("logs", []).insert(0, _INSECURE_NOTICE)
-        self.logs = envelope.get("logs", [])
-        return _unwrap(envelope)
 
     async def aclose(self) -> None:
-        """Stop the worker (the next call starts a fresh one)."""
+        """Stop the worker now, even in the middle of a call (the next call starts a fresh
+        one)."""
         worker, self._worker = self._worker, None
         if worker is not None:
-            await worker.aclose()
+            await self._loader._forget(worker)
+
+    async def _close_when_idle(self) -> None:
+        """Stop the worker once its calls in flight have finished (LRU and idle eviction)."""
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        await worker.idle.wait()  # calls end (or fail) even if the session closes
+        await self._loader._forget(worker)
 
 
 class EntrypointStub:
@@ -249,6 +276,7 @@ class Loader:
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
+        self._workers: set[_Worker] = set()  # every running worker, cached or not
 
     async def __aenter__(self) -> Loader:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -266,11 +294,16 @@ class Loader:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
-        stubs = list(self._stubs.values())
         self._stubs.clear()
-        for stub in stubs:
-            await stub.aclose()
+        for task in list(self._closing):
+            task.cancel()
+        for worker in list(self._workers):
+            await self._forget(worker)
         await self._sandbox.aclose()
+
+    async def _forget(self, worker: _Worker) -> None:
+        self._workers.discard(worker)
+        await worker.aclose()
 
     def get(self, worker_id: str | None, factory: Callable[[], WorkerCode]) -> WorkerStub:
         """The worker ``worker_id``, started from ``factory()`` on first use if no warm worker
@@ -283,7 +316,7 @@ class Loader:
             stub = self._stubs[worker_id] = WorkerStub(self, worker_id, factory)
             while len(self._stubs) > self.max_workers:
                 _, oldest = self._stubs.popitem(last=False)
-                task = asyncio.ensure_future(oldest.aclose())
+                task = asyncio.ensure_future(oldest._close_when_idle())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         self._stubs.move_to_end(worker_id)
@@ -296,7 +329,8 @@ class Loader:
         return stub
 
     async def evict(self, worker_id: str) -> None:
-        """Stop the warm worker ``worker_id``, if any."""
+        """Stop the warm worker ``worker_id`` now, if any (a call in flight fails with
+        ``WorkerCrashed``)."""
         stub = self._stubs.pop(worker_id, None)
         if stub is not None:
             await stub.aclose()
@@ -307,5 +341,11 @@ class Loader:
             now = time.monotonic()
             for worker_id, stub in list(self._stubs.items()):
                 worker = stub._worker
-                if worker is not None and now - worker.last_used > self.idle_ttl_s:
-                    await self.evict(worker_id)
+                if (
+                    worker is not None
+                    and not worker.busy
+                    and now - worker.last_used > self.idle_ttl_s
+                    and self._stubs.get(worker_id) is stub
+                ):
+                    del self._stubs[worker_id]
+                    await stub._close_when_idle()

@@ -42,7 +42,7 @@ def measure_base_vm() -> None:
         base_vm_bytes = int(f.read().split()[0]) * resource.getpagesize()
 
 
-_calls: contextvars.ContextVar[_CallLog] = contextvars.ContextVar("workerloader_call")
+_calls: contextvars.ContextVar[_CallLog | None] = contextvars.ContextVar("workerloader_call")
 
 
 class OutputLimitExceeded(BaseException):
@@ -57,10 +57,13 @@ class _CallLog:
         self.lines: list[str] = []
         self.partial = ""
 
+    def overflow_message(self) -> str:
+        return f"the call wrote more than {self.cap} characters of output"
+
     def write(self, text: str) -> None:
         self.size += len(text)
         if self.size > self.cap:
-            raise OutputLimitExceeded(f"the call wrote more than {self.cap} characters of output")
+            raise OutputLimitExceeded(self.overflow_message())
         self.partial += text
         *done, self.partial = self.partial.split("\n")
         self.lines.extend(done)
@@ -90,6 +93,15 @@ def _user_traceback(exc: BaseException, user_files: set[str]) -> str:
         + "".join(lines)
         + "".join(traceback.format_exception_only(exc))
     )
+
+
+def _error_dict(exc: BaseException, user_files: set[str]) -> dict[str, str]:
+    single = len(exc.args) == 1 and isinstance(exc.args[0], str)
+    return {
+        "type": type(exc).__name__,
+        "message": exc.args[0] if single else str(exc),
+        "traceback": _user_traceback(exc, user_files),
+    }
 
 
 class WorkerRuntime(rpc.RpcTarget):
@@ -127,7 +139,7 @@ class WorkerRuntime(rpc.RpcTarget):
                 "line": None,
             }
         log = _CallLog(self._log_cap)
-        token = _calls.set(log)
+        _calls.set(log)
         try:
             module = __import__(name, fromlist=["*"])
         except SyntaxError as exc:
@@ -148,7 +160,7 @@ class WorkerRuntime(rpc.RpcTarget):
                 "line": last.lineno if last else None,
             }
         finally:
-            _calls.reset(token)
+            _calls.set(None)
         for attr, value in vars(module).items():
             if (
                 inspect.isclass(value)
@@ -192,7 +204,9 @@ class WorkerRuntime(rpc.RpcTarget):
         props: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         log = _CallLog(self._log_cap)
-        token = _calls.set(log)
+        # Set, not reset by token: the first step of this coroutine runs in the RPC driver's
+        # context and the rest, if it suspends, in a task's copy of it.
+        _calls.set(log)
         ctx = workers.Context(props)
         try:
             value = await self._dispatch(entrypoint, method, args, kwargs, ctx)
@@ -201,16 +215,12 @@ class WorkerRuntime(rpc.RpcTarget):
             envelope: dict[str, Any] = {"value": value}
         except (Exception, OutputLimitExceeded) as exc:
             user_files = self._modules.user_files() if self._modules else set()
-            single = len(exc.args) == 1 and isinstance(exc.args[0], str)
-            envelope = {
-                "error": {
-                    "type": type(exc).__name__,
-                    "message": exc.args[0] if single else str(exc),
-                    "traceback": _user_traceback(exc, user_files),
-                }
-            }
+            envelope = {"error": _error_dict(exc, user_files)}
         finally:
-            _calls.reset(token)
+            _calls.set(None)
+        if log.size > log.cap and "error" not in envelope:
+            # The limit error was swallowed (``except BaseException``): the call still failed.
+            envelope = {"error": _error_dict(OutputLimitExceeded(log.overflow_message()), set())}
         envelope["logs"] = log.finish()
         for awaitable in ctx._waiting:
             task = asyncio.ensure_future(awaitable)

@@ -51,30 +51,34 @@ class WorkerProcess:
     pid: int
     cgroup: WorkerCgroup | None = None
     _attaching: asyncio.Future[WorkerCgroup | None] | None = None
+    _exited: asyncio.Future[None] | None = None
 
     def oom_killed(self) -> bool:
         """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
         return self.cgroup is not None and self.cgroup.oom_killed()
 
     async def wait_exit(self, within_s: float = 1.0) -> None:
-        """Wait (up to ``within_s``) until the process has exited; its pidfd turns readable."""
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:  # level-triggered: may run again before remove_reader
-            if not exited.done():
-                exited.set_result(None)
-
-        try:
-            loop.add_reader(self.pidfd, on_exit)
-        except (OSError, ValueError):
+        """Wait (up to ``within_s``) until the process has exited; its pidfd turns readable.
+        Any number of callers may wait at once."""
+        if self.pidfd < 0:
             return
-        try:
-            await asyncio.wait_for(exited, within_s)
-        except TimeoutError:
-            pass
-        finally:
-            loop.remove_reader(self.pidfd)
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+            pidfd = self.pidfd
+
+            def on_exit() -> None:  # level-triggered: may run again before remove_reader
+                loop.remove_reader(pidfd)
+                if not exited.done():
+                    exited.set_result(None)
+
+            try:
+                loop.add_reader(pidfd, on_exit)
+            except (OSError, ValueError):
+                return
+            self._exited = exited
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), within_s)
 
     def kill(self) -> None:
         """SIGKILL the worker (its whole PID namespace goes with it); safe if already dead."""
@@ -97,10 +101,14 @@ class WorkerProcess:
         await self.wait_exit()
         if self._attaching is not None:
             self.cgroup = await self._attaching
+        if self._exited is not None and not self._exited.done():
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.pidfd)
+            self._exited.cancel()
         self.channel.close()
+        pidfd, self.pidfd = self.pidfd, -1
         with contextlib.suppress(OSError):
-            os.close(self.pidfd)
-        self.pidfd = -1
+            os.close(pidfd)
         if self.cgroup is not None:
             self.cgroup.remove()
 

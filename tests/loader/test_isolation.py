@@ -1,0 +1,377 @@
+"""What a hostile tenant tries inside the real sandbox, and the precise outcome of each attempt.
+
+Every test runs tenant code in a real confined worker (namespaces, uid, rlimits, Landlock,
+seccomp) and asserts what the tenant sees: the errno of a denied system call, the exception a
+blocked operation raises, the typed limit error the host raises when it kills a worker, and that
+the host itself is left as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import platform
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from workerloader import (
+    CpuLimitExceeded,
+    LimitExceeded,
+    Limits,
+    Loader,
+    MemoryLimitExceeded,
+    WorkerCode,
+    WorkerCrashed,
+)
+
+HOSTILE = """
+import ctypes, errno, os, re, signal, socket, sys
+from workers import WorkerEntrypoint
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+calls = 0
+forks = 0
+hoard = []
+
+
+def outcome(result):
+    return [result, ctypes.get_errno()]
+
+
+class Tenant(WorkerEntrypoint):
+    async def count(self):
+        global calls
+        calls += 1
+        return calls
+
+    async def ptrace_traceme(self):
+        ctypes.set_errno(0)
+        return outcome(libc.ptrace(0, 0, 0, 0))
+
+    async def unshare_user(self):
+        ctypes.set_errno(0)
+        return outcome(libc.unshare(0x10000000))
+
+    async def mount_tmpfs(self):
+        ctypes.set_errno(0)
+        return outcome(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+
+    async def raw_syscall(self, nr, args):
+        # "buf" stands for a zeroed 4 KiB buffer, so that the call would succeed unfiltered.
+        buf = ctypes.create_string_buffer(4096)
+        real = [ctypes.c_void_p(ctypes.addressof(buf)) if a == "buf" else ctypes.c_long(a)
+                for a in args]
+        ctypes.set_errno(0)
+        return outcome(libc.syscall(ctypes.c_long(nr), *real))
+
+    async def kill(self, pid):
+        os.kill(pid, 0)
+
+    async def getpid(self):
+        return os.getpid()
+
+    async def write_scratch(self, name):
+        with open("/tmp/" + name, "w") as f:
+            f.write("mine")
+        return sorted(os.listdir("/tmp"))
+
+    async def list_scratch(self):
+        return sorted(os.listdir("/tmp"))
+
+    async def write(self, path):
+        if path == "{prefix}":
+            path = os.path.join(sys.prefix, "tenant-was-here")
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+        except OSError as exc:
+            return [type(exc).__name__, exc.errno, path]
+        return ["written", None, path]
+
+    async def inet_socket(self, family):
+        socket.socket(getattr(socket, family), socket.SOCK_STREAM)
+
+    async def unix_connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect("/tmp/x")
+        finally:
+            s.close()
+
+    async def reach(self, port):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    async def environ(self):
+        return dict(os.environ)
+
+    async def read(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    async def fork_bomb(self):
+        global forks
+        while True:
+            os.fork()
+            forks += 1
+
+    async def forks(self):
+        return forks
+
+    async def memory_bomb(self):
+        b = bytearray(2 * 1024**3)
+        return len(b)
+
+    async def keep_allocating(self):
+        while True:
+            try:
+                hoard.append(bytearray(16 * 1024**2))
+            except MemoryError:
+                pass
+
+    async def ignore_sigterm(self):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            pass
+
+    async def backtrack(self):
+        return re.match(r"(a+)+$", "a" * 40 + "b") is not None
+
+    async def spin(self):
+        while True:
+            pass
+
+    async def exit(self):
+        os._exit(3)
+"""
+
+DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def hostile(**limits: int) -> Callable[[], WorkerCode]:
+    def factory() -> WorkerCode:
+        return WorkerCode(
+            main_module="main.py",
+            modules={"main.py": HOSTILE},
+            limits=Limits(**limits) if limits else Limits(),
+        )
+
+    return factory
+
+
+@pytest.fixture
+async def loader(tmp_path: Path) -> AsyncIterator[Loader]:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        yield loader
+
+
+def tenant(loader: Loader, worker_id: str = "t", **limits: int) -> Any:
+    return loader.get(worker_id, hostile(**limits)).get_entrypoint("Tenant")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dangerous system calls
+
+
+async def test_ptrace_is_denied(loader: Loader) -> None:
+    # PTRACE_TRACEME would succeed for any unfiltered process.
+    assert await tenant(loader).ptrace_traceme() == [-1, errno.EPERM]
+
+
+async def test_unshare_of_a_user_namespace_is_denied(loader: Loader) -> None:
+    assert await tenant(loader).unshare_user() == [-1, errno.EPERM]
+
+
+async def test_mount_is_denied(loader: Loader) -> None:
+    assert await tenant(loader).mount_tmpfs() == [-1, errno.EPERM]
+
+
+X86_64_SYSCALLS = {
+    # name: (number, arguments that make the call succeed where it is not filtered)
+    "bpf": (321, [0, "buf", 72]),  # BPF_MAP_CREATE
+    "keyctl": (250, [0, -3, 1]),  # KEYCTL_GET_KEYRING_ID of the session keyring, create
+    "io_uring_setup": (425, [1, "buf"]),
+    "unshare": (272, [0x10000000]),  # CLONE_NEWUSER
+    "ptrace": (101, [0, 0, 0, 0]),  # PTRACE_TRACEME
+}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="raw system call numbers are x86_64's")
+@pytest.mark.parametrize("name", sorted(X86_64_SYSCALLS))
+async def test_raw_system_calls_are_denied(loader: Loader, name: str) -> None:
+    nr, args = X86_64_SYSCALLS[name]
+    assert await tenant(loader).raw_syscall(nr, args) == [-1, errno.EPERM]
+
+
+# ---------------------------------------------------------------------------------------------
+# Other processes and other workers
+
+
+async def test_no_other_process_is_visible(loader: Loader) -> None:
+    t = tenant(loader)
+    assert await t.getpid() == 1
+    # Outside a PID namespace pid 2 is kthreadd, and signalling it gives EPERM, not ESRCH.
+    for pid in (2, os.getpid()):
+        with pytest.raises(ProcessLookupError):
+            await t.kill(pid)
+
+
+async def test_scratch_files_of_one_worker_are_invisible_to_another(loader: Loader) -> None:
+    a, b = tenant(loader, "a"), tenant(loader, "b")
+    assert await a.write_scratch("a") == ["a"]
+    assert await b.list_scratch() == []
+    assert await b.write_scratch("b") == ["b"]
+    assert await a.list_scratch() == ["a"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The filesystem
+
+
+@pytest.mark.parametrize("path", ["/tenant-was-here", "/var/tmp/x", "/root/x", "{prefix}"])
+async def test_nothing_outside_scratch_is_writable(loader: Loader, path: str) -> None:
+    kind, code, where = await tenant(loader).write(path)
+    assert kind in {"PermissionError", "OSError"}, (kind, where)
+    assert code in DENIED, (errno.errorcode.get(code, code), where)
+    assert not exists(where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+@pytest.mark.parametrize("family", ["AF_INET", "AF_INET6"])
+async def test_internet_sockets_cannot_be_created(loader: Loader, family: str) -> None:
+    with pytest.raises(PermissionError):
+        await tenant(loader).inet_socket(family)
+
+
+async def test_unix_sockets_cannot_connect(loader: Loader) -> None:
+    # Unfiltered, connecting to a path that does not exist is FileNotFoundError.
+    with pytest.raises(PermissionError):
+        await tenant(loader).unix_connect()
+
+
+async def test_host_loopback_is_unreachable(loader: Loader) -> None:
+    connections: list[object] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(PermissionError):
+            await tenant(loader).reach(port)
+        await asyncio.sleep(0.1)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connections == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The host's environment
+
+
+async def test_host_environment_variables_are_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WL_TEST_SECRET", "s3cret")
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        t = tenant(loader)
+        environ = await t.environ()
+        assert "WL_TEST_SECRET" not in environ
+        assert "s3cret" not in environ.values()
+        with pytest.raises(PermissionError):
+            await t.read("/proc/self/environ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and limits
+
+
+async def test_a_fork_bomb_fails_at_the_first_fork_and_the_worker_lives_on(
+    loader: Loader,
+) -> None:
+    t = tenant(loader)
+    with pytest.raises(PermissionError):
+        await t.fork_bomb()
+    assert await t.forks() == 0  # the same warm worker answers, and it never forked
+
+
+LIMIT_CASES = [
+    pytest.param("memory_bomb", {"memory_mb": 64}, MemoryLimitExceeded, id="memory-bomb"),
+    pytest.param(
+        "keep_allocating", {"cpu_ms": 200, "memory_mb": 64}, LimitExceeded, id="memoryerror-loop"
+    ),
+    pytest.param("ignore_sigterm", {"cpu_ms": 100}, CpuLimitExceeded, id="sigterm-ignored"),
+    pytest.param("backtrack", {"cpu_ms": 200}, CpuLimitExceeded, id="regex-backtracking"),
+]
+
+
+@pytest.mark.parametrize(("method", "limits", "expected"), LIMIT_CASES)
+async def test_a_limit_ends_the_call_and_the_next_call_gets_a_fresh_worker(
+    loader: Loader, method: str, limits: dict[str, int], expected: type[LimitExceeded]
+) -> None:
+    t = tenant(loader, "t", **limits)
+    assert await t.count() == 1
+    with pytest.raises(expected) as info:
+        await getattr(t, method)()
+    assert isinstance(info.value, LimitExceeded)
+    # A fresh worker: the module-level counter starts again.
+    assert await t.count() == 1
+
+
+async def test_a_worker_that_exits_during_a_call_crashes_and_the_next_call_works(
+    loader: Loader,
+) -> None:
+    t = tenant(loader)
+    assert await t.count() == 1
+    with pytest.raises(WorkerCrashed, match=r"^the worker process died during the call$"):
+        await t.exit()
+    assert await t.count() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The host after many workers
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_the_host_is_left_as_it_was(tmp_path: Path) -> None:
+    me = psutil.Process()
+    fds, rss = open_fds(), me.memory_info().rss
+    assert me.children(recursive=True) == []
+
+    loader = Loader(tmp_path / "data", pool_size=2)
+    await loader.__aenter__()
+    try:
+        assert me.children(recursive=True) != []  # the sandbox is really running
+        for i in range(30):
+            assert await tenant(loader, f"w{i}").count() == 1
+            await loader.evict(f"w{i}")
+        for i in range(3):
+            with pytest.raises(CpuLimitExceeded):
+                await tenant(loader, f"spin{i}", cpu_ms=50).spin()
+        for i in range(2):  # left warm for aclose to stop
+            assert await tenant(loader, f"warm{i}").count() == 1
+    finally:
+        await loader.aclose()
+    await asyncio.sleep(0.2)
+
+    assert open_fds() == fds
+    assert me.children(recursive=True) == []
+    assert me.memory_info().rss - rss < 50 * 1024**2

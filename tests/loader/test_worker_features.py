@@ -1,0 +1,486 @@
+"""The worker API as a user meets it, in the real sandbox: env and capabilities, props, modules,
+module state, logs, errors, outbound fetch, and the Loader's cache (same id, LRU, idle TTL)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerloader import (
+    Limits,
+    Loader,
+    OutputLimitExceeded,
+    RpcTarget,
+    WorkerCode,
+    WorkerError,
+    WorkerLoadError,
+    WorkerStub,
+)
+
+MAIN = """
+import asyncio, logging, time, warnings
+import workers
+from workers import WorkerEntrypoint, Response
+
+calls = 0
+
+
+class QuotaError(Exception):
+    pass
+
+
+class Api(WorkerEntrypoint):
+    async def count(self):
+        global calls
+        calls += 1
+        return calls
+
+    async def data(self):
+        return self.env.DATA
+
+    async def item(self, key):
+        return [self.env[key], key in self.env]
+
+    async def use_capabilities(self):
+        await self.env.NOTIFY("x")
+        return await self.env.SVC.method(2)
+
+    async def props(self):
+        return self.ctx.props
+
+    async def modules(self):
+        return [workers.modules["config.json"], workers.modules["banner.txt"],
+                workers.modules["logo.bin"]]
+
+    async def talk(self):
+        print("printed")
+        logging.getLogger().warning("logged")
+        warnings.warn("careful")
+        return "done"
+
+    async def print_then_fail(self):
+        print("before")
+        raise ValueError("bad")
+
+    async def print_then_fail_custom(self):
+        print("before custom")
+        raise QuotaError("over quota")
+
+    async def flood(self):
+        for _ in range(100):
+            try:
+                print("x" * 99)
+            except Exception:
+                pass
+        return "survived"
+
+    async def fetch_out(self):
+        return await workers.fetch("https://example.com")
+
+    async def suspend(self):
+        await asyncio.sleep(0.01)
+        return "resumed"
+
+    async def block(self, seconds):
+        time.sleep(seconds)
+        return "blocked"
+
+    async def flood_swallowing_everything(self):
+        for _ in range(100):
+            try:
+                print("x" * 99)
+            except BaseException:
+                pass
+        return "survived"
+"""
+
+
+def exact(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+BAD = r"^bad(\n|$)"  # pytest matches the message followed by the exception's notes
+
+
+def api_code(env: Mapping[str, object] | None = None, **limits: int) -> WorkerCode:
+    return WorkerCode(
+        main_module="main.py",
+        modules={"main.py": MAIN},
+        env=env or {},
+        limits=Limits(**limits) if limits else Limits(),
+    )
+
+
+class Counted:
+    """A factory that counts how often the Loader runs it."""
+
+    def __init__(self, make: Callable[[], WorkerCode] = api_code) -> None:
+        self.make = make
+        self.calls = 0
+
+    def __call__(self) -> WorkerCode:
+        self.calls += 1
+        return self.make()
+
+
+@pytest.fixture
+async def loader(tmp_path: Path) -> AsyncIterator[Loader]:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        yield loader
+
+
+def api(stub: WorkerStub, props: dict[str, object] | None = None) -> Any:
+    return stub.get_entrypoint("Api", props=props)
+
+
+# ---------------------------------------------------------------------------------------------
+# A call that suspends
+
+
+async def test_a_call_that_suspends_returns_its_value(loader: Loader) -> None:
+    assert await api(loader.get("w", api_code)).suspend() == "resumed"
+
+
+# ---------------------------------------------------------------------------------------------
+# env: data and capabilities
+
+
+async def test_clonable_env_data_arrives_equal(loader: Loader) -> None:
+    data = {
+        "when": dt.datetime(2024, 1, 2, 3, 4, 5, 678, tzinfo=dt.UTC),
+        "naive": dt.datetime(2024, 1, 2, 3, 4, 5),
+        "day": dt.date(2024, 2, 29),
+        "items": [1, "two", 3.5, None, True, b"\x00\xff", (4, 5)],
+        "nested": {"a": {"b": [{"c": [1, [2, [3]]]}]}, "n": -(2**70)},
+    }
+    stub = loader.get("w", lambda: api_code({"DATA": data}))
+    assert await api(stub).data() == data
+
+
+class Service(RpcTarget):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def method(self, value: int) -> int:
+        self.seen.append(value)
+        return value * 10
+
+
+async def test_capabilities_in_env_cross_as_stubs_and_the_host_sees_the_calls(
+    loader: Loader,
+) -> None:
+    notified: list[str] = []
+
+    def notify(message: str) -> None:
+        notified.append(message)
+
+    service = Service()
+    stub = loader.get("w", lambda: api_code({"NOTIFY": notify, "SVC": service}))
+    assert await api(stub).use_capabilities() == 20
+    assert notified == ["x"]
+    assert service.seen == [2]
+
+
+async def test_env_supports_item_access(loader: Loader) -> None:
+    stub = loader.get("w", lambda: api_code({"KEY": "value"}))
+    assert await api(stub).item("KEY") == ["value", True]
+    with pytest.raises(KeyError) as info:
+        await api(stub).item("MISSING")
+    assert info.value.args == ("MISSING",)
+
+
+# ---------------------------------------------------------------------------------------------
+# props
+
+
+async def test_each_entrypoint_stub_sees_its_own_props(loader: Loader) -> None:
+    stub = loader.get("w", api_code)
+    t1, t2 = api(stub, {"tenant": "t1"}), api(stub, {"tenant": "t2", "plan": ["pro"]})
+    assert await t1.props() == {"tenant": "t1"}
+    assert await t2.props() == {"tenant": "t2", "plan": ["pro"]}
+    assert await t1.props() == {"tenant": "t1"}
+    assert await api(stub).props() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+async def test_data_modules_are_readable_from_workers_modules(loader: Loader) -> None:
+    def code() -> WorkerCode:
+        return WorkerCode(
+            main_module="main.py",
+            modules={
+                "main.py": MAIN,
+                "config.json": {"json": {"lang": "en"}},
+                "banner.txt": {"text": "hello"},
+                "logo.bin": {"data": b"\x89PNG"},
+            },
+        )
+
+    assert await api(loader.get("w", code)).modules() == [{"lang": "en"}, "hello", b"\x89PNG"]
+
+
+PACKAGED = {
+    "main.py": (
+        "import helpers\n"
+        "from pkg import g\n"
+        "from workers import WorkerEntrypoint\n"
+        "\n"
+        "class Default(WorkerEntrypoint):\n"
+        "    async def run(self):\n"
+        "        return [g(), helpers.h()]\n"
+    ),
+    "pkg/__init__.py": "from .util import f\n\ndef g():\n    return f() + 1\n",
+    "pkg/util.py": "def f():\n    return 41\n",
+    "helpers.py": "def h():\n    return 'helped'\n",
+}
+
+
+async def test_packages_relative_and_absolute_imports_work(loader: Loader) -> None:
+    stub = loader.get("w", lambda: WorkerCode(main_module="main.py", modules=PACKAGED))
+    assert await stub.get_entrypoint().run() == [42, "helped"]
+
+
+async def test_an_unknown_module_type_is_a_load_error(loader: Loader) -> None:
+    code = WorkerCode(
+        main_module="main.py", modules={"main.py": MAIN, "mod.wasm": {"wasm": b"\0asm"}}
+    )
+    with pytest.raises(
+        WorkerLoadError, match=exact("ValueError: module 'mod.wasm': unknown module type 'wasm'")
+    ):
+        await loader.load(code)
+
+
+async def test_an_import_time_error_names_the_users_file_and_line(loader: Loader) -> None:
+    code = WorkerCode(
+        main_module="main.py",
+        modules={
+            "main.py": "import helpers\n",
+            "helpers.py": "x = 1\n\nraise RuntimeError('boom')\n",
+        },
+    )
+    with pytest.raises(WorkerLoadError, match=exact("helpers.py:3: RuntimeError: boom")) as info:
+        await loader.load(code)
+    assert (info.value.file, info.value.line) == ("helpers.py", 3)
+
+
+async def test_a_main_module_error_at_import_names_main_and_its_line(loader: Loader) -> None:
+    code = WorkerCode(main_module="main.py", modules={"main.py": "a = 1\nb = {}['nope']\n"})
+    with pytest.raises(WorkerLoadError, match=exact("main.py:2: KeyError: 'nope'")) as info:
+        await loader.load(code)
+    assert (info.value.file, info.value.line) == ("main.py", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A module-level fetch
+
+
+async def test_a_module_level_fetch_is_the_default_entrypoint(loader: Loader) -> None:
+    source = (
+        "from workers import Response\n"
+        "\n"
+        "async def fetch(request, env, ctx):\n"
+        "    text = f'{env.NAME} {request.method} {request.url} {ctx.props}'\n"
+        "    return Response(text, status=201)\n"
+    )
+    stub = loader.get(
+        "w",
+        lambda: WorkerCode(main_module="main.py", modules={"main.py": source}, env={"NAME": "n"}),
+    )
+    response = await stub.fetch("https://example.com/path")
+    assert response.status == 201
+    assert await response.text() == "n GET https://example.com/path {}"
+    response = await stub.get_entrypoint(props={"p": 1}).fetch("https://e/")
+    assert await response.text() == "n GET https://e/ {'p': 1}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module state
+
+
+async def test_module_state_persists_in_a_warm_worker_and_is_fresh_after_evict(
+    loader: Loader,
+) -> None:
+    factory = Counted()
+    assert [await api(loader.get("w", factory)).count() for _ in range(3)] == [1, 2, 3]
+    await loader.evict("w")
+    assert await api(loader.get("w", factory)).count() == 1
+    assert factory.calls == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+
+
+async def test_print_logging_and_warnings_appear_in_the_stubs_logs(loader: Loader) -> None:
+    stub = loader.get("w", api_code)
+    assert await api(stub).talk() == "done"
+    line = MAIN.splitlines().index('        warnings.warn("careful")') + 1
+    assert stub.logs == [
+        "printed",
+        "WARNING:root:logged",
+        f"main.py:{line}: UserWarning: careful",
+    ]
+
+
+async def test_an_exception_carries_what_was_printed_before_it(loader: Loader) -> None:
+    stub = loader.get("w", api_code)
+    with pytest.raises(ValueError, match=BAD) as builtin:
+        await api(stub).print_then_fail()
+    assert builtin.value.logs == ["before"]  # type: ignore[attr-defined]
+    with pytest.raises(WorkerError, match=r"^QuotaError: over quota$") as custom:
+        await api(stub).print_then_fail_custom()
+    assert custom.value.logs == ["before custom"]
+
+
+async def test_output_over_the_limit_cannot_be_swallowed_by_except_exception(
+    loader: Loader,
+) -> None:
+    stub = loader.get("w", lambda: api_code(output_bytes=1000))
+    with pytest.raises(
+        OutputLimitExceeded, match=exact("the call wrote more than 1000 characters of output")
+    ):
+        await api(stub).flood()
+
+
+async def test_after_output_over_the_limit_the_next_call_gets_a_fresh_worker(
+    loader: Loader,
+) -> None:
+    stub = loader.get("w", lambda: api_code(output_bytes=1000))
+    assert await api(stub).count() == 1
+    with pytest.raises(OutputLimitExceeded):
+        await api(stub).flood()
+    assert await api(stub).count() == 1  # LimitExceeded: "the next call gets a fresh worker"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outbound network
+
+
+async def test_fetch_without_global_outbound_is_a_permission_error(loader: Loader) -> None:
+    with pytest.raises(
+        PermissionError, match=r"^This worker has no outbound network: .*global_outbound=None"
+    ):
+        await api(loader.get("w", api_code)).fetch_out()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Loader's cache
+
+
+async def test_the_same_id_gives_the_same_stub_and_runs_the_factory_once(loader: Loader) -> None:
+    factory = Counted()
+    first = loader.get("w", factory)
+    assert await api(first).count() == 1
+    second = loader.get("w", factory)
+    assert second is first
+    assert await api(second).count() == 2
+    assert factory.calls == 1
+
+
+async def test_no_id_gives_a_new_uncached_worker_each_time(loader: Loader) -> None:
+    factory = Counted()
+    first, second = loader.get(None, factory), loader.get(None, factory)
+    assert first is not second
+    assert await api(first).count() == 1
+    assert await api(second).count() == 1
+    assert factory.calls == 2
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_max_workers_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    a, b, c = Counted(), Counted(), Counted()
+    async with Loader(tmp_path / "data", pool_size=2, max_workers=2) as loader:
+        assert await api(loader.get("a", a)).count() == 1
+        assert await api(loader.get("b", b)).count() == 1
+        assert await api(loader.get("a", a)).count() == 2  # a is now more recent than b
+        assert await api(loader.get("c", c)).count() == 1  # evicts b
+        assert await api(loader.get("a", a)).count() == 3  # a stayed warm
+        assert await api(loader.get("b", b)).count() == 1  # b starts again
+        assert (a.calls, b.calls, c.calls) == (1, 2, 1)
+
+
+async def test_an_idle_worker_is_stopped_after_its_ttl(tmp_path: Path) -> None:
+    factory = Counted()
+    async with Loader(tmp_path / "data", pool_size=2, idle_ttl_s=0.3) as loader:
+        assert await api(loader.get("w", factory)).count() == 1
+        await asyncio.sleep(1.0)
+        assert await api(loader.get("w", factory)).count() == 1
+        assert factory.calls == 2
+
+
+async def test_a_worker_busy_in_a_call_is_not_idle(tmp_path: Path) -> None:
+    # The call blocks without suspending: the reaper sees a worker whose last call started
+    # more than idle_ttl_s ago, but that call is still running.
+    async with Loader(tmp_path / "data", pool_size=2, idle_ttl_s=0.3) as loader:
+        assert await api(loader.get("w", api_code)).block(1.0) == "blocked"
+
+
+async def test_load_raises_load_errors_eagerly_and_returns_a_working_stub(loader: Loader) -> None:
+    with pytest.raises(WorkerLoadError, match=exact("main.py:2: SyntaxError: invalid syntax")):
+        await loader.load(WorkerCode(main_module="main.py", modules={"main.py": "x = 1\ndef (\n"}))
+    stub = await loader.load(api_code())
+    assert await api(stub).count() == 1
+    assert await api(stub).count() == 2
+    await stub.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+async def test_a_builtin_exception_arrives_as_itself(loader: Loader) -> None:
+    with pytest.raises(ValueError, match=BAD) as info:
+        await api(loader.get("w", api_code)).print_then_fail()
+    assert type(info.value) is ValueError
+    assert info.value.args == ("bad",)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "workerloader" not in notes
+
+
+async def test_a_custom_exception_is_a_worker_error_with_a_user_only_traceback(
+    loader: Loader,
+) -> None:
+    with pytest.raises(WorkerError, match=r"^QuotaError: over quota$") as info:
+        await api(loader.get("w", api_code)).print_then_fail_custom()
+    error = info.value
+    assert (error.type_name, error.message) == ("QuotaError", "over quota")
+    line = MAIN.splitlines().index('        raise QuotaError("over quota")') + 1
+    assert f'File "main.py", line {line}, in print_then_fail_custom' in error.traceback
+    assert "workerloader" not in error.traceback
+    assert error.traceback.endswith("QuotaError: over quota\n")
+
+
+async def test_output_over_the_limit_fails_the_call_even_if_base_exception_is_swallowed(
+    loader: Loader,
+) -> None:
+    stub = loader.get("w", lambda: api_code(output_bytes=1000))
+    with pytest.raises(OutputLimitExceeded):
+        await api(stub).flood_swallowing_everything()
+
+
+async def test_lru_eviction_lets_a_call_in_flight_finish(tmp_path: Path) -> None:
+    async with Loader(tmp_path / "data", pool_size=2, max_workers=1) as loader:
+        busy = asyncio.ensure_future(api(loader.get("a", api_code)).block(0.5))
+        await asyncio.sleep(0.2)
+        assert await api(loader.get("b", api_code)).count() == 1  # evicts a from the cache
+        assert await busy == "blocked"
+
+
+async def test_uncached_workers_leave_no_fds_after_the_loader_closes(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        for _ in range(5):
+            assert await api(loader.get(None, api_code)).count() == 1
+        await api(await loader.load(api_code())).count()
+    await asyncio.sleep(0.1)
+    assert len(os.listdir("/proc/self/fd")) == before
