@@ -375,3 +375,21 @@ async def test_the_host_is_left_as_it_was(tmp_path: Path) -> None:
     assert open_fds() == fds
     assert me.children(recursive=True) == []
     assert me.memory_info().rss - rss < 50 * 1024**2
+
+
+async def test_a_worker_answering_nonsense_is_a_crash_not_a_host_error(tmp_path: Path) -> None:
+    """The host checks the shape of what a worker returns: a compromised runtime that answers
+    with garbage gets the worker retired and a typed error, never an opaque host exception."""
+    from workerloader import WorkerCrashed
+
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        stub = loader.get("w", lambda: WorkerCode(main_module="main.py", modules={"main.py": ""}))
+        worker = await stub._running()
+
+        async def garbage(method: str, *args: object) -> object:
+            return {"logs": "not a list", "error": 42}
+
+        worker.call = garbage  # type: ignore[method-assign,assignment]
+        with pytest.raises(WorkerCrashed, match=r"^the worker sent a malformed answer: "):
+            await stub.get_entrypoint().anything()
+        assert stub._worker is None

@@ -9,7 +9,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from .. import rpc
 from .._errors import (
@@ -115,12 +117,50 @@ class _Worker:
         await self.process.aclose()
 
 
-def _unwrap(envelope: dict[str, Any]) -> Any:
+class _WireError(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    """What every call returns from a worker; checked, since a worker may be hostile."""
+
+    value: Any = None
+    error: _WireError | None = None
+    logs: list[str] = msgspec.field(default_factory=list)
+
+
+class _LoadFailure(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+
+
+class _WireResponse(msgspec.Struct, frozen=True):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+_T = TypeVar("_T")
+
+
+def _check(raw: object, shape: type[_T], what: str) -> _T:
+    """``raw`` converted to ``shape``, or WorkerCrashed if the worker answered nonsense."""
+    try:
+        return msgspec.convert(raw, shape)
+    except msgspec.ValidationError as exc:
+        raise WorkerCrashed(f"the worker sent a malformed {what}: {exc}") from None
+
+
+def _unwrap(envelope: _Envelope) -> Any:
     """The value of a call envelope, or its error raised as the caller should see it."""
-    error = envelope.get("error")
+    error = envelope.error
     if error is None:
-        return envelope.get("value")
-    name, message = error["type"], error["message"]
+        return envelope.value
+    name, message = error.type, error.message
     exc: BaseException
     if name == "MemoryError":
         exc = MemoryLimitExceeded(message or "the worker ran out of memory")
@@ -131,12 +171,12 @@ def _unwrap(envelope: dict[str, Any]) -> Any:
         if isinstance(cls, type) and issubclass(cls, Exception):
             try:
                 exc = cls(message)
-                exc.add_note(error["traceback"])
+                exc.add_note(error.traceback)
             except Exception:
-                exc = WorkerError(name, message, error["traceback"])
+                exc = WorkerError(name, message, error.traceback)
         else:
-            exc = WorkerError(name, message, error["traceback"])
-    exc.logs = envelope.get("logs", [])  # type: ignore[attr-defined]
+            exc = WorkerError(name, message, error.traceback)
+    exc.logs = envelope.logs  # type: ignore[attr-defined]
     raise exc
 
 
@@ -182,22 +222,25 @@ class WorkerStub:
         session = await rpc.connect(process.channel)
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
-        error = await session.main.load(code.to_wire())
+        try:
+            raw = await session.main.load(code.to_wire())
+            error = None if raw is None else _check(raw, _LoadFailure, "load report")
+        except BaseException:
+            await self._loader._forget(worker)
+            raise
         if error is not None:
             await self._loader._forget(worker)
-            raise WorkerLoadError(
-                f"{error['type']}: {error['message']}", error["file"], error["line"]
-            )
+            raise WorkerLoadError(f"{error.type}: {error.message}", error.file, error.line)
         self._worker = worker
         return worker
 
     async def _call(self, method: str, *args: object) -> Any:
         worker = await self._running()
         try:
-            envelope = await worker.call(method, *args)
+            envelope = _check(await worker.call(method, *args), _Envelope, "answer")
             if self._loader._sandbox.insecure:
-                envelope.setdefault("logs", []).insert(0, _INSECURE_NOTICE)
-            self.logs = envelope.get("logs", [])
+                envelope.logs.insert(0, _INSECURE_NOTICE)
+            self.logs = envelope.logs
             return _unwrap(envelope)
         except (LimitExceeded, WorkerCrashed):
             # Whatever ended the call, the worker does not serve another: the next call starts
@@ -234,8 +277,10 @@ class EntrypointStub:
     async def fetch(self, request: Request | str) -> Response:
         req = Request(request) if isinstance(request, str) else request
         value = await self._stub._call("fetch", self._name, req.to_wire(), self._props)
-        wire = value["__response__"]
-        return Response(wire["status"], wire["headers"], wire["body"])
+        if not isinstance(value, dict) or "__response__" not in value:
+            raise TypeError(f"fetch() must return a workers.Response, not {type(value).__name__}")
+        wire = _check(value["__response__"], _WireResponse, "response")
+        return Response(wire.status, wire.headers, wire.body)
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):

@@ -37,6 +37,11 @@ _ALLOWED: Final = (  # noqa: SIM905 - a readable block of names
 ).split()
 
 _CLONE_THREAD: Final = 0x00010000
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME: never, not even
+# for a thread.
+_CLONE_NAMESPACES_ALL: Final = (
+    0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x80
+)
 _IOCTLS: Final = (
     0x5401,
     0x5421,
@@ -53,7 +58,8 @@ def compile_seccomp() -> bytes:
     for name in _ALLOWED:
         f.add_rule(allow, name)
     # Threads only: fork and vfork are clone without CLONE_THREAD.
-    f.add_rule(allow, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
+    thread_only = _CLONE_THREAD | _CLONE_NAMESPACES_ALL
+    f.add_rule(allow, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, thread_only, _CLONE_THREAD))
     f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc falls back to clone
     for family_call in ("socket", "socketpair"):
         f.add_rule(allow, family_call, seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX))
