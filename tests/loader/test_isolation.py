@@ -33,6 +33,13 @@ HOSTILE = """
 import ctypes, errno, os, re, signal, socket, sys
 from workers import WorkerEntrypoint
 
+
+def _files_in_scratch():
+    # Files only: where the interpreter itself lives under /tmp (a CI checkout), its
+    # read-only directories show in the worker's /tmp too.
+    return sorted(n for n in os.listdir("/tmp") if os.path.isfile("/tmp/" + n))
+
+
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 calls = 0
@@ -79,10 +86,10 @@ class Tenant(WorkerEntrypoint):
     async def write_scratch(self, name):
         with open("/tmp/" + name, "w") as f:
             f.write("mine")
-        return sorted(os.listdir("/tmp"))
+        return _files_in_scratch()
 
     async def list_scratch(self):
-        return sorted(os.listdir("/tmp"))
+        return _files_in_scratch()
 
     async def write(self, path):
         if path == "{prefix}":

@@ -22,6 +22,13 @@ PROBE = """
 import os, socket
 from workers import WorkerEntrypoint, Response
 
+
+def _files_in_scratch():
+    # Files only: where the interpreter itself lives under /tmp (a CI checkout), its
+    # read-only directories show in the worker's /tmp too.
+    return sorted(n for n in os.listdir("/tmp") if os.path.isfile("/tmp/" + n))
+
+
 class Default(WorkerEntrypoint):
     async def fetch(self, request):
         return Response(f"{self.env.GREETING}, {request.url}")
@@ -43,7 +50,7 @@ class Probe(WorkerEntrypoint):
     async def scratch(self):
         with open("/tmp/note", "w") as f:
             f.write("kept")
-        return os.listdir("/tmp")
+        return _files_in_scratch()
 
     async def spin(self):
         while True:

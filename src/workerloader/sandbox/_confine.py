@@ -20,6 +20,7 @@ __all__ = ["SCRATCH", "close_inherited", "confine"]
 SCRATCH = "/tmp"
 """The worker's private, size-capped scratch directory (a tmpfs of its own)."""
 
+_UNDER_SCRATCH = [p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "/")]
 _FS_READ = landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE
 
 
@@ -43,6 +44,8 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     os.environ.clear()  # the zygote's (already scrubbed) settings are none of the tenant's business
     # 2. A private mount namespace with a size-capped tmpfs as scratch.
     sc.unshare(sc.CLONE_NEWNS)
+    # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
+    keep = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in _UNDER_SCRATCH]
     sc.mount(
         "tmpfs",
         SCRATCH,
@@ -50,6 +53,12 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
         sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
         f"size={scratch_mb}m,nr_inodes=4096,mode=0777",
     )
+    for path, fd in keep:
+        os.makedirs(path, exist_ok=True)
+        sc.mount(f"/proc/self/fd/{fd}", path, None, sc.MS_BIND | sc.MS_REC, None)
+        flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+        sc.mount("none", path, None, flags, None)
+        os.close(fd)
     # 3. The worker's own identity: no two workers share a uid.
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
