@@ -8,6 +8,10 @@
     │                                      non-builtin exception; carries its type name
     ├── SandboxUnavailable                 fix the machine: namespaces, seccomp or Landlock
     │                                      missing (or opt into insecure mode)
+    ├── PermissionDenied (also             fix the caller's grants: a binding refused an
+    │   PermissionError)                   operation its namespace or permissions do not allow
+    ├── BindingError                       fix the configuration or the call: a binding could
+    │                                      not do what was asked (message says why)
     ├── WorkerLoadError                    fix the worker's code: bad module map, syntax error,
     │                                      import failure (carries file and line)
     ├── WorkerError                        fix the worker's code: it raised (type, message and
@@ -34,12 +38,14 @@ not as ``RemoteError``; see ``docs/protocol.md`` §6.
 from __future__ import annotations
 
 __all__ = [
+    "BindingError",
     "CpuLimitExceeded",
     "DataCloneError",
     "FrameTooLarge",
     "LimitExceeded",
     "MemoryLimitExceeded",
     "OutputLimitExceeded",
+    "PermissionDenied",
     "ProtocolError",
     "RemoteError",
     "RpcError",
@@ -98,6 +104,14 @@ class SessionClosed(RpcError):
 class SandboxUnavailable(WorkerloaderError):
     """This machine cannot run the sandbox (no namespaces, seccomp or Landlock, not root);
     the message says what is missing. Pass ``insecure=True`` only where that is acceptable."""
+
+
+class PermissionDenied(WorkerloaderError, PermissionError):
+    """A binding refused an operation: the caller's permissions do not include it."""
+
+
+class BindingError(WorkerloaderError):
+    """A binding could not do what was asked (not configured, too large, bad argument)."""
 
 
 class WorkerLoadError(WorkerloaderError):

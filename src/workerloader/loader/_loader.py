@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -25,6 +26,10 @@ from .._errors import (
     WorkerError,
     WorkerLoadError,
 )
+from ..bindings import Documents, KvNamespace, SqlDatabase
+from ..bindings._docs import DocumentStore
+from ..bindings._kv import KvStore
+from ..bindings._sqlite import open_database
 from ..sandbox import Sandbox, WorkerProcess
 from ._code import Limits, WorkerCode
 from ._http import Request, Response
@@ -294,6 +299,27 @@ class EntrypointStub:
         return call
 
 
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def _namespace(name: str) -> str:
+    if not isinstance(name, str) or not _NAMESPACE.match(name) or ".." in name:
+        raise ValueError(f"invalid namespace or name {name!r} (letters, digits, _ . -)")
+    return name
+
+
+def _grants(read: bool, write: bool) -> frozenset[str]:
+    return frozenset({"read"} if read else set()) | frozenset({"write"} if write else set())
+
+
+class _Stores:
+    """The SQLite databases behind KV and documents, opened on first use."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.kv = KvStore(open_database(data_dir / "kv.sqlite3"))
+        self.docs = DocumentStore(open_database(data_dir / "documents.sqlite3"))
+
+
 class Loader:
     """Loads worker code into sandboxed workers on demand (see ``docs/design.md``).
 
@@ -322,6 +348,8 @@ class Loader:
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
         self._workers: set[_Worker] = set()  # every running worker, cached or not
+        self._stores_cache: _Stores | None = None
+        self._sql_dbs: dict[Path, SqlDatabase] = {}
 
     async def __aenter__(self) -> Loader:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -379,6 +407,53 @@ class Loader:
         stub = self._stubs.pop(worker_id, None)
         if stub is not None:
             await stub.aclose()
+
+    # -- bindings ---------------------------------------------------------------------------
+
+    def kv(self, namespace: str, *, read: bool = True, write: bool = True) -> KvNamespace:
+        """The KV namespace ``namespace``, durable under the data dir."""
+        return KvNamespace(self._stores().kv, _namespace(namespace), _grants(read, write))
+
+    def db(self, namespace: str, *, read: bool = True, write: bool = True) -> Documents:
+        """The document collections of ``namespace`` (``sdk.db``)."""
+        return Documents(self._stores().docs, _namespace(namespace), _grants(read, write))
+
+    def sql(self, name: str, *, read: bool = True, write: bool = True) -> SqlDatabase:
+        """The SQL database ``name`` (one SQLite file per name)."""
+        path = self.data_dir / "sql" / f"{_namespace(name)}.sqlite3"
+        db = self._sql_dbs.get(path)
+        if db is None:
+            db = self._sql_dbs[path] = SqlDatabase.open(path, frozenset())
+        return db.with_grants(_grants(read, write))
+
+    def sdk(
+        self,
+        namespace: str = "default",
+        *,
+        user_id: str | None = None,
+        authenticated: bool = False,
+        permissions: Sequence[str] = ("read", "write"),
+    ) -> dict[str, object]:
+        """Everything ``workers.sdk`` offers, for ``env["SDK"]``: db, kv and sql scoped to
+        ``namespace`` with ``permissions``, and the caller's ``context`` (data, bound here)."""
+        read, write = "read" in permissions, "write" in permissions
+        return {
+            "db": self.db(namespace, read=read, write=write),
+            "kv": self.kv(namespace, read=read, write=write),
+            "sql": self.sql(namespace, read=read, write=write),
+            "context": {
+                "user_id": user_id,
+                "namespace": namespace,
+                "authenticated": authenticated,
+                "permissions": list(permissions),
+            },
+        }
+
+    def _stores(self) -> _Stores:
+        if self._stores_cache is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._stores_cache = _Stores(self.data_dir)
+        return self._stores_cache
 
     async def _reap_idle(self) -> None:
         while True:

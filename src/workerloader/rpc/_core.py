@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from .._errors import (
+    BindingError,
     DataCloneError,
     FrameTooLarge,
+    PermissionDenied,
     ProtocolError,
     RemoteError,
     SessionClosed,
@@ -103,6 +105,8 @@ class StubCodec(Protocol):
 _CROSSABLE: Final[dict[str, type[BaseException]]] = {
     "workerloader.DataCloneError": DataCloneError,
     "workerloader.FrameTooLarge": FrameTooLarge,
+    "workerloader.PermissionDenied": PermissionDenied,
+    "workerloader.BindingError": BindingError,
 }
 
 

@@ -129,6 +129,7 @@ class WorkerRuntime(rpc.RpcTarget):
         self._modules.install()
         workers.modules.update(self._modules.data)
         self._env = workers.Env(code.get("env") or {})
+        workers.sdk._bind(code.get("env", {}).get("SDK"))
         main = code["main_module"]
         name = main[:-3].replace("/", ".") if main.endswith(".py") else None
         if name is None or name not in self._modules.sources:

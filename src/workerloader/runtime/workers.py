@@ -10,7 +10,16 @@ import json as _json
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["Context", "Env", "Request", "Response", "WorkerEntrypoint", "fetch", "modules"]
+__all__ = [
+    "Context",
+    "Env",
+    "Request",
+    "Response",
+    "WorkerEntrypoint",
+    "fetch",
+    "modules",
+    "sdk",
+]
 
 modules: dict[str, object] = {}
 """The worker's data modules by name: ``{"json": ...}`` parsed, ``{"text": ...}`` as str,
@@ -137,3 +146,49 @@ async def fetch(url: str | Request, **init: Any) -> Response:
         "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
         "so fetch() and sockets are disabled."
     )
+
+
+class CallerContext:
+    """``sdk.context``: who the caller is, as the host bound it (read-only)."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.user_id: str | None = data.get("user_id")
+        self.namespace: str = data.get("namespace", "default")
+        self.authenticated: bool = bool(data.get("authenticated", False))
+        self.permissions: tuple[str, ...] = tuple(data.get("permissions", ()))
+
+    def __repr__(self) -> str:
+        return (
+            f"CallerContext(user_id={self.user_id!r}, namespace={self.namespace!r}, "
+            f"authenticated={self.authenticated}, permissions={self.permissions})"
+        )
+
+
+class Sdk:
+    """``from workers import sdk``: the platform's runtime, built from the worker's bindings.
+
+    ``sdk.db`` (document collections), ``sdk.kv``, ``sdk.sql``, ``sdk.context``, and whatever
+    else the host put in ``env["SDK"]``. Each is a stub whose calls the host checks.
+    """
+
+    def __init__(self) -> None:
+        self._bindings: dict[str, Any] = {}
+
+    def _bind(self, bindings: Mapping[str, Any] | None) -> None:
+        self._bindings = dict(bindings or {})
+        if "context" in self._bindings:
+            self._bindings["context"] = CallerContext(self._bindings["context"])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._bindings[name]
+        except KeyError:
+            raise AttributeError(
+                f"sdk.{name} is not available to this worker: the host did not bind it "
+                f"(it binds {sorted(self._bindings) or 'nothing'} via env['SDK'])"
+            ) from None
+
+
+sdk = Sdk()

@@ -1,0 +1,106 @@
+"""Opening SQLite the way every binding needs it: WAL, a busy timeout, and an authorizer that
+keeps statements inside their own database."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Final
+
+__all__ = ["Authorizer", "Grants", "check_grant", "guarded", "open_database"]
+
+_SAFE_PRAGMAS: Final = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "foreign_keys",
+        "user_version",
+        "data_version",
+        "table_list",
+    }
+)
+
+
+_WRITES: Final = frozenset(
+    {
+        sqlite3.SQLITE_INSERT,
+        sqlite3.SQLITE_UPDATE,
+        sqlite3.SQLITE_DELETE,
+        sqlite3.SQLITE_ALTER_TABLE,
+        sqlite3.SQLITE_REINDEX,
+        sqlite3.SQLITE_ANALYZE,
+        sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE,
+        *range(sqlite3.SQLITE_CREATE_INDEX, sqlite3.SQLITE_CREATE_VIEW + 1),
+        *range(sqlite3.SQLITE_DROP_INDEX, sqlite3.SQLITE_DROP_VIEW + 1),
+    }
+)
+
+
+class Authorizer:
+    """SQLite's authorizer callback for worker-written SQL: stays in its own database, and
+    writes only while ``allow_write``. ``refused_write`` tells why a statement was refused."""
+
+    def __init__(self) -> None:
+        self.allow_write = True
+        self.refused_write = False
+
+    def __call__(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, _: object
+    ) -> int:
+        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _SAFE_PRAGMAS:
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() == "load_extension":
+            return sqlite3.SQLITE_DENY
+        if action in _WRITES and not self.allow_write and (arg1 or "") != "sqlite_temp_master":
+            self.refused_write = True
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+
+def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.Connection:
+    """A connection in WAL mode; with ``authorizer`` for databases whose statements come from
+    workers (no ATTACH, no extension loading, no PRAGMA but read-only introspection)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if authorizer is not None:
+        conn.set_authorizer(authorizer)
+    return conn
+
+
+class guarded:
+    """Interrupt any statement still running ``deadline_s`` seconds from now."""
+
+    def __init__(self, conn: sqlite3.Connection, deadline_s: float) -> None:
+        self._conn = conn
+        self._deadline = time.monotonic() + deadline_s
+
+    def __enter__(self) -> None:
+        deadline = self._deadline
+        self._conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.set_progress_handler(None, 0)
+
+
+Grants = frozenset[str]
+"""What a binding instance may do: a subset of {"read", "write"}."""
+
+
+def check_grant(grants: Grants, needed: str, store: str) -> None:
+    """Raise PermissionDenied unless ``needed`` is granted."""
+    if needed not in grants:
+        from .._errors import PermissionDenied
+
+        raise PermissionDenied(f"this binding may not {needed} {store}")
