@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..bench import print_figures, run_loader_bench, run_rpc_bench
+from ..bench import print_figures, run_bindings_bench, run_loader_bench, run_rpc_bench
 
 
 @click.group()
@@ -25,3 +25,9 @@ def bench_rpc(calls: int, pipelined: int) -> None:
 def bench_loader(live: int) -> None:
     """Cold and warm calls, new workers/s and memory per idle worker, in the real sandbox."""
     print_figures("Loader: sandboxed workers", run_loader_bench(live=live))
+
+
+@bench.command("bindings")
+def bench_bindings() -> None:
+    """A binding call from a worker to the host, and document throughput."""
+    print_figures("Bindings: calls from a sandboxed worker", run_bindings_bench())
