@@ -115,12 +115,19 @@ class BindingError(WorkerloaderError):
 
 
 class WorkerLoadError(WorkerloaderError):
-    """The worker's code could not be loaded. ``file`` and ``line`` point into the user's
-    modules when known."""
+    """The worker's code could not be loaded. ``type_name`` is what failed (``SyntaxError``,
+    ``ImportError``, …); ``file`` and ``line`` point into the user's modules when known."""
 
-    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        line: int | None = None,
+        type_name: str = "WorkerLoadError",
+    ) -> None:
         self.file = file
         self.line = line
+        self.type_name = type_name
         where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
         super().__init__(where + message)
 

@@ -235,7 +235,9 @@ class WorkerStub:
             raise
         if error is not None:
             await self._loader._forget(worker)
-            raise WorkerLoadError(f"{error.type}: {error.message}", error.file, error.line)
+            raise WorkerLoadError(
+                f"{error.type}: {error.message}", error.file, error.line, error.type
+            )
         self._worker = worker
         return worker
 

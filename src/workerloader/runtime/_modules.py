@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -27,11 +28,20 @@ class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def __init__(self, modules: Mapping[str, object]) -> None:
         self.sources: dict[str, tuple[str, str, bool]] = {}  # name -> (path, source, is_pkg)
+        self.bodies: set[str] = set()  # modules given as a function body (see exec_module)
         self.data: dict[str, object] = {}
         for path, value in modules.items():
             name = module_name(path)
             if name is not None and isinstance(value, str):
                 self.sources[name] = (path, value, path.endswith("__init__.py"))
+            elif (
+                name is not None
+                and isinstance(value, Mapping)
+                and set(value) == {"body"}
+                and isinstance(value["body"], str)
+            ):
+                self.sources[name] = (path, value["body"], False)
+                self.bodies.add(name)
             elif isinstance(value, Mapping) and len(value) == 1:
                 ((kind, content),) = value.items()
                 if kind == "json" or (kind == "text" and isinstance(content, str)):
@@ -71,11 +81,50 @@ class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         path, source, _ = self.sources[module.__name__]
         module.__file__ = path
-        code = compile(source, path, "exec", dont_inherit=True)
+        if module.__name__ in self.bodies:
+            code = _compile_body(source, path)
+        else:
+            code = compile(source, path, "exec", dont_inherit=True)
         exec(code, module.__dict__)
 
     def install(self) -> None:
         sys.meta_path.insert(0, self)
 
     def user_files(self) -> set[str]:
-        return {path for path, _, _ in self.sources.values()}
+        """The user's module paths (``_workerloader_*`` wrappers the host adds are not)."""
+        return {p for p, _, _ in self.sources.values() if not p.startswith("_workerloader_")}
+
+
+BODY_PARAMETERS = ("env", "sdk", "db", "kv", "sql", "context")
+"""The names a function-body module's code sees (``POST /execute``)."""
+
+
+def _compile_body(source: str, path: str) -> types.CodeType:
+    """Compile ``source`` as the body of ``async def main(env, sdk, db, kv, sql, context)``.
+
+    The body keeps its own line numbers (the wrapper is built on the syntax tree, not by
+    indenting text), so errors point at the user's lines; ``await`` and ``return`` work at its
+    top level.
+    """
+    tree = ast.parse(source, path)
+    args = ast.arguments(
+        posonlyargs=[],
+        args=[ast.arg(arg=name) for name in BODY_PARAMETERS],
+        kwonlyargs=[],
+        kw_defaults=[],
+        defaults=[],
+    )
+    main = ast.AsyncFunctionDef(
+        name="main",
+        args=args,
+        body=tree.body or [ast.Pass()],
+        decorator_list=[],
+        returns=None,
+        lineno=1,
+        col_offset=0,
+    )
+    if sys.version_info >= (3, 12):
+        main.type_params = []
+    module = ast.Module(body=[main], type_ignores=[])
+    ast.fix_missing_locations(module)
+    return compile(module, path, "exec", dont_inherit=True)

@@ -1,0 +1,147 @@
+"""The ASGI app: ``/health`` and ``/execute`` (the rest of the service is still to come)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from .. import Limits, Loader, __version__
+from ._execute import execute
+
+__all__ = ["ServerConfig", "create_app"]
+
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the service runs; built by the CLI from flags, environment and the config file."""
+
+    data_dir: Path = Path(".workerloader")
+    insecure: bool = False
+    pool_size: int = 8
+    max_concurrent_executions: int = 64
+
+
+class ExecuteLimits(BaseModel):
+    cpu_ms: int = Field(default=1000, ge=1, le=60_000)
+    memory_mb: int = Field(default=128, ge=16, le=4096)
+    wall_ms: int = Field(default=30_000, ge=1, le=300_000)
+
+
+class ExecuteRequest(BaseModel):
+    """The body of ``POST /execute``."""
+
+    code: str = Field(max_length=MAX_BODY_BYTES, description="The body of an async function.")
+    timeout_ms: int | None = Field(default=None, ge=1, le=300_000, description="Wall time.")
+    limits: ExecuteLimits | None = None
+    language: str = Field(default="python", pattern="^python$")
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    """The service's ASGI app; its lifespan owns a Loader."""
+    config = config or ServerConfig()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with Loader(
+            config.data_dir, pool_size=config.pool_size, insecure=config.insecure
+        ) as loader:
+            state["loader"] = loader
+            state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
+            yield
+
+    app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A malformed body is the client's mistake (400); 422 is kept for user code that failed.
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"ok": False, "error": {"type": "BadRequest", "details": errors}}, 400)
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "error": {
+                        "type": "PayloadTooLarge",
+                        "message": f"bodies are limited to {MAX_BODY_BYTES} bytes",
+                    },
+                },
+                413,
+            )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Service status: version, sandbox mode, live workers, auth mode."""
+        loader: Loader = state["loader"]
+        return {
+            "status": "ok",
+            "version": __version__,
+            "sandbox": "insecure" if loader._sandbox.insecure else "confined",
+            "workers": len(loader._workers),
+            "auth": "dev",
+        }
+
+    @app.post(
+        "/execute",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ExecuteRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def execute_code(request: Request) -> JSONResponse:
+        """Run ``code`` as the body of an async function with ``env``, ``sdk``, ``db``, ``kv``,
+        ``sql`` and ``context`` in scope; answers ``{"ok", "result" | "error", "logs",
+        "duration_ms"}``."""
+        # The body is JSON whatever the Content-Type says: `curl -d '{"code": ...}'` sends
+        # form encoding, and that is how most people first try the service.
+        try:
+            body = ExecuteRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+            return JSONResponse(
+                {"ok": False, "error": {"type": "BadRequest", "details": errors}}, 400
+            )
+        loader: Loader = state["loader"]
+        slots: asyncio.Semaphore = state["slots"]
+        if slots.locked():
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "error": {
+                        "type": "TooManyRequests",
+                        "message": "too many executions in flight; retry",
+                    },
+                },
+                429,
+            )
+        requested = body.limits or ExecuteLimits()
+        limits = Limits(
+            cpu_ms=requested.cpu_ms,
+            memory_mb=requested.memory_mb,
+            wall_ms=body.timeout_ms or requested.wall_ms,
+        )
+        # Dev mode (no API keys yet): anonymous, namespace "default".
+        sdk = loader.sdk("default", user_id=None, authenticated=False)
+        async with slots:
+            outcome = await execute(loader, body.code, limits, sdk)
+        return JSONResponse(outcome.body, outcome.status)
+
+    return app

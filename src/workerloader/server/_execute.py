@@ -1,0 +1,109 @@
+"""``POST /execute``: run a snippet as the body of an async function in a fresh worker."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import time
+import uuid
+from typing import Any
+
+from .. import Limits, Loader, WorkerCode
+from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
+from ..runtime._modules import BODY_PARAMETERS
+
+__all__ = ["ExecuteOutcome", "execute"]
+
+_WRAPPER = "_workerloader_execute.py"
+_WRAPPER_SOURCE = f"""
+from workers import WorkerEntrypoint, sdk
+from workerloader.rpc import RpcLimits, encode_value
+import execute
+
+
+class Default(WorkerEntrypoint):
+    async def execute(self):
+        bound = sdk._bindings
+        result = await execute.main(
+            self.env, sdk, {", ".join(f'bound.get("{n}")' for n in BODY_PARAMETERS[2:])}
+        )
+        # The answer becomes JSON: only data may cross, and a clear error says where not.
+        encode_value(result, "result", lambda value: None, RpcLimits())
+        return result
+"""
+
+
+class ExecuteOutcome:
+    """The JSON answer of ``/execute`` and its HTTP status."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+
+
+def to_json(value: object) -> Any:
+    """``value`` as JSON data: tuples and sets as lists, bytes as base64, dates as ISO text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    return repr(value)
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, WorkerError):
+        return {"type": exc.type_name, "message": exc.message, "traceback": exc.traceback}
+    if isinstance(exc, WorkerLoadError):
+        return {
+            "type": exc.type_name,
+            "message": str(exc),
+            "traceback": None,
+            "file": exc.file,
+            "line": exc.line,
+        }
+    notes = "\n".join(getattr(exc, "__notes__", ()))
+    message = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    return {"type": type(exc).__name__, "message": message, "traceback": notes or None}
+
+
+async def execute(
+    loader: Loader, code: str, limits: Limits, sdk: dict[str, object]
+) -> ExecuteOutcome:
+    """Run ``code`` once in a new worker; 200 with the result, 422 if the code failed, 504 if
+    it ran out of wall time, 429/… never from here."""
+    started = time.perf_counter()
+    worker = WorkerCode(
+        main_module=_WRAPPER,
+        modules={_WRAPPER: _WRAPPER_SOURCE, "execute.py": {"body": code}},
+        env={"SDK": sdk},
+        limits=limits,
+    )
+    stub = None
+    logs: list[str] = []
+    try:
+        stub = await loader.load(worker)
+        result = await stub.get_entrypoint().execute()
+        logs = stub.logs
+        body: dict[str, Any] = {"ok": True, "result": to_json(result)}
+        status = 200
+    except Exception as exc:
+        logs = getattr(exc, "logs", None) or (stub.logs if stub else [])
+        body = {"ok": False, "error": _error(exc)}
+        status = 504 if isinstance(exc, WallTimeExceeded) else 422
+    finally:
+        if stub is not None:
+            await stub.aclose()
+    body["logs"] = logs
+    body["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    return ExecuteOutcome(status, body)

@@ -1,0 +1,129 @@
+"""The service end to end: a real uvicorn server on loopback, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from workerloader.server import ServerConfig, create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    port = _free_port()
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", pool_size=2))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.02)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield http
+    server.should_exit = True
+    await task
+
+
+async def test_health_reports_sandbox_and_auth_mode(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["sandbox"] == "confined"
+    assert body["auth"] == "dev"
+
+
+async def test_the_seed_curl_session_answers_4(client: httpx.AsyncClient) -> None:
+    # curl -X POST localhost:8787/execute -d '{"code":"return 2 + 2"}' (form content type)
+    response = await client.post(
+        "/execute",
+        content=b'{"code":"return 2 + 2"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True
+    assert body["result"] == 4
+    assert body["logs"] == []
+    assert body["duration_ms"] > 0
+
+
+async def test_execute_reaches_the_sdk_and_returns_logs(client: httpx.AsyncClient) -> None:
+    code = (
+        'print("hi")\n'
+        'await db.create("users", {"name": "ada"})\n'
+        'return [u["name"] for u in await db.list("users")]'
+    )
+    body = (await client.post("/execute", json={"code": code})).json()
+    assert body == {
+        "ok": True,
+        "result": ["ada"],
+        "logs": ["hi"],
+        "duration_ms": body["duration_ms"],
+    }
+
+
+async def test_a_syntax_error_is_422_with_the_users_line(client: httpx.AsyncClient) -> None:
+    response = await client.post("/execute", json={"code": "x = 1\nreturn x +"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "SyntaxError"
+    assert error["line"] == 2
+
+
+async def test_a_runtime_error_is_422_with_the_users_traceback(client: httpx.AsyncClient) -> None:
+    response = await client.post("/execute", json={"code": "x = 1\n\nraise ValueError('boom')"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "ValueError"
+    assert error["message"] == "boom"
+    assert 'File "execute.py", line 3, in main' in error["traceback"]
+
+
+async def test_a_result_that_cannot_cross_names_where_it_sits(client: httpx.AsyncClient) -> None:
+    response = await client.post("/execute", json={"code": "return {'f': lambda: 1}"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "DataCloneError"
+    assert error["message"] == "result['f']: cannot clone a function object"
+
+
+async def test_wall_time_is_504(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/execute", json={"code": "import time\ntime.sleep(5)", "timeout_ms": 300}
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "WallTimeExceeded"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"cod": "x"}', b'{"code": 1}', b'{"code": "1", "language": "js"}', b"[]"],
+)
+async def test_a_malformed_body_is_400_never_500(client: httpx.AsyncClient, body: bytes) -> None:
+    response = await client.post("/execute", content=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "BadRequest"
+
+
+async def test_a_body_over_the_cap_is_413(client: httpx.AsyncClient) -> None:
+    response = await client.post("/execute", content=b'{"code": "' + b"x" * (1 << 21) + b'"}')
+    assert response.status_code == 413
+
+
+async def test_openapi_is_served(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert "/execute" in spec["paths"]
+    assert (await client.get("/docs")).status_code == 200
