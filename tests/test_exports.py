@@ -7,7 +7,15 @@ import types
 
 import pytest
 
-PUBLIC_MODULES = ["workerloader", "workerloader.rpc", "workerloader.bench"]
+PUBLIC_MODULES = [
+    "workerloader",
+    "workerloader.rpc",
+    "workerloader.bench",
+    "workerloader.bindings",
+    "workerloader.loader",
+    "workerloader.sandbox",
+    "workerloader.server",
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)

@@ -4,12 +4,14 @@ only through capabilities.
 The public surface is what this module exports; everything in a ``_module`` is private.
 """
 
+from ._errors import BindingError as BindingError
 from ._errors import CpuLimitExceeded as CpuLimitExceeded
 from ._errors import DataCloneError as DataCloneError
 from ._errors import FrameTooLarge as FrameTooLarge
 from ._errors import LimitExceeded as LimitExceeded
 from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import OutputLimitExceeded as OutputLimitExceeded
+from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteError as RemoteError
 from ._errors import RpcError as RpcError
@@ -20,6 +22,8 @@ from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WorkerError as WorkerError
 from ._errors import WorkerloaderError as WorkerloaderError
 from ._errors import WorkerLoadError as WorkerLoadError
+from .bindings import AiConfig as AiConfig
+from .bindings import HttpGateway as HttpGateway
 from .loader import EntrypointStub as EntrypointStub
 from .loader import Limits as Limits
 from .loader import Loader as Loader
@@ -34,15 +38,19 @@ from .rpc import RpcTarget as RpcTarget
 __version__ = "0.1.0"
 
 __all__ = [
+    "AiConfig",
+    "BindingError",
     "CpuLimitExceeded",
     "DataCloneError",
     "EntrypointStub",
     "FrameTooLarge",
+    "HttpGateway",
     "LimitExceeded",
     "Limits",
     "Loader",
     "MemoryLimitExceeded",
     "OutputLimitExceeded",
+    "PermissionDenied",
     "ProtocolError",
     "RemoteError",
     "Request",

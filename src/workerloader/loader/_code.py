@@ -31,7 +31,8 @@ class WorkerCode:
 
     ``modules`` maps file names to Python source (str) or ``{"json": ...}``, ``{"text": str}``,
     ``{"data": bytes}``. ``env`` holds clonable data and capabilities. ``global_outbound=None``
-    means no network at all.
+    means no network at all; a binding there (an ``HttpGateway``, or any capability with an
+    async ``fetch(request_dict)``) receives every ``workers.fetch`` of the worker instead.
     """
 
     main_module: str
@@ -49,4 +50,5 @@ class WorkerCode:
             "modules": dict(self.modules),
             "env": dict(self.env),
             "limits": {"memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes},
+            "outbound": self.global_outbound,
         }

@@ -26,7 +26,15 @@ from .._errors import (
     WorkerError,
     WorkerLoadError,
 )
-from ..bindings import Documents, KvNamespace, SqlDatabase
+from ..bindings import (
+    AiBinding,
+    AiConfig,
+    BlobBucket,
+    Documents,
+    HttpGateway,
+    KvNamespace,
+    SqlDatabase,
+)
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
 from ..bindings._sqlite import open_database
@@ -341,8 +349,10 @@ class Loader:
         idle_ttl_s: float = 300.0,
         pool_size: int = 8,
         insecure: bool = False,
+        ai: AiConfig | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.ai_config = ai
         self.max_workers = max_workers
         self.idle_ttl_s = idle_ttl_s
         self._sandbox = Sandbox(pool_size=pool_size, insecure=insecure)
@@ -428,6 +438,15 @@ class Loader:
             db = self._sql_dbs[path] = SqlDatabase.open(path, frozenset())
         return db.with_grants(_grants(read, write))
 
+    def blobs(self, bucket: str, *, read: bool = True, write: bool = True) -> BlobBucket:
+        """The blob bucket ``bucket`` (files under the data dir, written atomically)."""
+        return BlobBucket(self.data_dir / "blobs" / _namespace(bucket), _grants(read, write))
+
+    def ai(self) -> AiBinding:
+        """The AI binding for the provider in ``Loader(ai=AiConfig(...))`` (its calls raise
+        ``BindingError: no AI provider configured`` without one)."""
+        return AiBinding(self.ai_config)
+
     def sdk(
         self,
         namespace: str = "default",
@@ -435,14 +454,18 @@ class Loader:
         user_id: str | None = None,
         authenticated: bool = False,
         permissions: Sequence[str] = ("read", "write"),
+        api: HttpGateway | None = None,
     ) -> dict[str, object]:
-        """Everything ``workers.sdk`` offers, for ``env["SDK"]``: db, kv and sql scoped to
+        """Everything ``workers.sdk`` offers, for ``env["SDK"]``: db, kv, sql, blobs scoped to
         ``namespace`` with ``permissions``, and the caller's ``context`` (data, bound here)."""
         read, write = "read" in permissions, "write" in permissions
         return {
             "db": self.db(namespace, read=read, write=write),
             "kv": self.kv(namespace, read=read, write=write),
             "sql": self.sql(namespace, read=read, write=write),
+            "blobs": self.blobs(namespace, read=read, write=write),
+            "ai": self.ai(),
+            "api": api,
             "context": {
                 "user_id": user_id,
                 "namespace": namespace,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import socket
 from collections.abc import Awaitable, Coroutine
@@ -270,16 +271,9 @@ class RpcSession(asyncio.BufferedProtocol):
         try:
             result = evaluate(event.target, event.path, event.args, event.kwargs, _STUB_TYPES)
             if inspect.iscoroutine(result):
-                # Run the coroutine's first step now: most methods finish without suspending,
-                # and then no task (and no extra loop turn) is needed.
-                try:
-                    yielded = result.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
-                    self._spawn(answer_id, _resume(result, yielded), started=result)
-                    return
-            elif inspect.isawaitable(result):
+                self._start_coroutine(answer_id, result)
+                return
+            if inspect.isawaitable(result):
                 self._spawn(answer_id, result)
                 return
         except Exception as exc:
@@ -290,31 +284,55 @@ class RpcSession(asyncio.BufferedProtocol):
         else:
             self._spawn(answer_id, _ready(result))
 
-    def _spawn(
-        self,
-        answer_id: int,
-        awaitable: Awaitable[object],
-        started: Coroutine[Any, Any, object] | None = None,
-    ) -> None:
-        """Finish an evaluation in a task. ``started`` is the user's coroutine when its first
-        step already ran: if the task is cancelled before it runs, that coroutine still gets its
-        CancelledError (so its ``finally`` blocks run) and nothing is left never-awaited."""
+    def _spawn(self, answer_id: int, awaitable: Awaitable[object]) -> None:
+        """Finish an evaluation in a task of its own."""
         task = self._loop.create_task(self._finish(answer_id, awaitable))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_coroutine(self, answer_id: int, coro: Coroutine[Any, Any, object]) -> None:
+        """Run a coroutine's first step now, as the current task, and answer at once if it
+        does not suspend (most methods): no extra turn of the loop, yet asyncio.timeout,
+        anyio and httpx see a real ``current_task()`` from the first step on.
+
+        The task is created first (its own step is only the continuation), entered for the
+        first step, and keeps driving the coroutine if it suspended. The first step runs in
+        the task's context, so context variables set there are seen by the later steps.
+        """
+        loop = self._loop
+        if asyncio.current_task(loop) is not None:  # inside a task: 3.11 cannot nest them
+            self._spawn(answer_id, coro)
+            return
+        context = contextvars.copy_context()
+        first: list[object] = []  # what the first step yielded, if it suspended
+        task = loop.create_task(self._continue(answer_id, coro, first), context=context)
+        asyncio.tasks._enter_task(loop, task)
+        try:
+            first.append(context.run(coro.send, None))
+        except StopIteration as stop:
+            self._session.resolve(answer_id, stop.value)
+            return
+        except Exception as exc:
+            self._session.reject(answer_id, exc)
+            return
+        finally:
+            asyncio.tasks._leave_task(loop, task)
         self._tasks.add(task)
 
         def done(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            if (
-                task.cancelled()
-                and inspect.iscoroutine(awaitable)
-                and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED
-            ):
-                awaitable.close()
-                if started is not None:
-                    with contextlib.suppress(BaseException):
-                        started.throw(asyncio.CancelledError())
+            suspended = inspect.getcoroutinestate(coro) == inspect.CORO_SUSPENDED
+            if task.cancelled() and suspended:  # cancelled before it could resume it
+                with contextlib.suppress(BaseException):  # let its finally blocks run
+                    coro.throw(asyncio.CancelledError())
 
         task.add_done_callback(done)
+
+    async def _continue(
+        self, answer_id: int, coro: Coroutine[Any, Any, object], first: list[object]
+    ) -> None:
+        if first:  # the first step suspended: drive the rest here
+            await self._finish(answer_id, _resume(coro, first[0]))
 
     async def _finish(self, answer_id: int, awaitable: Awaitable[object]) -> None:
         try:
@@ -352,10 +370,10 @@ async def _ready(value: object) -> object:
 
 
 async def _resume(coro: Coroutine[Any, Any, object], yielded: object) -> object:
-    """Drive the rest of a coroutine whose first step already ran outside a task.
+    """Drive the rest of a coroutine whose first step already ran (see ``_start_coroutine``).
 
-    ``yielded`` is what that step yielded: a future to wait for (or None for a bare yield). The
-    coroutine itself takes the future's result when it is resumed, as under a Task.
+    ``yielded`` is what that step yielded: a future to wait for, or None for a bare yield. The
+    coroutine takes the future's result itself when resumed, as under a Task.
     """
     while True:
         try:

@@ -130,6 +130,7 @@ class WorkerRuntime(rpc.RpcTarget):
         workers.modules.update(self._modules.data)
         self._env = workers.Env(code.get("env") or {})
         workers.sdk._bind(code.get("env", {}).get("SDK"))
+        workers._outbound = code.get("outbound")
         main = code["main_module"]
         name = main[:-3].replace("/", ".") if main.endswith(".py") else None
         if name is None or name not in self._modules.sources:

@@ -140,12 +140,26 @@ class Response:
         return {"status": self.status, "headers": self.headers, "body": self._body}
 
 
-async def fetch(url: str | Request, **init: Any) -> Response:
-    """Outbound HTTP. With ``global_outbound=None`` (the default) there is no network at all."""
-    raise PermissionError(
-        "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
-        "so fetch() and sockets are disabled."
-    )
+_outbound: Any = None  # the worker's global_outbound capability, set by the runtime at load
+
+
+async def fetch(
+    url: str | Request,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes | str | None = None,
+) -> Response:
+    """Outbound HTTP through the worker's ``global_outbound``. With ``global_outbound=None``
+    (the default) there is no network at all and this raises PermissionError."""
+    if _outbound is None:
+        raise PermissionError(
+            "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
+            "so fetch() and sockets are disabled."
+        )
+    request = url if isinstance(url, Request) else Request(url, method, headers, body)
+    wire = await _outbound.fetch(request.to_wire())
+    return Response(wire["body"], status=wire["status"], headers=wire["headers"])
 
 
 class CallerContext:
@@ -164,6 +178,43 @@ class CallerContext:
         )
 
 
+class Api:
+    """``sdk.api``: outbound HTTP through the host's gateway (allow-listed, SSRF-checked)."""
+
+    def __init__(self, gateway: Any) -> None:
+        self._gateway = gateway
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        body: bytes | str | None = None,
+    ) -> Response:
+        wire = await self._gateway.fetch(Request(url, method, headers, body).to_wire())
+        return Response(wire["body"], status=wire["status"], headers=wire["headers"])
+
+    async def get(self, url: str, headers: Mapping[str, str] | None = None) -> Any:
+        """GET ``url`` and decode a JSON answer (text otherwise)."""
+        response = await self.fetch(url, headers=headers)
+        text = await response.text()
+        try:
+            return _json.loads(text)
+        except ValueError:
+            return text
+
+    async def post(self, url: str, json: object, headers: Mapping[str, str] | None = None) -> Any:
+        """POST ``json`` to ``url`` and decode a JSON answer (text otherwise)."""
+        merged = {"content-type": "application/json", **(headers or {})}
+        response = await self.fetch(url, method="POST", headers=merged, body=_json.dumps(json))
+        text = await response.text()
+        try:
+            return _json.loads(text)
+        except ValueError:
+            return text
+
+
 class Sdk:
     """``from workers import sdk``: the platform's runtime, built from the worker's bindings.
 
@@ -178,6 +229,8 @@ class Sdk:
         self._bindings = dict(bindings or {})
         if "context" in self._bindings:
             self._bindings["context"] = CallerContext(self._bindings["context"])
+        if self._bindings.get("api") is not None:
+            self._bindings["api"] = Api(self._bindings["api"])
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
