@@ -351,6 +351,9 @@ class FuzzStubCodec:
     def is_capability(self, value: object) -> bool:
         return callable(value)
 
+    def answer_ref(self, session: Session, value: object) -> int | None:
+        return None
+
 
 class Main:
     """Offered as target 0; not clonable, so resolving with it exercises the Reject path."""

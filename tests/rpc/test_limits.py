@@ -63,6 +63,9 @@ class StubCodec:
     def is_capability(self, value: object) -> bool:
         return isinstance(value, types.FunctionType)
 
+    def answer_ref(self, session: Session, value: object) -> int | None:
+        return None
+
 
 def main_function(*args: object, **kwargs: object) -> object:
     """The main capability of sans-IO sessions (a function, so pushes may call it)."""

@@ -48,6 +48,9 @@ class Codec:
     def is_capability(self, value: object) -> bool:
         return is_local_capability(value) or isinstance(value, FakeStub)
 
+    def answer_ref(self, session: Session, value: object) -> int | None:
+        return None
+
 
 def split_frames(data: bytes) -> list[Message]:
     """Decode a byte string of whole frames (4-byte big-endian length, then msgpack)."""
@@ -636,6 +639,9 @@ def test_a_push_read_with_a_violation_in_the_same_chunk_never_runs() -> None:
 
         def is_capability(self, value: object) -> bool:
             return False
+
+        def answer_ref(self, session: Session, value: object) -> int | None:
+            return None
 
     session = Session(lambda: None, Codec())
     chunk = (

@@ -895,3 +895,36 @@ async def test_cancelling_before_the_push_is_sent_does_not_break_the_session() -
 
 async def _await(promise: RpcPromise) -> Any:
     return await promise
+
+
+class _Statement(RpcTarget):
+    def __init__(self, value: object = None) -> None:
+        self.value = value
+
+    def bind(self, value: object) -> _Statement:
+        return _Statement(value)
+
+
+class _Database(RpcTarget):
+    def prepare(self) -> _Statement:
+        return _Statement()
+
+    async def batch(self, statements: list[_Statement]) -> list[object]:
+        return [(type(s).__name__, s.value) for s in statements]
+
+
+async def test_unawaited_promises_in_arguments_arrive_as_the_callees_own_objects() -> None:
+    """Pipelining in arguments (protocol §4, tag 22): the promises are sent unpulled and the
+    callee substitutes its own answers, even when the caller releases them right away."""
+    client, server = await memory_pair(None, _Database())
+    statement = client.main.prepare()
+    assert await client.main.batch([statement.bind(1), statement.bind(2)]) == [
+        ("_Statement", 1),
+        ("_Statement", 2),
+    ]
+    awaited = client.main.prepare()
+    await awaited
+    with pytest.raises(DataCloneError, match=r"^an awaited promise cannot be passed on"):
+        await client.main.batch([awaited])
+    await client.aclose()
+    await server.aclose()

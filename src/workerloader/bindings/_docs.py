@@ -16,8 +16,8 @@ from ._sqlite import Grants, check_grant
 
 __all__ = ["DocumentStore", "Documents"]
 
-_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-_FIELD: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+_FIELD: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_DOCUMENT_BYTES: Final = 256 * 1024
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS docs (
@@ -47,13 +47,13 @@ class DocumentStore:
 
 
 def _collection(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BindingError(f"invalid collection name {name!r} (letters, digits, _ and -)")
     return name
 
 
 def _field(name: object) -> str:
-    if not isinstance(name, str) or not _FIELD.match(name):
+    if not isinstance(name, str) or not _FIELD.fullmatch(name):
         raise BindingError(f"invalid field name {name!r}")
     return name
 
@@ -78,8 +78,8 @@ def _body(data: object) -> tuple[dict[str, Any], str]:
         raise BindingError("a document is a dict of its fields")
     fields = {k: v for k, v in data.items() if k != "id"}
     try:
-        text = json.dumps(fields)
-    except TypeError as exc:
+        text = json.dumps(fields, allow_nan=False)  # NaN is not JSON: SQLite's json_* refuse it
+    except (TypeError, ValueError) as exc:
         raise BindingError(f"a document must be JSON data: {exc}") from None
     if len(text) > MAX_DOCUMENT_BYTES:
         raise BindingError(f"a document may be at most {MAX_DOCUMENT_BYTES} bytes of JSON")
@@ -156,7 +156,8 @@ class Documents(RpcTarget):
         """Store a new document (``data["id"]`` or a new id) and return it."""
         check_grant(self._grants, "write", "these documents")
         fields, body = _body(data)
-        doc_id = str(data.get("id") or uuid.uuid4().hex)
+        given = data.get("id")
+        doc_id = uuid.uuid4().hex if given is None or given == "" else str(given)
         now = time.time()
         with self._store.lock, self._store.conn as conn:
             try:

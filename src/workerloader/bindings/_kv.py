@@ -37,6 +37,18 @@ class KvStore:
         conn.execute(_SCHEMA)
 
 
+def _successor(prefix: str) -> str | None:
+    """The least string greater than every string starting with ``prefix``, if there is one."""
+    if not prefix:
+        return None
+    code = ord(prefix[-1]) + 1
+    if 0xD800 <= code <= 0xDFFF:  # surrogates are not characters
+        code = 0xE000
+    if code > 0x10FFFF:
+        return _successor(prefix[:-1])
+    return prefix[:-1] + chr(code)
+
+
 def _key(key: object) -> str:
     if not isinstance(key, str) or not key:
         raise BindingError("a KV key must be a non-empty string")
@@ -74,7 +86,12 @@ class KvNamespace(RpcTarget):
         if type == "bytes":
             return value
         text = value.decode()
-        return json.loads(text) if type == "json" else text
+        if type == "text":
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise BindingError(f"the value of {key!r} is not JSON; get it as text") from None
 
     async def put(self, key: str, value: object, ttl: float | None = None) -> None:
         """Store ``value`` under ``key``, expiring after ``ttl`` seconds if given."""
@@ -118,13 +135,14 @@ class KvNamespace(RpcTarget):
         if not 1 <= limit <= 1000:
             raise BindingError("limit must be between 1 and 1000")
         after = cursor or ""
-        # Keys >= prefix and < prefix's successor: a range scan on the primary key, no LIKE.
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+        # A range scan on the primary key from the prefix, bounded by its successor where one
+        # exists; the substr test keeps the answer right in every case (no LIKE, no escaping).
         query = (
             "SELECT key, expires_at FROM kv WHERE namespace = ? AND key > ? AND key >= ? "
-            "AND (expires_at IS NULL OR expires_at > ?)"
+            "AND substr(key, 1, ?) = ? AND (expires_at IS NULL OR expires_at > ?)"
         )
-        params: list[object] = [self._namespace, after, prefix, time.time()]
+        params: list[object] = [self._namespace, after, prefix, len(prefix), prefix, time.time()]
+        upper = _successor(prefix)
         if upper is not None:
             query += " AND key < ?"
             params.append(upper)

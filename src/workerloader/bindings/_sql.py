@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 from .._errors import BindingError, PermissionDenied
 from ..rpc import RpcTarget
-from ._sqlite import Authorizer, Grants, check_grant, guarded, open_database
+from ._sqlite import Authorizer, Grants, check_grant, control, guarded, open_database
 
 __all__ = ["SqlDatabase", "Statement"]
 
@@ -46,7 +46,7 @@ class _Db:
                     return work(self.conn)
                 except sqlite3.Error as exc:
                     if self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
+                        control(self.conn, "ROLLBACK", self.authorizer)
                     if self.authorizer.refused_write:
                         raise PermissionDenied("this binding may not write this database") from None
                     if isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted":
@@ -59,9 +59,10 @@ class _Db:
 
 
 def _meta(cursor: sqlite3.Cursor, started: float) -> dict[str, Any]:
+    wrote = cursor.description is None  # a SELECT has columns; its rowcount/lastrowid are stale
     return {
-        "changes": max(cursor.rowcount, 0),
-        "last_row_id": cursor.lastrowid,
+        "changes": max(cursor.rowcount, 0) if wrote else 0,
+        "last_row_id": cursor.lastrowid if wrote else None,
         "duration": (time.perf_counter() - started) * 1000,
     }
 
@@ -159,14 +160,14 @@ class SqlDatabase(RpcTarget):
 
         def work(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             results = []
-            conn.execute("BEGIN IMMEDIATE")
+            control(conn, "BEGIN IMMEDIATE", self._db.authorizer)
             for statement in statements:
                 started = time.perf_counter()
                 cursor = statement._execute(conn)
                 columns = [d[0] for d in cursor.description or ()]
                 rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
                 results.append({"results": rows, "success": True, "meta": _meta(cursor, started)})
-            conn.execute("COMMIT")
+            control(conn, "COMMIT", self._db.authorizer)
             return results
 
         return await self._db.run(self._grants, work)

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Authorizer", "Grants", "check_grant", "guarded", "open_database"]
+__all__ = ["Authorizer", "Grants", "check_grant", "control", "guarded", "open_database"]
 
-_SAFE_PRAGMAS: Final = frozenset(
+# Introspection pragmas whose argument names a table or index (``PRAGMA table_info(t)``).
+_PRAGMAS_ON: Final = frozenset(
     {
         "table_info",
         "table_xinfo",
@@ -18,13 +19,12 @@ _SAFE_PRAGMAS: Final = frozenset(
         "index_info",
         "index_xinfo",
         "foreign_key_list",
-        "foreign_keys",
-        "user_version",
-        "data_version",
         "table_list",
     }
 )
-
+# Pragmas that may be read but never set from a worker (``PRAGMA foreign_keys = OFF`` would
+# change the connection every caller shares).
+_PRAGMAS_READ: Final = frozenset({"foreign_keys", "user_version", "data_version"})
 
 _WRITES: Final = frozenset(
     {
@@ -55,7 +55,14 @@ class Authorizer:
     ) -> int:
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             return sqlite3.SQLITE_DENY
-        if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _SAFE_PRAGMAS:
+        if action == sqlite3.SQLITE_PRAGMA:
+            name = (arg1 or "").lower()
+            if name in _PRAGMAS_ON or (name in _PRAGMAS_READ and arg2 is None):
+                return sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_DENY
+        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+            # The host runs each statement (or batch) as its own transaction on a shared
+            # connection; a caller's BEGIN or COMMIT would capture or cut other callers' work.
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() == "load_extension":
             return sqlite3.SQLITE_DENY
@@ -67,9 +74,17 @@ class Authorizer:
 
 def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.Connection:
     """A connection in WAL mode; with ``authorizer`` for databases whose statements come from
-    workers (no ATTACH, no extension loading, no PRAGMA but read-only introspection)."""
+    workers (no ATTACH, no extension loading, no PRAGMA but read-only introspection, no
+    transaction control)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # SQLite consults the authorizer only when it prepares a statement, so statements from
+    # workers are never cached: a cached INSERT would skip the write check of the next caller.
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        cached_statements=0 if authorizer is not None else 128,
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
@@ -77,6 +92,16 @@ def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.C
     if authorizer is not None:
         conn.set_authorizer(authorizer)
     return conn
+
+
+def control(conn: sqlite3.Connection, sql: str, authorizer: Authorizer | None) -> None:
+    """Run the host's own transaction control (BEGIN, COMMIT, ROLLBACK), which the authorizer
+    refuses to workers."""
+    conn.set_authorizer(None)
+    try:
+        conn.execute(sql)
+    finally:
+        conn.set_authorizer(authorizer)
 
 
 class guarded:

@@ -309,11 +309,11 @@ class EntrypointStub:
         return call
 
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def _namespace(name: str) -> str:
-    if not isinstance(name, str) or not _NAMESPACE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAMESPACE.fullmatch(name) or ".." in name:
         raise ValueError(f"invalid namespace or name {name!r} (letters, digits, _ . -)")
     return name
 

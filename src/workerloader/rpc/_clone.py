@@ -37,7 +37,8 @@ T_DECIMAL: Final = 12
 T_UUID: Final = 13
 T_EXPORT: Final = 20
 T_IMPORT: Final = 21
-CAPABILITY_TAGS: Final = frozenset({T_EXPORT, T_IMPORT})
+T_ANSWER: Final = 22
+CAPABILITY_TAGS: Final = frozenset({T_EXPORT, T_IMPORT, T_ANSWER})
 
 _INT_MIN: Final = -(1 << 63)
 _INT_END: Final = 1 << 64
@@ -411,7 +412,7 @@ class _Decoder:
                 if type(payload) is not bytes or len(payload) != 16:
                     raise self._fail("malformed UUID")
                 return uuid.UUID(bytes=payload)
-            case 20 | 21:  # T_EXPORT, T_IMPORT
+            case 20 | 21 | 22:  # T_EXPORT, T_IMPORT, T_ANSWER
                 if type(payload) is not int:
                     raise self._fail("malformed capability")
                 return self.import_(tag, payload)

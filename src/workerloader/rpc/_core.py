@@ -25,7 +25,7 @@ from .._errors import (
     WorkerloaderError,
 )
 from . import _wire
-from ._clone import T_EXPORT, T_IMPORT, decode_value, encode_value, flat_scalars
+from ._clone import T_ANSWER, T_EXPORT, T_IMPORT, decode_value, encode_value, flat_scalars
 from ._limits import RpcLimits
 from ._wire import Abort, Hello, Message, Pull, Push, Reject, Release, Resolve
 
@@ -96,6 +96,12 @@ class StubCodec(Protocol):
 
     def is_capability(self, value: object) -> bool:
         """True if ``value`` is exported by reference when sent (RpcTarget, function, stub)."""
+        ...
+
+    def answer_ref(self, session: Session, value: object) -> int | None:
+        """If ``value`` is an unawaited promise of ``session``, send it (unpulled) and return
+        its question id: it travels as a reference to the peer's answer (pipelining in
+        arguments). None for anything else."""
         ...
 
 
@@ -171,6 +177,21 @@ class _Question:
     explicit_release: bool  # sent unpulled: we owe a Release even after a later Pull
 
 
+class _AnswerRef:
+    """An argument naming one of the peer's earlier (unpulled) pushes; replaced by its value
+    before the call starts."""
+
+    __slots__ = ("answer", "error", "value")
+
+    def __init__(self, answer: _Answer) -> None:
+        self.answer = answer
+        self.value: object = None  # taken when the answer is known: a release may drop it
+        self.error: BaseException | None = None
+
+    def take(self) -> None:
+        self.value, self.error = self.answer.value, self.answer.error
+
+
 @dataclass(slots=True)
 class _Answer:
     pulled: bool
@@ -180,6 +201,7 @@ class _Answer:
     value: object = None
     error: BaseException | None = None
     waiters: list[_Call] = field(default_factory=list)
+    joins: list[_Join] = field(default_factory=list)  # calls whose arguments name this answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +213,22 @@ class _Call:
     path: list[str | int]
     args: list[object] | None
     kwargs: dict[str, object]
+
+
+@dataclass(slots=True)
+class _Join:
+    """A call waiting for the answers its arguments name (and, maybe, its target)."""
+
+    call: _Call
+    refs: list[_AnswerRef]
+    target: object  # the call's target, unless it is an answer
+    base: _Answer | None  # the answer the call targets (pipelining), if it does
+    remaining: int
+    base_error: BaseException | None = None
+
+    def take_base(self) -> None:
+        assert self.base is not None
+        self.target, self.base_error = self.base.value, self.base.error
 
 
 _PENDING_HELLO, _OPEN, _CLOSED = range(3)
@@ -236,6 +274,7 @@ class Session:
         self._deferred: deque[tuple[_Call, object]] = deque()  # waiting for max_inflight room
         self._next_answer = 1
         self._encoding_exports: list[int] | None = None
+        self._decoding_refs: list[_AnswerRef] | None = None  # answers named in a push's args
         self._close_error: SessionClosed | None = None
         self._send(Hello(_wire.PROTOCOL_VERSION, self.limits.max_frame_bytes))
 
@@ -333,6 +372,7 @@ class Session:
     def _encode(self, value: object, root: str) -> tuple[object, list[int]]:
         """Encode a value; if it cannot be sent, roll back the export counts it took."""
         exports: list[int] = []
+        outer = self._encoding_exports  # a promise in ``value`` sends its own push meanwhile
         self._encoding_exports = exports
         try:
             return encode_value(value, root, self._export, self.limits), exports
@@ -340,7 +380,7 @@ class Session:
             self._rollback_exports(exports)
             raise
         finally:
-            self._encoding_exports = None
+            self._encoding_exports = outer
 
     def _rollback_exports(self, exports: list[int]) -> None:
         for export_id in exports:
@@ -442,12 +482,14 @@ class Session:
                 self._pump()
                 return
         answer.done = True
-        if not answer.released:
-            answer.value = value
-        self._after_answer(answer, answer_id)
+        answer.value = value  # kept until the joins and waiters below have it
         for call in answer.waiters:
             self._start(call, value, None)
         answer.waiters.clear()
+        self._answer_done(answer)
+        if answer.released:
+            answer.value = None
+        self._after_answer(answer, answer_id)
         self._pump()
 
     def reject(self, answer_id: int, error: BaseException) -> None:
@@ -490,6 +532,7 @@ class Session:
         for call in answer.waiters:
             self._start(call, None, error)
         answer.waiters.clear()
+        self._answer_done(answer)
 
     def _start(self, call: _Call, target: object, error: BaseException | None) -> None:
         """Hand a call whose target is known to the driver (or defer it), or fail it."""
@@ -514,6 +557,9 @@ class Session:
         import_id = self._stubs.unwrap_import(self, value)
         if import_id is not None:
             return {T_IMPORT: import_id}
+        question_id = self._stubs.answer_ref(self, value)
+        if question_id is not None:
+            return {T_ANSWER: question_id}
         if not self._stubs.is_capability(value):
             return None
         key = id(value)
@@ -543,6 +589,13 @@ class Session:
             del self._export_ids[id(entry.value)]
 
     def _import(self, tag: int, cap_id: int) -> object:
+        if tag == T_ANSWER:
+            answer = self._answers.get(cap_id)
+            if answer is None or answer.implicit_release or self._decoding_refs is None:
+                raise ProtocolError(f"invalid value from peer: unknown answer {cap_id}")
+            ref = _AnswerRef(answer)
+            self._decoding_refs.append(ref)
+            return ref
         if tag == T_IMPORT:
             entry = self._exports.get(cap_id)
             if entry is None:
@@ -609,6 +662,7 @@ class Session:
             raise ProtocolError(f"push path longer than {self.limits.max_path_len} steps")
         args: list[object] | None = None
         kwargs: dict[str, object] = {}
+        refs: list[_AnswerRef] = []
         raw = push.args
         if (
             type(raw) is list
@@ -619,7 +673,11 @@ class Session:
         ):
             args = raw[0]  # plain scalars: nothing to decode
         elif raw is not None:
-            decoded = decode_value(raw, self._import, self.limits)
+            self._decoding_refs = refs
+            try:
+                decoded = decode_value(raw, self._import, self.limits)
+            finally:
+                self._decoding_refs = None
             if (
                 type(decoded) is not list
                 or len(decoded) != 2
@@ -640,7 +698,9 @@ class Session:
         self._next_answer += 1
         answer = self._answers[push.id] = _Answer(pulled=push.pull, implicit_release=push.pull)
         call = _Call(push.id, answer, push.path, args, kwargs)
-        if base is not None:
+        if refs:
+            self._join(call, refs, base, target_id)
+        elif base is not None:
             if not base.done:
                 base.waiters.append(call)
             else:
@@ -651,6 +711,58 @@ class Session:
             self._start(call, None, LookupError("the peer offers no main capability"))
         else:
             self._start(call, self._main, None)
+
+    def _join(
+        self, call: _Call, refs: list[_AnswerRef], base: _Answer | None, target_id: int
+    ) -> None:
+        """Start ``call`` once every answer its arguments name (and its target) is known."""
+        target: object = None
+        if base is None:
+            if target_id == 0 and self._main is None:
+                self._start(call, None, LookupError("the peer offers no main capability"))
+                return
+            target = self._main if target_id == 0 else self._exports[target_id].value
+        pending = {id(r.answer): r.answer for r in refs if not r.answer.done}
+        for ref in refs:
+            if ref.answer.done:
+                ref.take()
+        if base is not None and not base.done:
+            pending[id(base)] = base
+        join = _Join(call, refs, target, base, len(pending))
+        if base is not None and base.done:
+            join.take_base()
+        for answer in pending.values():
+            answer.joins.append(join)
+        if not pending:
+            self._finish_join(join)
+
+    def _answer_done(self, answer: _Answer) -> None:
+        """An answer is known: start the calls that were waiting for it in their arguments."""
+        for join in answer.joins:
+            for ref in join.refs:
+                if ref.answer is answer:
+                    ref.take()
+            if join.base is answer:
+                join.take_base()
+            join.remaining -= 1
+            if join.remaining == 0:
+                self._finish_join(join)
+        answer.joins.clear()
+
+    def _finish_join(self, join: _Join) -> None:
+        failed = [r.error for r in join.refs if r.error is not None]
+        if join.base_error is not None:
+            failed.append(join.base_error)
+        target = join.target
+        if failed:
+            self._start(join.call, None, failed[0])
+            return
+        memo: dict[int, object] = {}
+        call = join.call
+        args = _substitute(call.args, memo)
+        kwargs = _substitute(call.kwargs, memo)
+        resolved = _Call(call.answer_id, call.answer, call.path, args, kwargs)  # type: ignore[arg-type]
+        self._start(resolved, target, None)
 
     def _on_pull(self, answer_id: int) -> None:
         answer = self._answers.get(answer_id)
@@ -692,3 +804,25 @@ class Session:
         # Calls read in the same chunk as a violation must not run once the session is over.
         self._events = deque(e for e in self._events if not isinstance(e, Evaluate))
         self._events.append(Closed(error))
+
+
+def _substitute(value: object, memo: dict[int, object]) -> object:
+    """``value`` with every ``_AnswerRef`` replaced by its answer's value (in place for lists
+    and dicts, which the decoder made for this call alone)."""
+    if isinstance(value, _AnswerRef):
+        return value.value
+    if isinstance(value, (list, dict, tuple, set, frozenset)):
+        key = id(value)
+        if key in memo:
+            return memo[key]
+        memo[key] = value
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                value[i] = _substitute(item, memo)
+        elif isinstance(value, dict):
+            for k in list(value):
+                value[k] = _substitute(value[k], memo)
+        elif isinstance(value, tuple):
+            memo[key] = value = tuple(_substitute(item, memo) for item in value)
+        # sets hold only hashable values, never an answer reference
+    return value

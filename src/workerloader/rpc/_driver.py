@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import Any, cast
 
-from .._errors import SessionClosed
+from .._errors import DataCloneError, SessionClosed
 from ._core import Closed, Evaluate, Raised, Returned, Session
 from ._dispatch import evaluate
 from ._limits import RpcLimits
@@ -51,6 +51,16 @@ class _Stubs:
     def is_capability(self, value: object) -> bool:
         # A stub of another session (or of this session's main) is forwarded as our own export.
         return is_local_capability(value) or isinstance(value, _STUB_TYPES)
+
+    def answer_ref(self, session: Session, value: object) -> int | None:
+        if type(value) is not RpcPromise or value._rpc is not self._rpc:
+            return None
+        if value._future is not None:
+            raise DataCloneError(
+                "an awaited promise cannot be passed on; pass its value, or pass the promise "
+                "without awaiting it"
+            )
+        return value._send(pull=False)
 
 
 class RpcSession(asyncio.BufferedProtocol):

@@ -1,0 +1,236 @@
+"""``from workers import sdk`` in the real sandbox: db, kv and sql scoped to the caller's namespace
+and permissions, the caller's context, errors as the worker sees them, pipelined SQL calls."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerloader import Loader, WorkerCode, WorkerError, WorkerStub
+
+MAIN = """
+from workers import WorkerEntrypoint, sdk
+
+
+async def describe(awaitable):
+    try:
+        return ["ok", await awaitable]
+    except Exception as exc:
+        kind = type(exc)
+        return [f"{kind.__module__}.{kind.__qualname__}", isinstance(exc, PermissionError),
+                str(exc)]
+
+
+class Api(WorkerEntrypoint):
+    async def context(self):
+        c = sdk.context
+        return [c.user_id, c.namespace, c.authenticated, list(c.permissions)]
+
+    async def kv_put(self, key, value):
+        await sdk.kv.put(key, value)
+
+    async def kv_get(self, key):
+        return await sdk.kv.get(key, "json")
+
+    async def kv_keys(self):
+        return [k["name"] for k in (await sdk.kv.list())["keys"]]
+
+    async def users(self):
+        await sdk.db.create("users", {"name": "ada", "bio": "analytical engines"})
+        await sdk.db.create("users", {"name": "grace", "bio": "compilers"})
+        found = await sdk.db.search("users", "engines")
+        return [[u["name"] for u in await sdk.db.list("users", order_by="-name")],
+                [u["name"] for u in found]]
+
+    async def db_names(self, collection):
+        return [d["name"] for d in await sdk.db.list(collection)]
+
+    async def sql_notes(self, *notes):
+        await sdk.sql.exec("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)")
+        insert = sdk.sql.prepare("INSERT INTO notes (body) VALUES (?)")
+        await sdk.sql.batch([await insert.bind(note) for note in notes])
+        return (await sdk.sql.prepare("SELECT body FROM notes ORDER BY id").all())["results"]
+
+    async def sql_batch_d1_style(self, *notes):
+        # D1's idiom: the bound statements go to batch() as they are, not awaited one by one.
+        await sdk.sql.exec("CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, body TEXT)")
+        insert = sdk.sql.prepare("INSERT INTO notes (body) VALUES (?)")
+        results = await sdk.sql.batch([insert.bind(note) for note in notes])
+        return [r["meta"]["changes"] for r in results]
+
+    async def sql_rows(self, query):
+        return await sdk.sql.prepare(query).raw()
+
+    async def pipelined(self):
+        return [await sdk.sql.prepare("SELECT ?").bind(1).first(),
+                await sdk.sql.prepare("SELECT ? + 1 AS v").bind(41).first("v")]
+
+    async def attempt(self, op):
+        ops = {
+            "kv.get": lambda: sdk.kv.get("k"),
+            "kv.put": lambda: sdk.kv.put("k", "v"),
+            "kv.delete": lambda: sdk.kv.delete("k"),
+            "db.list": lambda: sdk.db.list("users"),
+            "db.create": lambda: sdk.db.create("users", {"name": "x"}),
+            "db.update": lambda: sdk.db.update("users", "nope", {"name": "x"}),
+            "sql.select": lambda: sdk.sql.prepare("SELECT 1 AS one").first("one"),
+            "sql.create": lambda: sdk.sql.exec("CREATE TABLE t (a)"),
+            "sql.insert": lambda: sdk.sql.prepare("INSERT INTO t VALUES (?)").bind("x").run(),
+            "sql.bad": lambda: sdk.sql.prepare("SELECT * FROM nope").all(),
+            "sql.attach": lambda: sdk.sql.exec("ATTACH '/tmp/x.db' AS x"),
+        }
+        return await describe(ops[op]())
+
+    async def touch_db(self):
+        return await sdk.db.list("users")
+
+    async def raise_denied(self):
+        await sdk.kv.put("k", "v")
+"""
+
+DENIED_KV = "this binding may not write this KV namespace"
+DENIED_DOCS = "this binding may not write these documents"
+DENIED_SQL = "this binding may not write this database"
+DENIED = "workerloader._errors.PermissionDenied"
+BINDING_ERROR = "workerloader._errors.BindingError"
+
+
+@pytest.fixture
+async def loader(tmp_path: Path) -> AsyncIterator[Loader]:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        yield loader
+
+
+def worker(loader: Loader, worker_id: str, sdk: Mapping[str, object] | None) -> Any:
+    env: dict[str, object] = {} if sdk is None else {"SDK": sdk}
+    stub: WorkerStub = loader.get(
+        worker_id, lambda: WorkerCode(main_module="main.py", modules={"main.py": MAIN}, env=env)
+    )
+    return stub.get_entrypoint("Api")
+
+
+async def test_the_worker_sees_the_callers_context(loader: Loader) -> None:
+    api = worker(loader, "w", loader.sdk("t1", user_id="u1", authenticated=True))
+    assert await api.context() == ["u1", "t1", True, ["read", "write"]]
+    anonymous = worker(loader, "anon", loader.sdk("t2", permissions=("read",)))
+    assert await anonymous.context() == [None, "t2", False, ["read"]]
+
+
+async def test_the_worker_uses_kv_db_and_sql_of_its_namespace(loader: Loader) -> None:
+    api = worker(loader, "w", loader.sdk("t1", user_id="u1", authenticated=True))
+    await api.kv_put("config", {"theme": "dark"})
+    assert await api.kv_get("config") == {"theme": "dark"}
+    assert await api.kv_keys() == ["config"]
+    assert await api.users() == [["grace", "ada"], ["ada"]]
+    assert await api.sql_notes("first", "second; DROP TABLE notes") == [
+        {"body": "first"},
+        {"body": "second; DROP TABLE notes"},
+    ]
+    # The host sees the same data through its own handles on the namespace.
+    assert await loader.kv("t1").get("config", type="json") == {"theme": "dark"}
+    assert sorted(d["name"] for d in await loader.db("t1").list("users")) == ["ada", "grace"]
+    assert await loader.sql("t1").prepare("SELECT count(*) AS n FROM notes").first("n") == 2
+
+
+async def test_a_pipelined_sql_call_works(loader: Loader) -> None:
+    api = worker(loader, "w", loader.sdk("t1"))
+    assert await api.pipelined() == [{"?": 1}, 42]
+
+
+async def test_a_batch_of_bound_statements_passed_as_promises_works(loader: Loader) -> None:
+    api = worker(loader, "w", loader.sdk("t1"))
+    assert await api.sql_batch_d1_style("a", "b") == [1, 1]
+    assert await loader.sql("t1").prepare("SELECT body FROM notes ORDER BY id").raw() == [
+        ["a"],
+        ["b"],
+    ]
+
+
+async def test_a_read_only_worker_reads_but_every_write_is_permission_denied(
+    loader: Loader,
+) -> None:
+    await loader.kv("t1").put("k", "from the host")
+    await loader.db("t1").create("users", {"name": "ada"})
+    api = worker(loader, "ro", loader.sdk("t1", permissions=("read",)))
+    assert await api.attempt("kv.get") == ["ok", "from the host"]
+    assert await api.attempt("db.list") == ["ok", [{"name": "ada", "id": await host_id(loader)}]]
+    assert await api.attempt("sql.select") == ["ok", 1]
+    assert await api.attempt("kv.put") == [DENIED, True, DENIED_KV]
+    assert await api.attempt("kv.delete") == [DENIED, True, DENIED_KV]
+    assert await api.attempt("db.create") == [DENIED, True, DENIED_DOCS]
+    assert await api.attempt("sql.create") == [DENIED, True, DENIED_SQL]
+    assert await loader.kv("t1").get("k") == "from the host"
+    assert [d["name"] for d in await loader.db("t1").list("users")] == ["ada"]
+    assert await loader.sql("t1").prepare("SELECT name FROM sqlite_master").raw() == []
+
+
+async def test_a_read_only_worker_cannot_write_with_sql_the_host_ran_before(
+    loader: Loader,
+) -> None:
+    host = loader.sql("t1")
+    await host.exec("CREATE TABLE t (a)")
+    await host.prepare("INSERT INTO t VALUES (?)").bind("by the host").run()
+    api = worker(loader, "ro", loader.sdk("t1", permissions=("read",)))
+    assert await api.attempt("sql.insert") == [DENIED, True, DENIED_SQL]
+    assert await host.prepare("SELECT a FROM t").raw() == [["by the host"]]
+
+
+async def host_id(loader: Loader) -> str:
+    (doc,) = await loader.db("t1").list("users")
+    return str(doc["id"])
+
+
+async def test_an_uncaught_permission_denied_reaches_the_host_as_a_worker_error(
+    loader: Loader,
+) -> None:
+    api = worker(loader, "ro", loader.sdk("t1", permissions=("read",)))
+    with pytest.raises(
+        WorkerError, match="^" + re.escape(f"PermissionDenied: {DENIED_KV}") + "$"
+    ) as info:
+        await api.raise_denied()
+    assert info.value.type_name == "PermissionDenied"
+    assert await loader.kv("t1").get("k") is None
+
+
+async def test_binding_errors_and_key_errors_arrive_in_the_worker(loader: Loader) -> None:
+    api = worker(loader, "w", loader.sdk("t1"))
+    assert await api.attempt("sql.bad") == [BINDING_ERROR, False, "no such table: nope"]
+    assert await api.attempt("sql.attach") == [BINDING_ERROR, False, "not authorized"]
+    assert await api.attempt("db.update") == ["builtins.KeyError", False, "'users/nope'"]
+
+
+async def test_workers_of_different_namespaces_do_not_see_each_others_data(
+    loader: Loader,
+) -> None:
+    one = worker(loader, "one", loader.sdk("t1"))
+    two = worker(loader, "two", loader.sdk("t2"))
+    await one.kv_put("k", {"by": "one"})
+    assert await two.kv_get("k") is None
+    assert await two.kv_keys() == []
+    await two.kv_put("k", {"by": "two"})
+    assert await one.kv_get("k") == {"by": "one"}
+    assert await two.kv_get("k") == {"by": "two"}
+    assert await one.users() == [["grace", "ada"], ["ada"]]
+    assert await two.db_names("users") == []
+    assert await one.sql_notes("secret") == [{"body": "secret"}]
+    assert await two.attempt("sql.bad") == [BINDING_ERROR, False, "no such table: nope"]
+    with pytest.raises(WorkerError, match=r"^BindingError: no such table: notes$"):
+        await two.sql_rows("SELECT body FROM notes")
+    assert await two.sql_notes("other") == [{"body": "other"}]
+    assert await one.sql_rows("SELECT body FROM notes") == [["secret"]]
+
+
+async def test_a_worker_without_sdk_gets_an_attribute_error_naming_env_sdk(
+    loader: Loader,
+) -> None:
+    api = worker(loader, "bare", None)
+    with pytest.raises(
+        AttributeError,
+        match=r"^sdk\.db is not available to this worker: the host did not bind it "
+        r"\(it binds nothing via env\['SDK'\]\)(\n|$)",
+    ):
+        await api.touch_db()
