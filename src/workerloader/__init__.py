@@ -34,6 +34,7 @@ from .loader import WorkerStub as WorkerStub
 from .rpc import RpcLimits as RpcLimits
 from .rpc import RpcStub as RpcStub
 from .rpc import RpcTarget as RpcTarget
+from .runtime.workers import WorkerEntrypoint as WorkerEntrypoint
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "WallTimeExceeded",
     "WorkerCode",
     "WorkerCrashed",
+    "WorkerEntrypoint",
     "WorkerError",
     "WorkerLoadError",
     "WorkerStub",

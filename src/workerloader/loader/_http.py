@@ -6,6 +6,8 @@ import json as _json
 from collections.abc import Mapping
 from typing import Any
 
+from ..rpc import RpcTarget
+
 __all__ = ["Request", "Response"]
 
 
@@ -29,14 +31,23 @@ class Request:
         return {"url": self.url, "method": self.method, "headers": self.headers, "body": self.body}
 
 
-class Response:
+class Response(RpcTarget):
     """What a worker's ``fetch`` answered: ``status``, ``headers``, and the body through
-    ``await text()``, ``await json()`` or ``await bytes()``."""
+    ``await text()``, ``await json()`` or ``await bytes()``. It crosses to a worker by
+    reference (worker-to-worker fetch), where its properties are read with ``await``."""
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = dict(headers)
+        self._status = status
+        self._headers = dict(headers)
         self.body = body
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
 
     async def bytes(self) -> bytes:
         return self.body

@@ -16,6 +16,7 @@ import msgspec
 
 from .. import rpc
 from .._errors import (
+    BindingError,
     CpuLimitExceeded,
     LimitExceeded,
     MemoryLimitExceeded,
@@ -38,12 +39,15 @@ from ..bindings import (
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
 from ..bindings._sqlite import open_database
+from ..runtime.workers import WorkerEntrypoint
 from ..sandbox import Sandbox, WorkerProcess
 from ._code import Limits, WorkerCode
+from ._exports import Exports
 from ._http import Request, Response
 
 __all__ = ["EntrypointStub", "Loader", "WorkerStub"]
 
+_E = TypeVar("_E", bound=type[WorkerEntrypoint])
 _CPU_POLL_S = 0.005
 _CGROUP_HEADROOM_MB = 64
 _INSECURE_NOTICE = (
@@ -64,6 +68,18 @@ class _Worker:
         self.active_calls = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.subrequests = 0  # binding calls since the current call started
+        session.admit = self._admit
+
+    def _admit(self, event: object) -> None:
+        """Every call the worker makes to the host (a binding call) counts toward
+        ``Limits.subrequests`` of the call in flight."""
+        self.subrequests += 1
+        if self.subrequests > self.limits.subrequests:
+            raise BindingError(
+                f"this call made more than {self.limits.subrequests} binding calls "
+                "(Limits.subrequests)"
+            )
 
     @property
     def busy(self) -> bool:
@@ -97,6 +113,8 @@ class _Worker:
                 handle = loop.call_later(_CPU_POLL_S, tick)
 
         handle = loop.call_later(_CPU_POLL_S, tick)
+        if not self.active_calls:
+            self.subrequests = 0
         self.active_calls += 1
         self.idle.clear()
         try:
@@ -281,8 +299,12 @@ class WorkerStub:
         await self._loader._forget(worker)
 
 
-class EntrypointStub:
-    """An entrypoint of a worker: ``await ep.fetch(request)`` and ``await ep.method(*args)``."""
+class EntrypointStub(rpc.RpcForwarder):
+    """An entrypoint of a worker: ``await ep.fetch(request)`` and ``await ep.method(*args)``.
+
+    Put one in another worker's ``env`` and that worker can call it (worker-to-worker): the
+    calls are forwarded, and the target worker answers only its entrypoint's public methods.
+    """
 
     def __init__(self, stub: WorkerStub, name: str | None, props: dict[str, object] | None):
         self._stub = stub
@@ -290,6 +312,7 @@ class EntrypointStub:
         self._props = props
 
     async def fetch(self, request: Request | str) -> Response:
+        """The entrypoint's ``fetch`` for a request or a URL."""
         req = Request(request) if isinstance(request, str) else request
         value = await self._stub._call("fetch", self._name, req.to_wire(), self._props)
         if not isinstance(value, dict) or "__response__" not in value:
@@ -361,6 +384,8 @@ class Loader:
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
         self._workers: set[_Worker] = set()  # every running worker, cached or not
         self._stores_cache: _Stores | None = None
+        self.exports = Exports()
+        """Bindings for the host entrypoints registered with ``export``."""
         self._sql_dbs: dict[Path, SqlDatabase] = {}
 
     async def __aenter__(self) -> Loader:
@@ -441,6 +466,11 @@ class Loader:
     def blobs(self, bucket: str, *, read: bool = True, write: bool = True) -> BlobBucket:
         """The blob bucket ``bucket`` (files under the data dir, written atomically)."""
         return BlobBucket(self.data_dir / "blobs" / _namespace(bucket), _grants(read, write))
+
+    def export(self, cls: _E) -> _E:
+        """Register a host-side ``WorkerEntrypoint`` class (use as a decorator); then
+        ``loader.exports.Name(props={...})`` is a binding whose calls run it with those props."""
+        return self.exports.register(cls)
 
     def ai(self) -> AiBinding:
         """The AI binding for the provider in ``Loader(ai=AiConfig(...))`` (its calls raise

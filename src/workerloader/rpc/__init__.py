@@ -35,6 +35,7 @@ from ._driver import memory_pair as memory_pair
 from ._limits import RpcLimits as RpcLimits
 from ._stubs import RpcPromise as RpcPromise
 from ._stubs import RpcStub as RpcStub
+from ._target import RpcForwarder as RpcForwarder
 from ._target import RpcTarget as RpcTarget
 from ._wire import PROTOCOL_VERSION as PROTOCOL_VERSION
 
@@ -49,6 +50,7 @@ __all__ = [
     "Raised",
     "RemoteError",
     "Returned",
+    "RpcForwarder",
     "RpcLimits",
     "RpcPromise",
     "RpcSession",

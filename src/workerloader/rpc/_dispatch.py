@@ -6,12 +6,14 @@ names ``rpc_members`` computed from its class are reachable.
 
 from __future__ import annotations
 
-from ._target import RpcTarget, is_local_capability, rpc_members
+from ._target import RpcForwarder, RpcTarget, is_local_capability, rpc_members
 
 __all__ = ["evaluate"]
 
 
 def _step(obj: object, step: str | int, is_stub: type | tuple[type, ...]) -> object:
+    if isinstance(obj, RpcForwarder) and type(step) is str and not step.startswith("_"):
+        return getattr(obj, step)
     if isinstance(obj, RpcTarget):
         if type(step) is str and step in rpc_members(type(obj)):  # type: ignore[arg-type]
             return getattr(obj, step)

@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import inspect
 import socket
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, cast
 
@@ -89,6 +89,9 @@ class RpcSession(asyncio.BufferedProtocol):
         self._write_resumed: asyncio.Event | None = None
         self._read_paused = False
         self._read_view = memoryview(bytearray(_READ_SIZE))
+        self.admit: Callable[[Evaluate], None] | None = None
+        """Called before each of the peer's calls runs; raising refuses the call (the
+        exception is the caller's answer). The Loader counts binding calls with it."""
         self._closed = self._loop.create_future()
 
     # -- public -----------------------------------------------------------------------------
@@ -279,6 +282,8 @@ class RpcSession(asyncio.BufferedProtocol):
     def _evaluate(self, event: Evaluate) -> None:
         answer_id = event.answer_id
         try:
+            if self.admit is not None:
+                self.admit(event)
             result = evaluate(event.target, event.path, event.args, event.kwargs, _STUB_TYPES)
             if inspect.iscoroutine(result):
                 self._start_coroutine(answer_id, result)

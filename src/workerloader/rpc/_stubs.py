@@ -20,6 +20,12 @@ __all__ = ["RpcPromise", "RpcStub"]
 _UNSET: Any = object()
 
 
+def _private_name(name: str) -> str:
+    # Python's own lookups (__await__, __aenter__, _repr_html_, ...) land here too: the message
+    # must stay short, and still say why a user's call of a private method fails.
+    return f"{name} (names starting with '_' are never reachable over RPC)"
+
+
 class RpcStub:
     """A reference to a capability on the other side of a session.
 
@@ -38,7 +44,7 @@ class RpcStub:
 
     def __getattr__(self, name: str) -> RpcPromise:
         if name.startswith("_"):
-            raise AttributeError(name)
+            raise AttributeError(_private_name(name))
         return RpcPromise(self._rpc, self, [name], None)
 
     def __call__(self, *args: object, **kwargs: object) -> RpcPromise:
@@ -124,7 +130,7 @@ class RpcPromise:
 
     def __getattr__(self, name: str) -> RpcPromise:
         if name.startswith("_"):
-            raise AttributeError(name)
+            raise AttributeError(_private_name(name))
         if self._args is None and self._question is None:
             return RpcPromise(self._rpc, self._parent, [*self._path, name], None)
         return RpcPromise(self._rpc, self, [name], None)

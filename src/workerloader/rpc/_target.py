@@ -7,7 +7,7 @@ import inspect
 import types
 from typing import Final
 
-__all__ = ["RpcTarget", "is_local_capability", "rpc_members"]
+__all__ = ["RpcForwarder", "RpcTarget", "is_local_capability", "rpc_members"]
 
 
 class RpcTarget:
@@ -16,6 +16,17 @@ class RpcTarget:
     The peer can call the public methods and read the public properties that the *class* defines
     (names not starting with ``_``). Instance attributes are never reachable, whatever their name.
     Subclasses need no registration: inheriting is the opt-in.
+    """
+
+    __slots__ = ()
+
+
+class RpcForwarder(RpcTarget):
+    """An ``RpcTarget`` that forwards any public name to something that applies its own
+    allow-list (another worker's entrypoint, which only answers its class's public methods).
+
+    A peer may reach any name not starting with ``_`` on it: ``getattr`` must return an async
+    callable for that name.
     """
 
     __slots__ = ()

@@ -1,0 +1,122 @@
+"""Service bindings in the real sandbox: loopback exports, worker-to-worker calls, host
+capabilities in env, and the subrequest limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerloader import Limits, Loader, WorkerCode, WorkerEntrypoint
+
+MAIN = """
+from workers import WorkerEntrypoint, Response, sdk
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        return Response("hello " + request.url, status=201)
+
+
+class Calc(WorkerEntrypoint):
+    async def add(self, a, b):
+        return a + b
+
+    async def _private(self):
+        return "never"
+
+
+class Api(WorkerEntrypoint):
+    async def audit(self, what):
+        return await self.env.AUDIT.log(what)
+
+    async def audit_private(self):
+        return await self.env.AUDIT._secret()
+
+    async def add_elsewhere(self, a, b):
+        return await self.env.CALC.add(a, b)
+
+    async def call_elsewhere(self, method):
+        return await getattr(self.env.CALC, method)()
+
+    async def fetch_elsewhere(self, url):
+        response = await self.env.WEB.fetch(url)
+        return [await response.status, await response.text()]
+
+    async def many_kv_gets(self, n):
+        for _ in range(n):
+            await sdk.kv.get("k")
+        return n
+"""
+
+
+@pytest.fixture
+async def loader(tmp_path: Path) -> AsyncIterator[Loader]:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        yield loader
+
+
+def code(env: dict[str, object] | None = None, **limits: int) -> WorkerCode:
+    return WorkerCode(
+        main_module="main.py",
+        modules={"main.py": MAIN},
+        env=env or {},
+        limits=Limits(**limits) if limits else Limits(),
+    )
+
+
+def api(loader: Loader, worker_id: str, env: dict[str, object], **limits: int) -> Any:
+    return loader.get(worker_id, lambda: code(env, **limits)).get_entrypoint("Api")
+
+
+async def test_a_loopback_export_runs_in_the_host_with_host_bound_props(loader: Loader) -> None:
+    seen: list[tuple[dict[str, object], str]] = []
+
+    @loader.export
+    class Audit(WorkerEntrypoint):
+        async def log(self, what: str) -> str:
+            seen.append((self.ctx.props, what))
+            return "logged"
+
+        async def _secret(self) -> str:
+            return "never"
+
+    one = api(loader, "one", {"AUDIT": loader.exports.Audit(props={"tenant": "t1"})})
+    two = api(loader, "two", {"AUDIT": loader.exports.Audit(props={"tenant": "t2"})})
+    assert await one.audit("a") == "logged"
+    assert await two.audit("b") == "logged"
+    assert seen == [({"tenant": "t1"}, "a"), ({"tenant": "t2"}, "b")]
+    with pytest.raises(AttributeError, match=r"^_secret \(names starting with '_' are never"):
+        await one.audit_private()
+
+
+async def test_an_unknown_export_is_a_clear_error(loader: Loader) -> None:
+    with pytest.raises(AttributeError, match=r"^no export named 'Nope'; register it"):
+        loader.exports.Nope(props={})
+
+
+async def test_one_worker_calls_another_workers_entrypoint(loader: Loader) -> None:
+    other = loader.get("other", code)
+    caller = api(loader, "caller", {"CALC": other.get_entrypoint("Calc")})
+    assert await caller.add_elsewhere(2, 3) == 5
+    with pytest.raises(AttributeError, match=r"^_private \(names starting with '_' are never"):
+        await caller.call_elsewhere("_private")
+    with pytest.raises(AttributeError, match=r"entrypoint 'Calc' has no method 'nope'"):
+        await caller.call_elsewhere("nope")
+
+
+async def test_one_worker_fetches_from_another(loader: Loader) -> None:
+    other = loader.get("other", code)
+    caller = api(loader, "caller", {"WEB": other.get_entrypoint()})
+    assert await caller.fetch_elsewhere("https://other/x") == [201, "hello https://other/x"]
+
+
+async def test_binding_calls_count_toward_the_subrequest_limit(loader: Loader) -> None:
+    sdk = loader.sdk("t")
+    stub = api(loader, "w", {"SDK": sdk}, subrequests=10)
+    assert await stub.many_kv_gets(10) == 10  # the limit is per call: each call starts at 0
+    assert await stub.many_kv_gets(10) == 10
+    with pytest.raises(Exception, match=r"more than 10 binding calls \(Limits.subrequests\)"):
+        await stub.many_kv_gets(11)
