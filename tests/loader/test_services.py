@@ -45,6 +45,12 @@ class Api(WorkerEntrypoint):
         response = await self.env.WEB.fetch(url)
         return [await response.status, await response.text()]
 
+    async def slow_query(self):
+        await sdk.sql.prepare(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+            "SELECT count(*) FROM c"
+        ).all()
+
     async def many_kv_gets(self, n):
         for _ in range(n):
             await sdk.kv.get("k")
@@ -120,3 +126,25 @@ async def test_binding_calls_count_toward_the_subrequest_limit(loader: Loader) -
     assert await stub.many_kv_gets(10) == 10
     with pytest.raises(Exception, match=r"more than 10 binding calls \(Limits.subrequests\)"):
         await stub.many_kv_gets(11)
+
+
+async def test_a_long_query_ends_at_the_calling_workers_deadline(loader: Loader) -> None:
+    """The SQL binding's own deadline is 5 s; the worker's wall time is 0.5 s. The worker is
+    killed at its deadline, and its statement, which runs in the host, is interrupted then
+    too instead of holding the database for 5 s."""
+    import time
+
+    from workerloader import WallTimeExceeded, WorkerError
+
+    stub = api(loader, "w", {"SDK": loader.sdk("t")}, wall_ms=500)
+    # Both end at the same moment: either the worker reports the interrupted statement
+    # or the host's watchdog kills it first.
+    with pytest.raises((WallTimeExceeded, WorkerError)) as info:
+        await stub.slow_query()
+    if isinstance(info.value, WorkerError):
+        assert info.value.message == (
+            "SQL statement interrupted: the calling worker's wall time ran out"
+        )
+    started = time.monotonic()
+    assert await loader.sql("t").prepare("SELECT 1 AS one").first("one") == 1
+    assert time.monotonic() - started < 2

@@ -38,8 +38,10 @@ class _Db:
         """Run ``work`` in a thread, alone on this database, under the caller's grants."""
         check_grant(grants, "read", "this database")
 
+        guard = guarded(self.conn, self.deadline_s)  # reads the calling worker's deadline
+
         def locked() -> _T:
-            with self.lock, guarded(self.conn, self.deadline_s):
+            with self.lock, guard:
                 self.authorizer.allow_write = "write" in grants
                 self.authorizer.refused_write = False
                 try:
@@ -50,6 +52,10 @@ class _Db:
                     if self.authorizer.refused_write:
                         raise PermissionDenied("this binding may not write this database") from None
                     if isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted":
+                        if guard.by_call:
+                            raise BindingError(
+                                "SQL statement interrupted: the calling worker's wall time ran out"
+                            ) from None
                         raise BindingError(
                             f"SQL statement interrupted after {self.deadline_s:g} s"
                         ) from None

@@ -3,12 +3,27 @@ keeps statements inside their own database."""
 
 from __future__ import annotations
 
+import contextvars
 import sqlite3
 import time
 from pathlib import Path
 from typing import Final
 
-__all__ = ["Authorizer", "Grants", "check_grant", "control", "guarded", "open_database"]
+__all__ = [
+    "Authorizer",
+    "Grants",
+    "call_deadline",
+    "check_grant",
+    "control",
+    "guarded",
+    "open_database",
+]
+
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "workerloader_call_deadline", default=None
+)
+"""``time.monotonic()`` at which the worker call that made this binding call runs out of wall
+time (set by the Loader for each binding call): a statement never outlives its call."""
 
 # Introspection pragmas whose argument names a table or index (``PRAGMA table_info(t)``).
 _PRAGMAS_ON: Final = frozenset(
@@ -105,11 +120,17 @@ def control(conn: sqlite3.Connection, sql: str, authorizer: Authorizer | None) -
 
 
 class guarded:
-    """Interrupt any statement still running ``deadline_s`` seconds from now."""
+    """Interrupt any statement still running ``deadline_s`` seconds from now, or when the
+    worker call that made it runs out of wall time, whichever comes first."""
 
     def __init__(self, conn: sqlite3.Connection, deadline_s: float) -> None:
         self._conn = conn
         self._deadline = time.monotonic() + deadline_s
+        call_ends = call_deadline.get()
+        self.by_call = call_ends is not None and call_ends < self._deadline
+        """True if the calling worker's deadline comes first."""
+        if call_ends is not None:
+            self._deadline = min(self._deadline, call_ends)
 
     def __enter__(self) -> None:
         deadline = self._deadline

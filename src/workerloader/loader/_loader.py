@@ -38,7 +38,7 @@ from ..bindings import (
 )
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
-from ..bindings._sqlite import open_database
+from ..bindings._sqlite import call_deadline, open_database
 from ..runtime.workers import WorkerEntrypoint
 from ..sandbox import Sandbox, WorkerProcess
 from ._code import Limits, WorkerCode
@@ -69,12 +69,14 @@ class _Worker:
         self.idle = asyncio.Event()
         self.idle.set()
         self.subrequests = 0  # binding calls since the current call started
+        self.deadline: float | None = None  # monotonic end of the current call's wall time
         session.admit = self._admit
 
     def _admit(self, event: object) -> None:
         """Every call the worker makes to the host (a binding call) counts toward
         ``Limits.subrequests`` of the call in flight."""
         self.subrequests += 1
+        call_deadline.set(self.deadline)  # copied into the task that runs this binding call
         if self.subrequests > self.limits.subrequests:
             raise BindingError(
                 f"this call made more than {self.limits.subrequests} binding calls "
@@ -115,6 +117,7 @@ class _Worker:
         handle = loop.call_later(_CPU_POLL_S, tick)
         if not self.active_calls:
             self.subrequests = 0
+        self.deadline = time.monotonic() + limits.wall_ms / 1000
         self.active_calls += 1
         self.idle.clear()
         try:
