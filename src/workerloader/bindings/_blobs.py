@@ -1,9 +1,11 @@
-"""Blobs: R2-like buckets of objects, one file per object, written atomically.
+"""Blobs: R2-like buckets of objects, written atomically.
 
-An object is written to a temporary file in the bucket's directory, fsynced, then renamed over
-its final name (and the directory fsynced): after a crash there is the old object or the new one,
-never a partial one. Keys map to file names by a hash, so no key can name a path outside the
-bucket; the key itself is kept in the object's metadata file.
+An object is a data file with a name of its own (never reused) and a small head file, named by
+a hash of the key, that says which data file is current (with size, etag and metadata). A put
+writes and fsyncs the new data file, then replaces the head atomically (write, fsync, rename,
+fsync the directory), then removes the old data file. After a crash the head names either the
+old complete data or the new complete data, never a partial object. No key can name a path:
+files are named by hashes and random ids; the key itself lives in the head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +37,11 @@ def _key(key: object) -> str:
     if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
         raise BindingError(f"a blob key is a non-empty string of at most {MAX_KEY_BYTES} bytes")
     return key
+
+
+def _public(head: dict[str, Any]) -> dict[str, Any]:
+    """A head as callers see it (without the internal data file name)."""
+    return {k: v for k, v in head.items() if k != "data"}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -96,9 +104,8 @@ class BlobBucket(RpcTarget):
         self._root = root
         self._grants = grants
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        name = hashlib.sha256(key.encode()).hexdigest()
-        return self._root / f"{name}.data", self._root / f"{name}.head"
+    def _head_path(self, key: str) -> Path:
+        return self._root / (hashlib.sha256(key.encode()).hexdigest() + ".head")
 
     async def put(
         self,
@@ -121,13 +128,13 @@ class BlobBucket(RpcTarget):
         if size > MAX_OBJECT_BYTES:
             raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        data_path, head_path = self._paths(key)
+        head_path = self._head_path(key)
 
         def work() -> dict[str, Any]:
             self._root.mkdir(parents=True, exist_ok=True)
             digest = hashlib.md5(usedforsecurity=False)
-            tmp = data_path.with_suffix(f".tmp{os.getpid()}-{time.monotonic_ns()}")
-            with open(tmp, "wb") as f:
+            data_name = f"{uuid.uuid4().hex}.data"  # never reused: the old head stays valid
+            with open(self._root / data_name, "wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
                     digest.update(chunk)
@@ -139,36 +146,38 @@ class BlobBucket(RpcTarget):
                 "etag": digest.hexdigest(),
                 "metadata": meta,
                 "uploaded": time.time(),
+                "data": data_name,
             }
-            head_tmp = head_path.with_suffix(tmp.suffix + "h")
-            head_tmp.write_text(json.dumps(head))
-            with open(head_tmp, "rb") as f:
+            previous = self._read_head(key)
+            head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
+            with open(head_tmp, "w") as f:
+                f.write(json.dumps(head))
+                f.flush()
                 os.fsync(f.fileno())
-            # Data first, then the head that points at it: a head never describes a partial
-            # object, and a crash between the two renames leaves the old head (whose etag no
-            # longer matches) or no head (the object does not exist yet).
-            os.replace(tmp, data_path)
-            os.replace(head_tmp, head_path)
+            os.replace(head_tmp, head_path)  # the commit point
             _fsync_dir(self._root)
-            return head
+            if previous is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    previous[0].unlink()
+            return _public(head)
 
         return await asyncio.to_thread(work)
 
     def _read_head(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        data_path, head_path = self._paths(_key(key))
         try:
-            head: dict[str, Any] = json.loads(head_path.read_text())
+            head: dict[str, Any] = json.loads(self._head_path(_key(key)).read_text())
         except (OSError, ValueError):
             return None
-        if head.get("key") != key or not data_path.exists():
+        data = self._root / str(head.get("data", ""))
+        if head.get("key") != key or data.parent != self._root or not data.is_file():
             return None
-        return data_path, head
+        return data, head
 
     async def head(self, key: str) -> dict[str, Any] | None:
         """The object's head (key, size, etag, metadata, uploaded), or None."""
         check_grant(self._grants, "read", "this bucket")
         found = self._read_head(key)
-        return None if found is None else found[1]
+        return None if found is None else _public(found[1])
 
     async def get(self, key: str) -> BlobObject | None:
         """The object, to read whole or in chunks; None if absent."""
@@ -179,13 +188,13 @@ class BlobBucket(RpcTarget):
     async def delete(self, key: str) -> bool:
         """Remove the object; True if it existed."""
         check_grant(self._grants, "write", "this bucket")
-        data_path, head_path = self._paths(_key(key))
-        existed = head_path.exists()
+        found = self._read_head(key)
         with contextlib.suppress(FileNotFoundError):
-            head_path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            data_path.unlink()
-        return existed
+            self._head_path(_key(key)).unlink()
+        if found is not None:
+            with contextlib.suppress(FileNotFoundError):
+                found[0].unlink()
+        return found is not None
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None
@@ -202,7 +211,7 @@ class BlobBucket(RpcTarget):
                 with contextlib.suppress(OSError, ValueError):
                     head = json.loads(path.read_text())
                     if head["key"].startswith(prefix) and head["key"] > (cursor or ""):
-                        heads.append(head)
+                        heads.append(_public(head))
             return sorted(heads, key=lambda h: h["key"])
 
         heads = await asyncio.to_thread(work)
