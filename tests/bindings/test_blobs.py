@@ -45,6 +45,10 @@ def bucket_dir(tmp_path: Path) -> Path:
     return tmp_path / "blobs" / "b"
 
 
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if not p.is_dir())
+
+
 async def get(bucket: BlobBucket, key: str) -> BlobObject:
     obj = await bucket.get(key)
     assert obj is not None, f"{key!r} is missing"
@@ -53,7 +57,8 @@ async def get(bucket: BlobBucket, key: str) -> BlobObject:
 
 async def read_all(obj: BlobObject) -> bytes:
     """The object's content read in chunks of the largest size allowed."""
-    chunks, offset = [], 0
+    chunks: list[bytes] = []
+    offset = 0
     while True:
         chunk = await obj.read(offset, CHUNK_BYTES)
         if not chunk:
@@ -199,6 +204,32 @@ async def test_bytes_reads_objects_up_to_one_chunk_and_refuses_larger_ones(
     assert await read_all(obj) == b"b" * (CHUNK_BYTES + 1)
 
 
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+async def test_an_object_being_read_in_chunks_stays_the_object_that_was_got(
+    bucket: BlobBucket, tmp_path: Path, change: str
+) -> None:
+    # A BlobObject is the object as it was when got: reading on after the key is overwritten
+    # or deleted gives the rest of that object, or a BindingError (never a mix of two objects,
+    # nor an OSError naming the host's files).
+    old = b"o" * (3 * CHUNK_BYTES)
+    await bucket.put("k", old)
+    obj = await get(bucket, "k")
+    first = await obj.read(0, CHUNK_BYTES)
+    if change == "overwrite":
+        await bucket.put("k", b"n" * (3 * CHUNK_BYTES))
+    else:
+        await bucket.delete("k")
+    outcome: bytes | BindingError
+    try:
+        outcome = await obj.read(CHUNK_BYTES, CHUNK_BYTES)
+    except BindingError as exc:
+        outcome = exc
+    if isinstance(outcome, BindingError):
+        assert str(tmp_path) not in str(outcome)
+    else:
+        assert first + outcome == old[: 2 * CHUNK_BYTES]
+
+
 @pytest.mark.parametrize(("offset", "length"), [(-1, 10), (0, 0), (0, -5), (0, CHUNK_BYTES + 1)])
 async def test_a_read_outside_the_bounds_is_a_binding_error(
     bucket: BlobBucket, offset: int, length: int
@@ -280,9 +311,7 @@ async def test_list_of_a_bucket_never_written_is_empty(bucket: BlobBucket, tmp_p
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1001])
-async def test_a_limit_outside_1_to_1000_is_a_binding_error(
-    bucket: BlobBucket, limit: int
-) -> None:
+async def test_a_limit_outside_1_to_1000_is_a_binding_error(bucket: BlobBucket, limit: int) -> None:
     with pytest.raises(BindingError, match=r"^limit must be between 1 and 1000$"):
         await bucket.list(limit=limit)
 
@@ -312,12 +341,12 @@ async def test_keys_that_look_like_paths_stay_inside_the_bucket_directory(
     for key in PATH_LIKE_KEYS:
         await bucket.put(key, f"value of {key}", metadata={"key": key})
     root = bucket_dir(tmp_path)
-    everything = sorted(p for p in tmp_path.rglob("*") if not p.is_dir())
+    everything = files_under(tmp_path)
     outside = [p for p in everything if root not in p.parents]
     assert outside == []
     assert {p.parent for p in everything} == {root}
-    assert all(re.fullmatch(r"[0-9a-f]{64}\.(data|head)", p.name) for p in everything)
-    assert len(everything) == 2 * len(PATH_LIKE_KEYS)
+    # File names carry no key material: hex digits and an extension only.
+    assert all(re.fullmatch(r"[0-9a-f]{16,}\.[a-z]+", p.name) for p in everything), everything
     assert await keys(bucket) == sorted(PATH_LIKE_KEYS)
     for key in PATH_LIKE_KEYS:
         obj = await get(bucket, key)
@@ -326,7 +355,7 @@ async def test_keys_that_look_like_paths_stay_inside_the_bucket_directory(
     assert await keys(bucket, "../") == ["../../etc/passwd", "../outside"]
     for key in PATH_LIKE_KEYS:
         assert await bucket.delete(key) is True
-    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+    assert files_under(tmp_path) == []
 
 
 async def test_buckets_do_not_see_each_others_objects(tmp_path: Path) -> None:
@@ -474,32 +503,46 @@ async def main():
 asyncio.run(main())
 """
 
-# Dies by SIGKILL at the n-th os.replace call of the bucket (argv[2]): a crash at one exact
-# point of a put.
-CRASH_AT_REPLACE = """
+# Runs a fixed sequence of operations on one key and dies by SIGKILL just before the n-th
+# file-system step (argv[2]: replace, rename, unlink, remove or fsync), whatever the
+# implementation's steps are; n = 0 never dies and reports how many steps there were.
+CRASH_AT_STEP = """
 import asyncio, os, signal, sys
 from workerloader import Loader
 
-calls = 0
-real_replace = os.replace
+target = int(sys.argv[2])
+steps = 0
 
-def replace(src, dst):
-    global calls
-    calls += 1
-    if calls == int(sys.argv[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
+def crashing(real):
+    def step(*args, **kwargs):
+        global steps
+        steps += 1
+        if steps == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return step
 
-os.replace = replace
+for name in ("replace", "rename", "unlink", "remove", "fsync"):
+    setattr(os, name, crashing(getattr(os, name)))
+
+OPS = [("put", b"one" * 1000), ("put", b"two!" * 2000), ("delete", None),
+       ("put", b"three" * 3000), ("put", b"four" * 100)]
 
 async def main():
     bucket = Loader(sys.argv[1]).blobs("b")
-    await bucket.put("k", b"old" * 1000, metadata={"v": "old"})
-    await bucket.put("k", b"new!" * 2000, metadata={"v": "new"})
-    await bucket.put("k", b"third" * 3000, metadata={"v": "third"})
+    for i, (op, value) in enumerate(OPS):
+        print(f"start {i}", flush=True)
+        if op == "put":
+            await bucket.put("k", value, metadata={"op": str(i)})
+        else:
+            await bucket.delete("k")
+        print(f"done {i}", flush=True)
+    print(f"steps {steps}", flush=True)
 
 asyncio.run(main())
 """
+# The object after each operation of CRASH_AT_STEP (None: absent).
+STATES: list[bytes | None] = [b"one" * 1000, b"two!" * 2000, None, b"three" * 3000, b"four" * 100]
 
 
 def _read_lines(stream: IO[str], lines: list[str]) -> None:
@@ -580,53 +623,67 @@ async def test_an_overwrite_killed_at_a_random_moment_leaves_one_whole_payload(
         assert await keys(bucket) == ["k"]
 
 
-def run_crashing_at_replace(data_dir: Path, n: int) -> None:
+def run_crashing_at_step(data_dir: Path, n: int) -> list[str]:
     process = subprocess.run(
-        [sys.executable, "-c", CRASH_AT_REPLACE, str(data_dir), str(n)],
+        [sys.executable, "-c", CRASH_AT_STEP, str(data_dir), str(n)],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert process.returncode == (-signal.SIGKILL if n else 0), process.stderr
+    return process.stdout.splitlines()
 
 
-OLD, NEW = b"old" * 1000, b"new!" * 2000
-
-
-@pytest.mark.parametrize(
-    ("n", "expected"),
-    [
-        (1, None),  # first put: killed before its data is in place
-        (2, None),  # first put: data in place, killed before its head is
-        (3, OLD),  # second put: killed before its data replaces the old data
-        (4, "old or new"),  # second put: new data in place, killed before the new head is
-        (5, NEW),  # third put: killed before anything of it is in place
-    ],
-)
-async def test_a_put_killed_between_its_steps_leaves_the_old_object_or_the_new(
-    tmp_path: Path, n: int, expected: bytes | str | None
-) -> None:
-    run_crashing_at_replace(tmp_path, n)
-    bucket = Loader(tmp_path).blobs("b")
+async def crash_outcome(data_dir: Path, n: int) -> str | None:
+    """Crash the sequence before step n; what is wrong with what it left (None: nothing)."""
+    lines = run_crashing_at_step(data_dir, n)
+    done = [int(line.split()[1]) for line in lines if line.startswith("done ")]
+    last_done = done[-1] if done else -1
+    # Killed during operation last_done + 1: the object is as that operation left it, or as
+    # the one before it did.
+    allowed = {last_done, last_done + 1}
+    expected = {i: (None if i < 0 else STATES[i]) for i in allowed if i < len(STATES)}
+    bucket = Loader(data_dir).blobs("b")
     obj = await bucket.get("k")
-    leftovers = [p for p in bucket_dir(tmp_path).iterdir() if ".tmp" in p.name]
-    assert leftovers  # the crash left temporary files behind ...
-    listing = await bucket.list()  # ... which are never listed as objects
-    if expected is None:
-        assert obj is None
-        assert await bucket.head("k") is None
-        assert listing["objects"] == []
-        return
-    assert obj is not None
-    assert [head["key"] for head in listing["objects"]] == ["k"]
+    listing = await bucket.list()
+    listed = [head["key"] for head in listing["objects"]]
+    if obj is None:
+        if None not in expected.values():
+            return f"the object is absent; expected one of operations {sorted(expected)}"
+        if listed != [] or await bucket.head("k") is not None:
+            return f"get says absent but list says {listed}"
+        return None
     data = await read_all(obj)
-    # The head describes exactly the content that is read: size, etag and metadata agree.
-    assert (obj.size, obj.etag) == (len(data), md5(data))
-    expected_meta = {OLD: {"v": "old"}, NEW: {"v": "new"}}
-    if expected == "old or new":
-        assert data in (OLD, NEW)
-    else:
-        assert data == expected
-    assert obj.metadata == expected_meta[data]
-    assert await obj.bytes() == data
+    matching = [i for i, state in expected.items() if state == data]
+    if not matching:
+        return f"content of {len(data)} bytes is none of operations {sorted(expected)}"
+    if (obj.size, obj.etag, obj.metadata) != (len(data), md5(data), {"op": str(matching[0])}):
+        return (
+            f"the head (size {obj.size}, etag {obj.etag}, metadata {obj.metadata}) does not "
+            f"describe the content (size {len(data)}, etag {md5(data)}, op {matching[0]})"
+        )
+    if listed != ["k"]:
+        return f"list shows {listed}"
+    return None
+
+
+async def test_a_crash_at_any_step_leaves_the_old_object_or_the_new_never_a_mix(
+    tmp_path: Path,
+) -> None:
+    lines = run_crashing_at_step(tmp_path / "complete", 0)
+    assert lines[-1].startswith("steps ")
+    total = int(lines[-1].split()[1])
+    assert total >= len(STATES)  # every operation has at least one step to crash before
+    problems = {}
+    for n in range(1, total + 1):
+        problem = await crash_outcome(tmp_path / f"crash{n}", n)
+        if problem is not None:
+            problems[n] = problem
+    assert problems == {}
+    # A bucket a crash left behind keeps working.
+    bucket = Loader(tmp_path / f"crash{total}").blobs("b")
+    await bucket.put("k", b"after")
+    await bucket.put("other", b"x")
+    assert await (await get(bucket, "k")).bytes() == b"after"
+    assert await keys(bucket) == ["k", "other"]

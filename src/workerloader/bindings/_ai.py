@@ -52,7 +52,14 @@ class AiBinding(RpcTarget):
             raise BindingError(
                 f"the AI provider answered {response.status_code}: {response.text[:500]}"
             )
-        result: dict[str, Any] = response.json()
+        try:
+            result = response.json()
+        except ValueError:
+            raise BindingError(
+                f"the AI provider's answer is not JSON: {response.text[:200]!r}"
+            ) from None
+        if not isinstance(result, dict):
+            raise BindingError("the AI provider's answer is not a JSON object")
         return result
 
     async def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:

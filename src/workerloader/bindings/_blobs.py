@@ -86,7 +86,14 @@ class BlobObject(RpcTarget):
                 f.seek(offset)
                 return f.read(length)
 
-        return await asyncio.to_thread(work)
+        try:
+            return await asyncio.to_thread(work)
+        except OSError:
+            # Never the host's path: say what happened and what to do.
+            raise BindingError(
+                f"the object {self.key!r} was replaced or deleted while it was being read; "
+                "get it again"
+            ) from None
 
     async def bytes(self) -> builtins.bytes:
         """The whole object (objects over 256 KiB: use ``read`` in chunks)."""

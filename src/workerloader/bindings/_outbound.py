@@ -94,7 +94,11 @@ class HttpGateway(RpcTarget):
                 target = parts._replace(
                     netloc=f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
                 ).geturl()
-                response = await self._send(client, method, target, host, headers, body)
+                default_port = port == (443 if parts.scheme == "https" else 80)
+                host_header = host if default_port else f"{host}:{port}"
+                response = await self._send(
+                    client, method, target, host, host_header, headers, body
+                )
                 location = response["headers"].get("location")
                 if response["status"] not in _REDIRECTS or location is None:
                     response["url"] = url
@@ -110,13 +114,14 @@ class HttpGateway(RpcTarget):
         method: str,
         target: str,
         host: str,
+        host_header: str,
         headers: dict[str, str],
         body: bytes,
     ) -> dict[str, Any]:
         request = client.build_request(
             method,
             target,
-            headers={**headers, "host": host},
+            headers={**headers, "host": host_header},
             content=body,
             extensions={"sni_hostname": host},
         )
@@ -126,7 +131,9 @@ class HttpGateway(RpcTarget):
             raise BindingError(f"outbound request failed: {exc}") from None
         try:
             chunks, size = [], 0
-            async for chunk in response.aiter_raw():
+            # Decoded bytes (gzip and deflate undone), counted as they come: a small compressed
+            # answer that inflates past the cap is cut off too.
+            async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > self._max_bytes:
                     raise BindingError(
@@ -137,6 +144,10 @@ class HttpGateway(RpcTarget):
             await response.aclose()
         return {
             "status": response.status_code,
-            "headers": {k.lower(): v for k, v in response.headers.items()},
+            "headers": {
+                k.lower(): v
+                for k, v in response.headers.items()
+                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            },
             "body": b"".join(chunks),
         }
