@@ -687,3 +687,40 @@ async def test_a_crash_at_any_step_leaves_the_old_object_or_the_new_never_a_mix(
     await bucket.put("other", b"x")
     assert await (await get(bucket, "k")).bytes() == b"after"
     assert await keys(bucket) == ["k", "other"]
+
+
+async def test_a_large_object_is_put_by_pulling_chunks_from_the_caller(
+    bucket: BlobBucket,
+) -> None:
+    """Objects bigger than one call can carry: the host pulls chunks from an async function
+    (from a worker it crosses as a stub) until it returns b""."""
+    parts = [bytes([i]) * (256 * 1024) for i in range(12)]  # 3 MiB, over one RPC frame
+    pending = list(parts)
+
+    async def next_chunk() -> bytes:
+        return pending.pop(0) if pending else b""
+
+    head = await bucket.put("big", next_chunk)
+    assert head["size"] == 3 * 1024 * 1024
+    obj = await bucket.get("big")
+    assert obj is not None
+    got = b"".join([await obj.read(i * CHUNK_BYTES, CHUNK_BYTES) for i in range(12)])
+    assert got == b"".join(parts)
+
+
+async def test_a_pulled_object_over_the_limit_leaves_nothing(
+    bucket: BlobBucket, tmp_path: Path
+) -> None:
+    await bucket.put("k", b"old")
+
+    async def endless() -> bytes:
+        return b"x" * (1 << 20)
+
+    with pytest.raises(
+        BindingError, match=exact(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
+    ):
+        await bucket.put("k", endless)
+    obj = await bucket.get("k")
+    assert obj is not None
+    assert await obj.bytes() == b"old"
+    assert len(list(bucket_dir(tmp_path).glob("*.data"))) == 1

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from workerloader import Loader, WorkerCode, WorkerError, WorkerStub
+from workerloader import Loader, PermissionDenied, WorkerCode, WorkerError, WorkerStub
+from workerloader.bindings import Documents, KvNamespace, SqlDatabase
 
 MAIN = """
 from workers import WorkerEntrypoint, sdk
@@ -234,3 +235,17 @@ async def test_a_worker_without_sdk_gets_an_attribute_error_naming_env_sdk(
         r"\(it binds nothing via env\['SDK'\]\)(\n|$)",
     ):
         await api.touch_db()
+
+
+async def test_permissions_can_differ_per_store(loader: Loader) -> None:
+    sdk = loader.sdk("mixed", permissions={"kv": ["read", "write"], "db": ["read"]})
+    kv, db, sql = sdk["kv"], sdk["db"], sdk["sql"]
+    assert isinstance(kv, KvNamespace)
+    assert isinstance(db, Documents)
+    assert isinstance(sql, SqlDatabase)
+    await kv.put("k", "v")
+    assert await db.list("users") == []
+    with pytest.raises(PermissionDenied):
+        await db.create("users", {"name": "ada"})
+    with pytest.raises(PermissionDenied):  # not named: no access at all
+        await sql.prepare("SELECT 1").all()

@@ -18,9 +18,9 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
@@ -31,12 +31,31 @@ __all__ = ["BlobBucket"]
 MAX_OBJECT_BYTES: Final = 64 << 20
 CHUNK_BYTES: Final = 256 * 1024
 MAX_KEY_BYTES: Final = 1024
+_NOT_BYTES: Final = "a blob value is bytes, str, or a list of bytes chunks"
 
 
 def _key(key: object) -> str:
     if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
         raise BindingError(f"a blob key is a non-empty string of at most {MAX_KEY_BYTES} bytes")
     return key
+
+
+async def _each(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def _pull(source: Callable[[], Awaitable[bytes | None]]) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await source()
+        if not chunk:
+            return
+        yield chunk
+
+
+def _flush_and_sync(f: IO[Any]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _public(head: dict[str, Any]) -> dict[str, Any]:
@@ -117,58 +136,75 @@ class BlobBucket(RpcTarget):
     async def put(
         self,
         key: str,
-        value: bytes | str | Iterable[bytes],
+        value: bytes | str | Iterable[bytes] | Callable[[], Awaitable[bytes | None]],
         metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Store ``value`` (bytes, str, or a list of byte chunks) under ``key``, atomically;
-        returns the new object's head."""
+        """Store ``value`` under ``key``, atomically; returns the new object's head.
+
+        ``value`` is bytes, str, a list of byte chunks, or, for objects larger than one call
+        can carry, an async function the host calls for the next chunk until it returns
+        ``b""`` or None (from a worker: pass the function itself, it crosses as a stub).
+        """
         check_grant(self._grants, "write", "this bucket")
         key = _key(key)
-        chunks = (
-            [value.encode()]
-            if isinstance(value, str)
-            else ([value] if isinstance(value, bytes) else list(value))
-        )
-        if not all(isinstance(c, bytes) for c in chunks):
-            raise BindingError("a blob value is bytes, str, or a list of bytes chunks")
-        size = sum(len(c) for c in chunks)
-        if size > MAX_OBJECT_BYTES:
-            raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        head_path = self._head_path(key)
+        if callable(value):
+            chunks = _pull(value)
+        else:
+            # A value whose size is known up front is checked before anything is written.
+            if isinstance(value, str):
+                value = value.encode()
+            items: list[object] = [value] if isinstance(value, bytes) else list(value)
+            given = [c for c in items if isinstance(c, bytes)]
+            if len(given) != len(items):
+                raise BindingError(_NOT_BYTES)
+            if sum(len(c) for c in given) > MAX_OBJECT_BYTES:
+                raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
+            chunks = _each(given)
+        await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
+        data_path = self._root / f"{uuid.uuid4().hex}.data"  # never reused: old heads stay valid
+        digest = hashlib.md5(usedforsecurity=False)
+        size = 0
+        f = await asyncio.to_thread(open, data_path, "wb")
+        try:
+            async for chunk in chunks:
+                if not isinstance(chunk, bytes):
+                    raise BindingError(_NOT_BYTES)
+                size += len(chunk)
+                if size > MAX_OBJECT_BYTES:
+                    raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
+                digest.update(chunk)
+                await asyncio.to_thread(f.write, chunk)
+            await asyncio.to_thread(_flush_and_sync, f)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                data_path.unlink()
+            raise
+        f.close()
+        head = {
+            "key": key,
+            "size": size,
+            "etag": digest.hexdigest(),
+            "metadata": meta,
+            "uploaded": time.time(),
+            "data": data_path.name,
+        }
+        return await asyncio.to_thread(self._commit, key, head)
 
-        def work() -> dict[str, Any]:
-            self._root.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.md5(usedforsecurity=False)
-            data_name = f"{uuid.uuid4().hex}.data"  # never reused: the old head stays valid
-            with open(self._root / data_name, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                    digest.update(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            head = {
-                "key": key,
-                "size": size,
-                "etag": digest.hexdigest(),
-                "metadata": meta,
-                "uploaded": time.time(),
-                "data": data_name,
-            }
-            previous = self._read_head(key)
-            head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
-            with open(head_tmp, "w") as f:
-                f.write(json.dumps(head))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(head_tmp, head_path)  # the commit point
-            _fsync_dir(self._root)
-            if previous is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    previous[0].unlink()
-            return _public(head)
-
-        return await asyncio.to_thread(work)
+    def _commit(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
+        """Point the key's head at the new data (the commit point), then drop the old data."""
+        previous = self._read_head(key)
+        head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
+        with open(head_tmp, "w") as f:
+            f.write(json.dumps(head))
+            _flush_and_sync(f)
+        os.replace(head_tmp, self._head_path(key))
+        _fsync_dir(self._root)
+        if previous is not None:
+            with contextlib.suppress(FileNotFoundError):
+                previous[0].unlink()
+        return _public(head)
 
     def _read_head(self, key: str) -> tuple[Path, dict[str, Any]] | None:
         try:

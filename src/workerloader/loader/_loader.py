@@ -7,7 +7,7 @@ import builtins
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -486,24 +486,37 @@ class Loader:
         *,
         user_id: str | None = None,
         authenticated: bool = False,
-        permissions: Sequence[str] = ("read", "write"),
+        permissions: Sequence[str] | Mapping[str, Sequence[str]] = ("read", "write"),
         api: HttpGateway | None = None,
     ) -> dict[str, object]:
         """Everything ``workers.sdk`` offers, for ``env["SDK"]``: db, kv, sql, blobs scoped to
-        ``namespace`` with ``permissions``, and the caller's ``context`` (data, bound here)."""
-        read, write = "read" in permissions, "write" in permissions
+        ``namespace``, ai, api (outbound HTTP through ``api``), and the caller's ``context``
+        (data, bound here).
+
+        ``permissions`` is ``("read", "write")``-style for every store, or per store:
+        ``{"db": ["read"], "kv": ["read", "write"]}`` (a store not named gets no access).
+        """
+
+        def grants(store: str) -> dict[str, bool]:
+            given = permissions.get(store, ()) if isinstance(permissions, Mapping) else permissions
+            return {"read": "read" in given, "write": "write" in given}
+
         return {
-            "db": self.db(namespace, read=read, write=write),
-            "kv": self.kv(namespace, read=read, write=write),
-            "sql": self.sql(namespace, read=read, write=write),
-            "blobs": self.blobs(namespace, read=read, write=write),
+            "db": self.db(namespace, **grants("db")),
+            "kv": self.kv(namespace, **grants("kv")),
+            "sql": self.sql(namespace, **grants("sql")),
+            "blobs": self.blobs(namespace, **grants("blobs")),
             "ai": self.ai(),
             "api": api,
             "context": {
                 "user_id": user_id,
                 "namespace": namespace,
                 "authenticated": authenticated,
-                "permissions": list(permissions),
+                "permissions": (
+                    {k: list(v) for k, v in permissions.items()}
+                    if isinstance(permissions, Mapping)
+                    else list(permissions)
+                ),
             },
         }
 

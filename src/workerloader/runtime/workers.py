@@ -169,7 +169,13 @@ class CallerContext:
         self.user_id: str | None = data.get("user_id")
         self.namespace: str = data.get("namespace", "default")
         self.authenticated: bool = bool(data.get("authenticated", False))
-        self.permissions: tuple[str, ...] = tuple(data.get("permissions", ()))
+        permissions = data.get("permissions", ())
+        self.permissions: tuple[str, ...] | dict[str, tuple[str, ...]] = (
+            {k: tuple(v) for k, v in permissions.items()}
+            if isinstance(permissions, Mapping)
+            else tuple(permissions)
+        )
+        """("read", "write")-style for every store, or per store."""
 
     def __repr__(self) -> str:
         return (
