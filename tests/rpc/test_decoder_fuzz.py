@@ -43,7 +43,7 @@ MESSAGE_TYPES = (
 
 
 def fuzz_import(tag: int, cap_id: int) -> object:
-    assert tag in (20, 21)
+    assert tag in (20, 21, 22)  # export, import, answer (protocol §4)
     assert type(cap_id) is int
     return ("capability", tag, cap_id)
 
