@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..loader import Loader, WorkerCode
+from ..loader import Limits, Loader, WorkerCode
 from ..rpc._loop import run as run_loop
 from ._report import Figure, percentile
 
@@ -73,7 +73,11 @@ def _raw_sqlite(path: Path, n: int) -> tuple[list[float], float, float]:
 async def _ours(data_dir: Path, n: int) -> tuple[list[float], float, float]:
     async with Loader(data_dir, pool_size=2) as loader:
         code = WorkerCode(
-            main_module="main.py", modules={"main.py": _MAIN}, env={"SDK": loader.sdk("bench")}
+            main_module="main.py",
+            modules={"main.py": _MAIN},
+            env={"SDK": loader.sdk("bench")},
+            # One call makes thousands of binding calls here, on purpose.
+            limits=Limits(cpu_ms=60_000, wall_ms=120_000, subrequests=10 * n),
         )
         bench = loader.get("bench", lambda: code).get_entrypoint("Bench")
         samples: list[float] = await bench.kv_get(n)

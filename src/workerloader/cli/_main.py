@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from ._bench import bench
+from ._keys import keys
 from ._serve import serve
 
 
@@ -16,4 +17,5 @@ def main() -> None:
 
 
 main.add_command(bench)
+main.add_command(keys)
 main.add_command(serve)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .. import Limits, Loader, __version__
 from ._execute import execute
+from ._store import Caller, ServiceStore
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -58,8 +59,31 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             config.data_dir, pool_size=config.pool_size, insecure=config.insecure
         ) as loader:
             state["loader"] = loader
+            state["store"] = ServiceStore(config.data_dir)
             state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
             yield
+
+    def authenticate(request: Request) -> Caller | JSONResponse:
+        """The caller bound to the request's API key; dev mode (anonymous, namespace
+        "default") while no key exists."""
+        store: ServiceStore = state["store"]
+        if not store.has_keys():
+            return Caller(None, "default", False)
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        caller = store.caller_for(secret.strip()) if scheme.lower() == "bearer" else None
+        if caller is None:
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "error": {
+                        "type": "Unauthorized",
+                        "message": "send a valid API key: Authorization: Bearer <key>",
+                    },
+                },
+                401,
+                headers={"www-authenticate": "Bearer"},
+            )
+        return caller
 
     app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
 
@@ -89,12 +113,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def health() -> dict[str, Any]:
         """Service status: version, sandbox mode, live workers, auth mode."""
         loader: Loader = state["loader"]
+        store: ServiceStore = state["store"]
         return {
             "status": "ok",
             "version": __version__,
             "sandbox": "insecure" if loader._sandbox.insecure else "confined",
             "workers": len(loader._workers),
-            "auth": "dev",
+            "auth": "keys" if store.has_keys() else "dev",
         }
 
     @app.post(
@@ -110,6 +135,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         """Run ``code`` as the body of an async function with ``env``, ``sdk``, ``db``, ``kv``,
         ``sql`` and ``context`` in scope; answers ``{"ok", "result" | "error", "logs",
         "duration_ms"}``."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
         # The body is JSON whatever the Content-Type says: `curl -d '{"code": ...}'` sends
         # form encoding, and that is how most people first try the service.
         try:
@@ -138,10 +166,41 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             memory_mb=requested.memory_mb,
             wall_ms=body.timeout_ms or requested.wall_ms,
         )
-        # Dev mode (no API keys yet): anonymous, namespace "default".
-        sdk = loader.sdk("default", user_id=None, authenticated=False)
+        sdk = loader.sdk(
+            caller.namespace,
+            user_id=caller.user_id,
+            authenticated=caller.authenticated,
+            permissions=caller.permissions,
+        )
         async with slots:
             outcome = await execute(loader, body.code, limits, sdk)
+        error = outcome.body.get("error")
+        state["store"].log(
+            caller,
+            "execute",
+            outcome.status,
+            outcome.body["duration_ms"],
+            error_type=error["type"] if error else None,
+            logs=outcome.body["logs"],
+        )
         return JSONResponse(outcome.body, outcome.status)
+
+    @app.get("/logs")
+    async def request_logs(
+        request: Request,
+        worker: str | None = None,
+        status: int | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> JSONResponse:
+        """The caller's namespace's request logs, newest first (``since`` is a Unix time)."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        store: ServiceStore = state["store"]
+        records = store.logs(
+            caller.namespace, worker=worker, status=status, since=since, limit=limit
+        )
+        return JSONResponse({"logs": records})
 
     return app

@@ -1,0 +1,204 @@
+"""The service's own records: API keys (stored hashed) and request logs, in SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..bindings._sqlite import open_database
+
+__all__ = ["ApiKey", "Caller", "ServiceStore"]
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        permissions TEXT NOT NULL,
+        created REAL NOT NULL,
+        revoked REAL
+    )""",
+    """CREATE TABLE IF NOT EXISTS request_logs (
+        id TEXT PRIMARY KEY,
+        time REAL NOT NULL,
+        user_id TEXT,
+        namespace TEXT NOT NULL,
+        worker TEXT,
+        kind TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        duration_ms REAL NOT NULL,
+        error_type TEXT,
+        logs TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS request_logs_by_time ON request_logs (namespace, time)",
+)
+_LOG_LINES_KEPT = 100
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as the host binds it (never as the request claims it)."""
+
+    user_id: str | None
+    namespace: str
+    authenticated: bool
+    permissions: tuple[str, ...] = ("read", "write")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key's record (the key itself is shown once, at creation, and stored only hashed)."""
+
+    id: str
+    user_id: str
+    namespace: str
+    permissions: tuple[str, ...]
+    created: float
+    revoked: float | None = None
+    secret: str | None = field(default=None, repr=False)
+
+
+def _hash(secret: str) -> str:
+    # Keys are 32 random bytes: a plain SHA-256 is enough (nothing to brute-force).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ServiceStore:
+    """API keys and request logs under the data dir (``service.sqlite3``)."""
+
+    def __init__(self, data_dir: Path, retention_s: float = 7 * 86400) -> None:
+        self._conn: sqlite3.Connection = open_database(data_dir / "service.sqlite3")
+        self._lock = threading.Lock()
+        self.retention_s = retention_s
+        self._writes = 0
+        for statement in _SCHEMA:
+            self._conn.execute(statement)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def create_key(
+        self, user_id: str, namespace: str, permissions: tuple[str, ...] = ("read", "write")
+    ) -> ApiKey:
+        """A new key; its ``secret`` is returned this once."""
+        secret = "wl_" + secrets.token_urlsafe(32)
+        key = ApiKey(
+            uuid.uuid4().hex[:12], user_id, namespace, permissions, time.time(), None, secret
+        )
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (key.id, _hash(secret), user_id, namespace, json.dumps(permissions), key.created),
+            )
+        return key
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, user_id, namespace, permissions, created, revoked FROM api_keys "
+                "ORDER BY created"
+            ).fetchall()
+        return [ApiKey(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5]) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (time.time(), key_id),
+            )
+        return cursor.rowcount > 0
+
+    def has_keys(self) -> bool:
+        """True once any key is active: then every request must present one."""
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1")
+            return row.fetchone() is not None
+
+    def caller_for(self, secret: str) -> Caller | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT user_id, namespace, permissions FROM api_keys "
+                "WHERE hash = ? AND revoked IS NULL",
+                (_hash(secret),),
+            ).fetchone()
+        if row is None:
+            return None
+        return Caller(row[0], row[1], True, tuple(json.loads(row[2])))
+
+    # -- request logs --------------------------------------------------------------------
+
+    def log(
+        self,
+        caller: Caller,
+        kind: str,
+        status: int,
+        duration_ms: float,
+        *,
+        worker: str | None = None,
+        error_type: str | None = None,
+        logs: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Record one execute/fetch/rpc call (its output truncated) and return the record."""
+        record = {
+            "id": uuid.uuid4().hex,
+            "time": time.time(),
+            "user_id": caller.user_id,
+            "namespace": caller.namespace,
+            "worker": worker,
+            "kind": kind,
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+            "error_type": error_type,
+            "logs": (logs or [])[:_LOG_LINES_KEPT],
+        }
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO request_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*[record[k] for k in list(record)[:-1]], json.dumps(record["logs"])),
+            )
+            self._writes += 1
+            if self._writes % 100 == 0:
+                self._conn.execute(
+                    "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
+                )
+        return record
+
+    def logs(
+        self,
+        namespace: str,
+        *,
+        worker: str | None = None,
+        status: int | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """The newest records of ``namespace`` first, filtered."""
+        query = "SELECT * FROM request_logs WHERE namespace = ?"
+        params: list[object] = [namespace]
+        for column, value in (("worker", worker), ("status", status)):
+            if value is not None:
+                query += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            query += " AND time >= ?"
+            params.append(since)
+        query += " ORDER BY time DESC LIMIT ?"
+        params.append(max(1, min(limit, 1000)))
+        with self._lock:
+            cursor = self._conn.execute(query, params)
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        out = []
+        for row in rows:
+            record = dict(zip(names, row, strict=True))
+            record["logs"] = json.loads(record["logs"])
+            out.append(record)
+        return out

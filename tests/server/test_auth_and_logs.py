@@ -1,0 +1,114 @@
+"""API keys and request logs: dev mode without keys, 401 with them, namespaces by key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner
+
+from workerloader.cli import main as cli
+from workerloader.server import ServerConfig, create_app
+from workerloader.server._store import ServiceStore
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+    data_dir = tmp_path / "data"
+    port = _free_port()
+    app = create_app(ServerConfig(data_dir=data_dir, pool_size=2))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.02)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield http, data_dir
+    server.should_exit = True
+    await task
+
+
+async def test_without_keys_the_service_is_in_dev_mode(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    assert (await client.get("/health")).json()["auth"] == "dev"
+    body = (await client.post("/execute", json={"code": "return context.namespace"})).json()
+    assert body["result"] == "default"
+
+
+async def test_with_keys_requests_need_one_and_run_in_its_namespace(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    alice = store.create_key("alice", "team-a")
+    bob = store.create_key("bob", "team-b", ("read",))
+    assert (await client.get("/health")).json()["auth"] == "keys"
+    code = {"code": "return [context.user_id, context.namespace, list(context.permissions)]"}
+    assert (await client.post("/execute", json=code)).status_code == 401
+    wrong = {"authorization": "Bearer wl_not-a-key"}
+    assert (await client.post("/execute", json=code, headers=wrong)).status_code == 401
+    as_alice = {"authorization": f"Bearer {alice.secret}"}
+    as_bob = {"authorization": f"Bearer {bob.secret}"}
+    answer = await client.post("/execute", json=code, headers=as_alice)
+    assert answer.json()["result"] == ["alice", "team-a", ["read", "write"]]
+    write = {"code": "await kv.put('k', 'v')\nreturn await kv.get('k')"}
+    assert (await client.post("/execute", json=write, headers=as_alice)).json()["result"] == "v"
+    denied = (await client.post("/execute", json=write, headers=as_bob)).json()
+    assert denied["error"]["type"] == "PermissionDenied"
+    read = {"code": "return await kv.get('k')"}
+    assert (await client.post("/execute", json=read, headers=as_bob)).json()["result"] is None
+
+    store.revoke(alice.id)
+    assert (await client.post("/execute", json=code, headers=as_alice)).status_code == 401
+
+
+async def test_every_execute_is_logged_and_logs_are_per_namespace(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    await client.post("/execute", json={"code": "print('hello')\nreturn 1"})
+    await client.post("/execute", json={"code": "raise ValueError('x')"})
+    logs = (await client.get("/logs")).json()["logs"]
+    assert [(r["status"], r["error_type"], r["logs"]) for r in logs] == [
+        (422, "ValueError", []),
+        (200, None, ["hello"]),
+    ]
+    assert (await client.get("/logs", params={"status": 200})).json()["logs"][0]["logs"] == [
+        "hello"
+    ]
+    store = ServiceStore(data_dir)
+    other = store.create_key("eve", "elsewhere")
+    seen = await client.get("/logs", headers={"authorization": f"Bearer {other.secret}"})
+    assert seen.json()["logs"] == []
+
+
+def test_the_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    created = runner.invoke(cli, ["keys", "create", "--user", "ada", "--data-dir", str(tmp_path)])
+    assert created.exit_code == 0, created.output
+    key_id = created.output.split()[1]
+    secret = created.output.split()[3]
+    assert secret.startswith("wl_")
+    listed = runner.invoke(cli, ["keys", "list", "--data-dir", str(tmp_path)])
+    assert key_id in listed.output
+    assert secret not in listed.output
+    assert ServiceStore(tmp_path).caller_for(secret) is not None
+    revoked = runner.invoke(cli, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)])
+    assert revoked.exit_code == 0
+    assert ServiceStore(tmp_path).caller_for(secret) is None
+    again = runner.invoke(cli, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)])
+    assert again.exit_code != 0
