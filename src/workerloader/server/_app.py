@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, __version__
 from ._execute import execute
 from ._store import Caller, ServiceStore
+from ._workers import workers_router
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -86,6 +87,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return caller
 
     app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
+    app.include_router(workers_router(state, authenticate))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -40,6 +40,14 @@ _SCHEMA = (
         logs TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS request_logs_by_time ON request_logs (namespace, time)",
+    """CREATE TABLE IF NOT EXISTS workers (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (namespace, id)
+    ) WITHOUT ROWID""",
 )
 _LOG_LINES_KEPT = 100
 
@@ -132,6 +140,49 @@ class ServiceStore:
         if row is None:
             return None
         return Caller(row[0], row[1], True, tuple(json.loads(row[2])))
+
+    # -- workers --------------------------------------------------------------------------
+
+    def put_worker(self, namespace: str, worker_id: str, definition: dict[str, Any]) -> int:
+        """Store a worker's definition; returns its new version."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT version FROM workers WHERE namespace = ? AND id = ?",
+                (namespace, worker_id),
+            ).fetchone()
+            version = 1 if row is None else row[0] + 1
+            self._conn.execute(
+                "INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, id) DO "
+                "UPDATE SET definition = excluded.definition, version = excluded.version, "
+                "updated = excluded.updated",
+                (namespace, worker_id, json.dumps(definition), version, time.time()),
+            )
+        return version
+
+    def get_worker(self, namespace: str, worker_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT definition, version, updated FROM workers WHERE namespace = ? AND id = ?",
+                (namespace, worker_id),
+            ).fetchone()
+        if row is None:
+            return None
+        return {"id": worker_id, "version": row[1], "updated": row[2], **json.loads(row[0])}
+
+    def list_workers(self, namespace: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, version, updated FROM workers WHERE namespace = ? ORDER BY id",
+                (namespace,),
+            ).fetchall()
+        return [{"id": r[0], "version": r[1], "updated": r[2]} for r in rows]
+
+    def delete_worker(self, namespace: str, worker_id: str) -> bool:
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM workers WHERE namespace = ? AND id = ?", (namespace, worker_id)
+            )
+        return cursor.rowcount > 0
 
     # -- request logs --------------------------------------------------------------------
 

@@ -1,0 +1,293 @@
+"""``/workers``: workers stored by the service, and calls into them (fetch proxy and RPC)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from .. import Limits, Loader, WorkerCode
+from .. import Request as WorkerRequest
+from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
+from ._execute import _error, to_json
+from ._store import Caller, ServiceStore
+
+__all__ = ["WorkerDefinition", "workers_router"]
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class WorkerLimits(BaseModel):
+    cpu_ms: int = Field(default=1000, ge=1, le=60_000)
+    memory_mb: int = Field(default=128, ge=16, le=4096)
+    wall_ms: int = Field(default=30_000, ge=1, le=300_000)
+    subrequests: int = Field(default=1000, ge=0, le=100_000)
+
+
+class Binding(BaseModel):
+    """A binding the worker's ``env`` gets, in the caller's namespace."""
+
+    type: Literal["kv", "sql", "db", "blobs", "sdk", "ai"]
+    read: bool = True
+    write: bool = True
+
+
+class WorkerDefinition(BaseModel):
+    """The body of ``PUT /workers/{id}``: code, data, bindings and limits."""
+
+    main_module: str = Field(max_length=256)
+    modules: dict[str, str | dict[str, Any]] = Field(
+        description='Python source, or {"json": ...}, {"text": str}, {"data_base64": str}'
+    )
+    env: dict[str, Any] = Field(default_factory=dict, description="Plain JSON data.")
+    bindings: dict[str, Binding] = Field(default_factory=dict)
+    limits: WorkerLimits = Field(default_factory=WorkerLimits)
+
+
+def _modules(modules: dict[str, str | dict[str, Any]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for path, value in modules.items():
+        if isinstance(value, dict) and set(value) == {"data_base64"}:
+            out[path] = {"data": base64.b64decode(value["data_base64"])}
+        else:
+            out[path] = value
+    return out
+
+
+def _code(loader: Loader, caller: Caller, definition: WorkerDefinition) -> WorkerCode:
+    env: dict[str, object] = dict(definition.env)
+    ns = caller.namespace
+    can_write = "write" in caller.permissions
+    for name, binding in definition.bindings.items():
+        read, write = binding.read, binding.write and can_write
+        match binding.type:
+            case "kv":
+                env[name] = loader.kv(ns, read=read, write=write)
+            case "sql":
+                env[name] = loader.sql(ns, read=read, write=write)
+            case "db":
+                env[name] = loader.db(ns, read=read, write=write)
+            case "blobs":
+                env[name] = loader.blobs(ns, read=read, write=write)
+            case "ai":
+                env[name] = loader.ai()
+            case "sdk":
+                env[name] = loader.sdk(
+                    ns,
+                    user_id=caller.user_id,
+                    authenticated=caller.authenticated,
+                    permissions=caller.permissions,
+                )
+    limits = definition.limits
+    return WorkerCode(
+        main_module=definition.main_module,
+        modules=_modules(definition.modules),
+        env=env,
+        limits=Limits(
+            cpu_ms=limits.cpu_ms,
+            memory_mb=limits.memory_mb,
+            wall_ms=limits.wall_ms,
+            subrequests=limits.subrequests,
+        ),
+    )
+
+
+def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
+    """The status and body for a call that failed: 504 wall time, 502 the worker died,
+    422 everything the worker's code did."""
+    body = {"ok": False, "error": _error(exc), "logs": getattr(exc, "logs", [])}
+    if isinstance(exc, WallTimeExceeded):
+        return 504, body
+    if isinstance(exc, WorkerCrashed):
+        return 502, body
+    if isinstance(exc, WorkerloaderError) or type(exc).__module__ == "builtins":
+        return 422, body
+    raise exc
+
+
+def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
+    """The ``/workers`` endpoints over the service's Loader and store."""
+    router = APIRouter()
+
+    def not_found(worker_id: str) -> JSONResponse:
+        return JSONResponse(
+            {"ok": False, "error": {"type": "NotFound", "message": f"no worker {worker_id!r}"}},
+            404,
+        )
+
+    def stub_for(caller: Caller, worker_id: str) -> Any:
+        store: ServiceStore = state["store"]
+        loader: Loader = state["loader"]
+        stored = store.get_worker(caller.namespace, worker_id)
+        if stored is None:
+            return None
+        definition = WorkerDefinition.model_validate(stored)
+        # The cache key carries the namespace and version: an update never serves old code,
+        # and two namespaces' workers of the same name never share a process.
+        key = f"{caller.namespace}/{worker_id}@{stored['version']}"
+        return loader.get(key, lambda: _code(loader, caller, definition))
+
+    @router.put(
+        "/workers/{worker_id}",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": WorkerDefinition.model_json_schema()}},
+            }
+        },
+    )
+    async def put_worker(worker_id: str, request: Request) -> JSONResponse:
+        """Store (or replace) a worker: code, env data, bindings and limits."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        if "write" not in caller.permissions:
+            return JSONResponse(
+                {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}, 403
+            )
+        if not _ID.fullmatch(worker_id):
+            return JSONResponse(
+                {"ok": False, "error": {"type": "BadRequest", "message": "invalid worker id"}},
+                400,
+            )
+        try:
+            definition = WorkerDefinition.model_validate_json(await request.body())
+        except ValidationError as exc:
+            details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+            return JSONResponse(
+                {"ok": False, "error": {"type": "BadRequest", "details": details}}, 400
+            )
+        loader: Loader = state["loader"]
+        try:  # validate now: a broken worker is refused, not stored
+            stub = await loader.load(_code(loader, caller, definition))
+            await stub.aclose()
+        except WorkerLoadError as exc:
+            return JSONResponse({"ok": False, "error": _error(exc)}, 422)
+        store: ServiceStore = state["store"]
+        version = store.put_worker(caller.namespace, worker_id, definition.model_dump())
+        return JSONResponse({"ok": True, "id": worker_id, "version": version})
+
+    @router.get("/workers")
+    async def list_workers(request: Request) -> JSONResponse:
+        """The caller's namespace's workers."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        return JSONResponse({"workers": state["store"].list_workers(caller.namespace)})
+
+    @router.get("/workers/{worker_id}")
+    async def get_worker(worker_id: str, request: Request) -> JSONResponse:
+        """A worker's stored definition."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        stored = state["store"].get_worker(caller.namespace, worker_id)
+        return JSONResponse(stored) if stored is not None else not_found(worker_id)
+
+    @router.delete("/workers/{worker_id}")
+    async def delete_worker(worker_id: str, request: Request) -> JSONResponse:
+        """Delete a worker (its warm process is stopped)."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        store: ServiceStore = state["store"]
+        stored = store.get_worker(caller.namespace, worker_id)
+        if stored is None or not store.delete_worker(caller.namespace, worker_id):
+            return not_found(worker_id)
+        await state["loader"].evict(f"{caller.namespace}/{worker_id}@{stored['version']}")
+        return JSONResponse({"ok": True})
+
+    async def fetch_worker(worker_id: str, path: str, request: Request) -> Response:
+        """Proxy the request into the worker's ``fetch``."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        stub = stub_for(caller, worker_id)
+        if stub is None:
+            return not_found(worker_id)
+        started = time.perf_counter()
+        query = f"?{request.url.query}" if request.url.query else ""
+        forwarded = WorkerRequest(
+            f"https://{worker_id}/{path}{query}",
+            method=request.method,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "authorization"},
+            body=await request.body(),
+        )
+        try:
+            response = await stub.fetch(forwarded)
+        except Exception as exc:
+            status, body = _failure(exc)
+            _log(state, caller, "fetch", worker_id, status, started, body)
+            return JSONResponse(body, status)
+        _log(state, caller, "fetch", worker_id, response.status, started, {"logs": stub.logs})
+        return Response(await response.bytes(), response.status, headers=response.headers)
+
+    for http_method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+        # One route per method: OpenAPI wants an operation id of its own for each.
+        router.add_api_route(
+            "/workers/{worker_id}/fetch/{path:path}",
+            fetch_worker,
+            methods=[http_method],
+            operation_id=f"fetch_worker_{http_method.lower()}",
+        )
+
+    @router.post("/workers/{worker_id}/rpc/{entrypoint}/{method}")
+    async def rpc_worker(
+        worker_id: str, entrypoint: str, method: str, request: Request
+    ) -> JSONResponse:
+        """Call an entrypoint's method with JSON ``{"args": [...], "kwargs": {...}}`` (or a
+        bare list of args); ``Default`` names the default entrypoint."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        stub = stub_for(caller, worker_id)
+        if stub is None:
+            return not_found(worker_id)
+        try:
+            raw = await request.json() if await request.body() else {}
+        except ValueError:
+            return JSONResponse({"ok": False, "error": {"type": "BadRequest"}}, 400)
+        args, kwargs = (
+            (raw, {}) if isinstance(raw, list) else (raw.get("args", []), raw.get("kwargs", {}))
+        )
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return JSONResponse({"ok": False, "error": {"type": "BadRequest"}}, 400)
+        started = time.perf_counter()
+        name = None if entrypoint == "Default" else entrypoint
+        try:
+            result = await getattr(stub.get_entrypoint(name), method)(*args, **kwargs)
+        except Exception as exc:
+            status, body = _failure(exc)
+            _log(state, caller, "rpc", worker_id, status, started, body)
+            return JSONResponse(body, status)
+        body = {"ok": True, "result": to_json(result), "logs": stub.logs}
+        _log(state, caller, "rpc", worker_id, 200, started, body)
+        return JSONResponse(body)
+
+    return router
+
+
+def _log(
+    state: dict[str, Any],
+    caller: Caller,
+    kind: str,
+    worker_id: str,
+    status: int,
+    started: float,
+    body: dict[str, Any],
+) -> None:
+    error = body.get("error")
+    state["store"].log(
+        caller,
+        kind,
+        status,
+        (time.perf_counter() - started) * 1000,
+        worker=worker_id,
+        error_type=error.get("type") if error else None,
+        logs=body.get("logs", []),
+    )

@@ -1,0 +1,135 @@
+"""The /workers endpoints end to end: store, list, call (fetch proxy and RPC), delete."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from workerloader.server import ServerConfig, create_app
+from workerloader.server._store import ServiceStore
+
+MAIN = """
+from workers import WorkerEntrypoint, Response
+import workers
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        body = await request.text()
+        return Response(f"{request.method} {request.url} {body} {self.env.GREETING}",
+                        headers={"x-from": "worker"})
+
+
+class Notes(WorkerEntrypoint):
+    async def add(self, text):
+        await self.env.KV.put(text, "1")
+        return (await self.env.KV.list())["keys"][0]["name"]
+
+    async def config(self):
+        return workers.modules["config.json"]
+
+    async def fail(self):
+        raise ValueError("nope")
+"""
+
+DEFINITION = {
+    "main_module": "main.py",
+    "modules": {"main.py": MAIN, "config.json": {"json": {"lang": "en"}}},
+    "env": {"GREETING": "hi"},
+    "bindings": {"KV": {"type": "kv"}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+    data_dir = tmp_path / "data"
+    port = _free_port()
+    app = create_app(ServerConfig(data_dir=data_dir, pool_size=2))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.02)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield http, data_dir
+    server.should_exit = True
+    await task
+
+
+async def test_store_list_get_call_and_delete_a_worker(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    put = await client.put("/workers/notes", json=DEFINITION)
+    assert put.json() == {"ok": True, "id": "notes", "version": 1}
+    assert [w["id"] for w in (await client.get("/workers")).json()["workers"]] == ["notes"]
+    assert (await client.get("/workers/notes")).json()["env"] == {"GREETING": "hi"}
+
+    fetched = await client.post("/workers/notes/fetch/a/b?q=1", content=b"payload")
+    assert fetched.status_code == 200
+    assert fetched.text == "POST https://notes/a/b?q=1 payload hi"
+    assert fetched.headers["x-from"] == "worker"
+
+    called = await client.post("/workers/notes/rpc/Notes/add", json={"args": ["first"]})
+    assert called.json() == {"ok": True, "result": "first", "logs": []}
+    config = await client.post("/workers/notes/rpc/Notes/config", json=[])
+    assert config.json()["result"] == {"lang": "en"}
+    failed = await client.post("/workers/notes/rpc/Notes/fail")
+    assert failed.status_code == 422
+    assert failed.json()["error"]["type"] == "ValueError"
+
+    assert (await client.delete("/workers/notes")).json() == {"ok": True}
+    assert (await client.get("/workers/notes")).status_code == 404
+    assert (await client.post("/workers/notes/rpc/Notes/add", json=["x"])).status_code == 404
+
+
+async def test_a_new_version_serves_new_code(served: tuple[httpx.AsyncClient, Path]) -> None:
+    client, _ = served
+    await client.put("/workers/w", json=DEFINITION)
+    assert (await client.get("/workers/w/fetch/")).text.endswith(" hi")
+    changed = {**DEFINITION, "env": {"GREETING": "hello"}}
+    assert (await client.put("/workers/w", json=changed)).json()["version"] == 2
+    assert (await client.get("/workers/w/fetch/")).text.endswith(" hello")
+
+
+async def test_a_broken_worker_is_refused_not_stored(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    broken = {**DEFINITION, "modules": {"main.py": "def oops(:\n"}}
+    refused = await client.put("/workers/bad", json=broken)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["type"] == "SyntaxError"
+    assert (await client.get("/workers/bad")).status_code == 404
+    assert (await client.put("/workers/bad", content=b"{")).status_code == 400
+    assert (await client.put("/workers/..", json=DEFINITION)).status_code in (400, 404)
+
+
+async def test_another_namespaces_worker_is_not_found(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    alice = {"authorization": f"Bearer {store.create_key('alice', 'a').secret}"}
+    bob = {"authorization": f"Bearer {store.create_key('bob', 'b').secret}"}
+    assert (await client.put("/workers/w", json=DEFINITION, headers=alice)).status_code == 200
+    assert (await client.get("/workers/w", headers=bob)).status_code == 404
+    assert (await client.get("/workers/w/fetch/", headers=bob)).status_code == 404
+    assert (await client.get("/workers", headers=bob)).json() == {"workers": []}
+    assert (await client.get("/workers/w/fetch/", headers=alice)).status_code == 200
+    logs = (await client.get("/logs", headers=alice)).json()["logs"]
+    assert logs[0]["kind"] == "fetch"
+    assert logs[0]["worker"] == "w"
