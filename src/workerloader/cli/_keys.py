@@ -10,14 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..server._store import ServiceStore
-
-_data_dir = click.option(
-    "--data-dir",
-    default=".workerloader",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    envvar="WORKERLOADER_DATA_DIR",
-)
+from ._common import data_dir_option as _data_dir
 
 
 @click.group()

@@ -6,8 +6,12 @@ import click
 
 from .. import __version__
 from ._bench import bench
+from ._dev import dev
+from ._exec import exec_
 from ._keys import keys
+from ._logs import logs
 from ._serve import serve
+from ._workers import workers
 
 
 @click.group()
@@ -17,5 +21,9 @@ def main() -> None:
 
 
 main.add_command(bench)
+main.add_command(dev)
+main.add_command(exec_)
 main.add_command(keys)
+main.add_command(logs)
 main.add_command(serve)
+main.add_command(workers)

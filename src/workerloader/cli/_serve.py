@@ -6,18 +6,13 @@ from pathlib import Path
 
 import click
 
+from ._common import data_dir_option
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="WORKERLOADER_HOST")
 @click.option("--port", default=8787, show_default=True, envvar="WORKERLOADER_PORT")
-@click.option(
-    "--data-dir",
-    default=".workerloader",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    envvar="WORKERLOADER_DATA_DIR",
-    help="Where KV, SQL and documents live.",
-)
+@data_dir_option
 @click.option(
     "--insecure",
     is_flag=True,

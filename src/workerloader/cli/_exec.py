@@ -1,0 +1,45 @@
+"""``workerloader exec CODE|-``: run a snippet once in a sandboxed worker, print what it gave."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ._common import data_dir_option
+
+
+@click.command("exec")
+@click.argument("code")
+@data_dir_option
+@click.option("--timeout-ms", default=30_000, show_default=True, help="Wall time.")
+@click.option("--insecure", is_flag=True, envvar="WORKERLOADER_INSECURE")
+def exec_(code: str, data_dir: Path, timeout_ms: int, insecure: bool) -> None:
+    """Run CODE (or standard input, with -) as the body of an async function, with env, sdk,
+    db, kv, sql and context in scope; print the result as JSON and the captured logs."""
+    from .. import Limits, Loader
+    from ..rpc._loop import run
+    from ..server._execute import execute
+
+    source = sys.stdin.read() if code == "-" else code
+
+    async def main() -> tuple[int, dict[str, object]]:
+        async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
+            outcome = await execute(
+                loader, source, Limits(wall_ms=timeout_ms), loader.sdk("default")
+            )
+        return outcome.status, outcome.body
+
+    status, body = run(main())
+    logs = body.get("logs")
+    for line in logs if isinstance(logs, list) else []:
+        click.echo(f"[log] {line}", err=True)
+    if body.get("ok"):
+        click.echo(json.dumps(body.get("result")))
+        return
+    error = body.get("error") or {}
+    assert isinstance(error, dict)
+    click.echo(error.get("traceback") or f"{error.get('type')}: {error.get('message')}", err=True)
+    sys.exit(1 if status != 504 else 2)

@@ -1,0 +1,50 @@
+"""``workerloader logs tail``: the request log, live."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import click
+
+from ..server._store import ServiceStore
+from ._common import data_dir_option
+
+
+@click.group()
+def logs() -> None:
+    """Read the service's request logs."""
+
+
+@logs.command("tail")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--follow/--no-follow", default=True, show_default=True)
+@click.option("--limit", default=20, show_default=True, help="Records shown at start.")
+@data_dir_option
+def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
+    """Print the latest records of NAMESPACE, then new ones as they come (Ctrl-C stops)."""
+    store = ServiceStore(data_dir)
+    seen: set[str] = set()
+    since: float | None = None
+    first = True
+    while True:
+        records = store.logs(namespace, since=since, limit=limit if first else 1000)
+        for record in reversed(records):
+            if record["id"] in seen:
+                continue
+            seen.add(record["id"])
+            since = record["time"]
+            when = dt.datetime.fromtimestamp(record["time"]).isoformat(timespec="milliseconds")
+            error = f" {record['error_type']}" if record["error_type"] else ""
+            worker = f" {record['worker']}" if record["worker"] else ""
+            click.echo(
+                f"{when} {record['status']} {record['kind']}{worker} "
+                f"{record['duration_ms']:.1f}ms{error}"
+            )
+            for line in record["logs"]:
+                click.echo(f"    {line}")
+        first = False
+        if not follow:
+            return
+        time.sleep(0.5)

@@ -1,0 +1,113 @@
+"""The CLI nouns, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from click.testing import CliRunner
+
+from workerloader.cli import main as cli
+from workerloader.server._store import Caller, ServiceStore
+
+WORKER = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        print("served", request.url)
+        return Response("VERSION " + request.url)
+"""
+
+
+def test_exec_prints_the_result_and_the_logs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["exec", "print('hi')\nreturn {'sum': 2 + 2}", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == '{"sum": 4}'
+    assert "[log] hi" in result.stderr
+
+
+def test_exec_reads_standard_input_and_fails_with_the_users_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["exec", "-", "--data-dir", str(tmp_path)], input="x = 1\nraise KeyError('k')\n"
+    )
+    assert result.exit_code == 1
+    assert 'File "execute.py", line 2, in main' in result.stderr
+
+
+def test_workers_put_list_and_delete(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.py").write_text(WORKER)
+    (source / "config.json").write_text('{"a": 1}')
+    data = str(tmp_path / "data")
+    runner = CliRunner()
+    put = runner.invoke(cli, ["workers", "put", "site", str(source), "--data-dir", data])
+    assert put.exit_code == 0, put.output
+    assert "stored site version 1" in put.output
+    stored = ServiceStore(tmp_path / "data").get_worker("default", "site")
+    assert stored is not None
+    assert stored["modules"]["config.json"] == {"json": {"a": 1}}
+    assert "site" in runner.invoke(cli, ["workers", "list", "--data-dir", data]).output
+    assert runner.invoke(cli, ["workers", "delete", "site", "--data-dir", data]).exit_code == 0
+    assert runner.invoke(cli, ["workers", "delete", "site", "--data-dir", data]).exit_code != 0
+    (source / "main.py").write_text("def broken(:\n")
+    refused = runner.invoke(cli, ["workers", "put", "site", str(source), "--data-dir", data])
+    assert refused.exit_code != 0
+
+
+def test_logs_tail_prints_the_request_log(tmp_path: Path) -> None:
+    store = ServiceStore(tmp_path)
+    store.log(Caller(None, "default", False), "execute", 200, 12.5, logs=["hello"])
+    store.log(Caller(None, "default", False), "rpc", 422, 3.0, worker="w", error_type="ValueError")
+    result = CliRunner().invoke(cli, ["logs", "tail", "--no-follow", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert " 200 execute 12.5ms" in lines[0]
+    assert lines[1] == "    hello"
+    assert lines[2].endswith(" 422 rpc w 3.0ms ValueError")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.py").write_text(WORKER.replace("VERSION", "v1"))
+    port = _free_port()
+    command = [sys.executable, "-m", "workerloader.cli", "dev", str(source), "--port", str(port)]
+    command += ["--data-dir", str(tmp_path / "data")]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ}
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/hello"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                first = httpx.get(url, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "dev did not start"
+                time.sleep(0.1)
+        assert first.text == f"v1 {url}"
+        time.sleep(0.05)  # a later mtime, even on coarse clocks
+        (source / "main.py").write_text(WORKER.replace("VERSION", "v2"))
+        assert httpx.get(url, timeout=5).text == f"v2 {url}"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0].decode()
+    assert "[log] served" in output
