@@ -46,7 +46,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path) -> None:
         return WorkerCode(
             main_module=definition.main_module,
             modules=_modules(definition.modules),
-            env={"SDK": loader.sdk("dev")},
+            env={"SDK": loader.sdk("default")},  # the namespace `exec` uses too
         )
 
     async def main() -> None:
