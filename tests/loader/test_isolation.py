@@ -360,12 +360,13 @@ def open_fds() -> int:
 
 async def _no_children_within(me: psutil.Process, seconds: float) -> list[psutil.Process]:
     """The descendants still alive after up to ``seconds`` (processes exit asynchronously)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while (children := me.children(recursive=True)) and (
-        asyncio.get_running_loop().time() < deadline
-    ):
-        await asyncio.sleep(0.05)
-    return children
+    for _ in range(int(seconds / 0.05)):
+        children: list[psutil.Process] = me.children(recursive=True)
+        if not children:
+            return []
+        await asyncio.sleep(0.05)  # noqa: ASYNC110 - polling another process's exit
+    remaining: list[psutil.Process] = me.children(recursive=True)
+    return remaining
 
 
 async def test_the_host_is_left_as_it_was(tmp_path: Path) -> None:
