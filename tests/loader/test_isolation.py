@@ -364,7 +364,7 @@ async def _no_children_within(me: psutil.Process, seconds: float) -> list[psutil
         children: list[psutil.Process] = me.children(recursive=True)
         if not children:
             return []
-        await asyncio.sleep(0.05)  # noqa: ASYNC110 - polling another process's exit
+        await asyncio.sleep(0.05)
     remaining: list[psutil.Process] = me.children(recursive=True)
     return remaining
 
