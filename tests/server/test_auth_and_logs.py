@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -112,3 +113,22 @@ def test_the_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     assert ServiceStore(tmp_path).caller_for(secret) is None
     again = runner.invoke(cli, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)])
     assert again.exit_code != 0
+
+
+async def test_the_log_stream_sends_new_records_as_they_are_written(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    async with client.stream("GET", "/logs/stream") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith(":")  # the opening comment
+        await client.post("/execute", json={"code": "print('live')\nreturn 1"})
+        async with asyncio.timeout(10):
+            async for line in lines:
+                if line.startswith("data: "):
+                    record = json.loads(line[len("data: ") :])
+                    break
+    assert record["kind"] == "execute"
+    assert record["status"] == 200
+    assert record["logs"] == ["live"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import Limits, Loader, __version__
@@ -186,6 +188,29 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             logs=outcome.body["logs"],
         )
         return JSONResponse(outcome.body, outcome.status)
+
+    @app.get("/logs/stream")
+    async def stream_logs(request: Request) -> Any:
+        """Server-sent events: each new request-log record of the caller's namespace as it
+        is written (``data: {json}``)."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        store: ServiceStore = state["store"]
+
+        async def events() -> AsyncIterator[bytes]:
+            since = time.time()
+            seen: set[str] = set()
+            yield b": workerloader request log\n\n"
+            while not await request.is_disconnected():
+                for record in reversed(store.logs(caller.namespace, since=since, limit=1000)):
+                    if record["id"] not in seen:
+                        seen.add(record["id"])
+                        since = max(since, record["time"])
+                        yield b"data: " + json.dumps(record).encode() + b"\n\n"
+                await asyncio.sleep(0.25)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/logs")
     async def request_logs(
