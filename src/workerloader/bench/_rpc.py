@@ -20,6 +20,9 @@ from ._report import Figure, percentile
 
 __all__ = ["run_rpc_bench"]
 
+_WINDOW = 256
+"""Calls kept in flight for the pipelined figures."""
+
 
 class _Calc(rpc.RpcTarget):
     async def add(self, a: int, b: int) -> int:
@@ -66,11 +69,17 @@ async def _measure_rpc(
         t0 = time.perf_counter_ns()
         await main.add(i, 1)
         samples.append((time.perf_counter_ns() - t0) / 1000)
-    batch = 500
+    # Pipelined: _WINDOW calls kept in flight all the time (each lane awaits its calls one
+    # after another), so neither side waits for the other between batches.
+    per_lane = pipelined // _WINDOW
+
+    async def lane() -> None:
+        for i in range(per_lane):
+            await main.add(i, 1)
+
     start_s = time.perf_counter()
-    for start in range(0, pipelined, batch):
-        await asyncio.gather(*(main.add(i, 1) for i in range(start, start + batch)))
-    rate = pipelined / (time.perf_counter() - start_s)
+    await asyncio.gather(*(lane() for _ in range(_WINDOW)))
+    rate = per_lane * _WINDOW / (time.perf_counter() - start_s)
     await session.aclose()
     return samples, rate
 
@@ -90,13 +99,15 @@ def _measure_pickle(calls: int, pipelined: int) -> tuple[list[float], float]:
         parent.send((i, 1))
         parent.recv()
         samples.append((time.perf_counter_ns() - t0) / 1000)
-    batch = 500
+    # The same window for the baseline: _WINDOW calls sent ahead, one more for each answer.
     start_s = time.perf_counter()
-    for start in range(0, pipelined, batch):
-        for i in range(start, start + batch):
-            parent.send((i, 1))
-        for _ in range(batch):
-            parent.recv()
+    for i in range(_WINDOW):
+        parent.send((i, 1))
+    for i in range(_WINDOW, pipelined):
+        parent.recv()
+        parent.send((i, 1))
+    for _ in range(_WINDOW):
+        parent.recv()
     rate = pipelined / (time.perf_counter() - start_s)
     parent.close()
     os.waitpid(pid, 0)

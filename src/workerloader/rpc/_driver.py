@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dis
+import functools
 import inspect
 import socket
+import types
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from .._errors import DataCloneError, SessionClosed
 from ._core import Closed, Evaluate, Raised, Returned, Session
@@ -315,6 +318,18 @@ class RpcSession(asyncio.BufferedProtocol):
         the task's context, so context variables set there are seen by the later steps.
         """
         loop = self._loop
+        code = getattr(coro, "cr_code", None)
+        if code is not None and _never_suspends(code):
+            # No await in its code: it finishes in this one step, so no task is needed.
+            try:
+                yielded = coro.send(None)
+            except StopIteration as stop:
+                self._session.resolve(answer_id, stop.value)
+            except Exception as exc:
+                self._session.reject(answer_id, exc)
+            else:  # cannot happen for such code; handled all the same
+                self._spawn(answer_id, _resume(coro, yielded))
+            return
         if asyncio.current_task(loop) is not None:  # inside a task: 3.11 cannot nest them
             self._spawn(answer_id, coro)
             return
@@ -382,6 +397,18 @@ class RpcSession(asyncio.BufferedProtocol):
 
 async def _ready(value: object) -> object:
     return value
+
+
+_SUSPENDING_OPS: Final = frozenset(
+    {"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT"}
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _never_suspends(code: types.CodeType) -> bool:
+    """True if a coroutine with this code has no suspension point (no await, async with or
+    async for): its first step is its whole run."""
+    return not any(i.opname in _SUSPENDING_OPS for i in dis.get_instructions(code))
 
 
 async def _resume(coro: Coroutine[Any, Any, object], yielded: object) -> object:

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 __all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run"]
 
-DEFAULT_SPIN_US = 50
-"""Spin window, measured on this machine: 50 µs catches a typical RPC reply."""
+DEFAULT_SPIN_US = 200
+"""Spin window, measured on this machine: 200 µs catches the reply of a typical worker call
+(50 µs caught bare RPC replies, but a warm worker call took 230 µs p50 at 50 and 66 µs at 200)."""
 
 _T = TypeVar("_T")
 
