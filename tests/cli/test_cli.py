@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 from click.testing import CliRunner
 
+from tests._net import free_port
 from workerloader.cli import main as cli
 from workerloader.server._store import Caller, ServiceStore
 
@@ -76,18 +76,11 @@ def test_logs_tail_prints_the_request_log(tmp_path: Path) -> None:
     assert lines[2].endswith(" 422 rpc w 3.0ms ValueError")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
     (source / "main.py").write_text(WORKER.replace("VERSION", "v1"))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "workerloader.cli", "dev", str(source), "--port", str(port)]
     command += ["--data-dir", str(tmp_path / "data")]
     process = subprocess.Popen(

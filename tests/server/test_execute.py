@@ -2,38 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
 import pytest
-import uvicorn
-
-from workerloader.server import ServerConfig, create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    port = _free_port()
-    app = create_app(ServerConfig(data_dir=tmp_path / "data", pool_size=2))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        assert not task.done(), "the server did not start"
-        await asyncio.sleep(0.02)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        yield http
-    server.should_exit = True
-    await task
 
 
 async def test_health_reports_sandbox_and_auth_mode(client: httpx.AsyncClient) -> None:
