@@ -6,26 +6,52 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option
-
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="WORKERLOADER_HOST")
-@click.option("--port", default=8787, show_default=True, envvar="WORKERLOADER_PORT")
-@data_dir_option
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A workerloader.toml (default: ./workerloader.toml if it exists).",
+)
+@click.option("--host", default=None, help="[default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="[default: 8787]")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where KV, SQL, documents, blobs, keys, workers and logs live. [default: .workerloader]",
+)
 @click.option(
     "--insecure",
     is_flag=True,
-    envvar="WORKERLOADER_INSECURE",
-    help="Run workers unconfined where this machine has no sandbox (says so in every log).",
+    default=None,
+    help="Run workers unconfined where this machine has no sandbox.",
 )
-def serve(host: str, port: int, data_dir: Path, insecure: bool) -> None:
-    """Serve /health and /execute on HOST:PORT."""
+@click.option("--pool-size", type=int, default=None, help="Pre-forked workers. [default: 8]")
+@click.option(
+    "--max-concurrent",
+    type=int,
+    default=None,
+    help="Executions in flight before 429. [default: 64]",
+)
+@click.option("--log-retention-days", type=float, default=None, help="[default: 7]")
+def serve(config_path: Path | None, **flags: object) -> None:
+    """Serve /health, /execute, /workers and /logs. Options come from flags, then
+    WORKERLOADER_* environment variables, then the config file (see docs/configuration.md)."""
     import uvicorn
 
     from ..rpc._loop import run
-    from ..server import ServerConfig, create_app
+    from ..server import create_app
+    from ..server._config import load_config
 
-    app = create_app(ServerConfig(data_dir=data_dir, insecure=insecure))
+    if config_path is None and Path("workerloader.toml").exists():
+        config_path = Path("workerloader.toml")
+    try:
+        config, host, port = load_config(config_path, flags)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     run(server.serve())  # on the spinning loop: worker round trips stay in the tens of µs

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import Limits, Loader, __version__
+from ..bindings import AiConfig
 from ._execute import execute
 from ._store import Caller, ServiceStore
 from ._workers import workers_router
@@ -34,6 +35,8 @@ class ServerConfig:
     insecure: bool = False
     pool_size: int = 8
     max_concurrent_executions: int = 64
+    log_retention_s: float = 7 * 86400
+    ai: AiConfig | None = None
 
 
 class ExecuteLimits(BaseModel):
@@ -59,10 +62,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with Loader(
-            config.data_dir, pool_size=config.pool_size, insecure=config.insecure
+            config.data_dir, pool_size=config.pool_size, insecure=config.insecure, ai=config.ai
         ) as loader:
             state["loader"] = loader
-            state["store"] = ServiceStore(config.data_dir)
+            state["store"] = ServiceStore(config.data_dir, retention_s=config.log_retention_s)
             state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
             yield
 
