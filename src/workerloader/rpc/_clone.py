@@ -38,7 +38,6 @@ T_UUID: Final = 13
 T_EXPORT: Final = 20
 T_IMPORT: Final = 21
 T_ANSWER: Final = 22
-CAPABILITY_TAGS: Final = frozenset({T_EXPORT, T_IMPORT, T_ANSWER})
 
 _INT_MIN: Final = -(1 << 63)
 _INT_END: Final = 1 << 64

@@ -176,9 +176,6 @@ class WorkerRuntime(rpc.RpcTarget):
             self._entrypoints[None] = fetch
         return None
 
-    def entrypoints(self) -> list[str | None]:
-        return list(self._entrypoints)
-
     async def invoke(
         self,
         entrypoint: str | None,
