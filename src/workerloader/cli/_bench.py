@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..bench import print_figures, run_bindings_bench, run_loader_bench, run_rpc_bench
+from ..bench import (
+    print_figures,
+    run_bindings_bench,
+    run_http_bench,
+    run_loader_bench,
+    run_rpc_bench,
+)
 
 
 @click.group()
@@ -31,3 +37,9 @@ def bench_loader(live: int) -> None:
 def bench_bindings() -> None:
     """A binding call from a worker to the host, and document throughput."""
     print_figures("Bindings: calls from a sandboxed worker", run_bindings_bench())
+
+
+@bench.command("http")
+def bench_http() -> None:
+    """The service end to end beside Cloudflare's workerd (installed from npm on first use)."""
+    print_figures("HTTP: workerloader serve vs workerd serve --experimental", run_http_bench())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import decimal
@@ -14,6 +15,8 @@ from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
 from ..runtime._modules import BODY_PARAMETERS
 
 __all__ = ["ExecuteOutcome", "execute"]
+
+_closing: set[asyncio.Future[None]] = set()  # workers of answered executions, stopping
 
 _WRAPPER = "_workerloader_execute.py"
 _WRAPPER_SOURCE = f"""
@@ -103,7 +106,10 @@ async def execute(
         status = 504 if isinstance(exc, WallTimeExceeded) else 422
     finally:
         if stub is not None:
-            await stub.aclose()
+            # Stopping the worker (kill, wait for its exit, free its cgroup) is not the
+            # caller's business: it finishes after the answer has gone out.
+            _closing.add(task := asyncio.ensure_future(stub.aclose()))
+            task.add_done_callback(_closing.discard)
     body["logs"] = logs
     body["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
     return ExecuteOutcome(status, body)

@@ -88,6 +88,8 @@ class ServiceStore:
         self._lock = threading.Lock()
         self.retention_s = retention_s
         self._writes = 0
+        self._has_keys = False
+        self._has_keys_version = -1
         for statement in _SCHEMA:
             self._conn.execute(statement)
 
@@ -97,6 +99,7 @@ class ServiceStore:
         self, user_id: str, namespace: str, permissions: tuple[str, ...] = ("read", "write")
     ) -> ApiKey:
         """A new key; its ``secret`` is returned this once."""
+        self._has_keys_version = -1
         secret = "wl_" + secrets.token_urlsafe(32)
         key = ApiKey(
             uuid.uuid4().hex[:12], user_id, namespace, permissions, time.time(), None, secret
@@ -117,6 +120,7 @@ class ServiceStore:
         return [ApiKey(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5]) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
+        self._has_keys_version = -1
         with self._lock:
             cursor = self._conn.execute(
                 "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
@@ -125,10 +129,18 @@ class ServiceStore:
         return cursor.rowcount > 0
 
     def has_keys(self) -> bool:
-        """True once any key is active: then every request must present one."""
+        """True once any key is active: then every request must present one. Re-read only
+        when another connection (the CLI creating or revoking a key) has written the
+        database, which SQLite's data_version tells for the price of a pragma."""
         with self._lock:
-            row = self._conn.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1")
-            return row.fetchone() is not None
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version != self._has_keys_version:
+                row = self._conn.execute(
+                    "SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1"
+                ).fetchone()
+                self._has_keys = row is not None
+                self._has_keys_version = version
+            return self._has_keys
 
     def caller_for(self, secret: str) -> Caller | None:
         with self._lock:

@@ -126,11 +126,12 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None:
             return None
-        definition = WorkerDefinition.model_validate(stored)
         # The cache key carries the namespace and version: an update never serves old code,
         # and two namespaces' workers of the same name never share a process.
         key = f"{caller.namespace}/{worker_id}@{stored['version']}"
-        return loader.get(key, lambda: _code(loader, caller, definition))
+        return loader.get(
+            key, lambda: _code(loader, caller, WorkerDefinition.model_validate(stored))
+        )
 
     @router.put(
         "/workers/{worker_id}",
