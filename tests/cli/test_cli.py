@@ -68,6 +68,7 @@ def test_logs_tail_prints_the_request_log(tmp_path: Path) -> None:
     store = ServiceStore(tmp_path)
     store.log(Caller(None, "default", False), "execute", 200, 12.5, logs=["hello"])
     store.log(Caller(None, "default", False), "rpc", 422, 3.0, worker="w", error_type="ValueError")
+    store.flush()  # records are written in batches
     result = CliRunner().invoke(cli, ["logs", "tail", "--no-follow", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

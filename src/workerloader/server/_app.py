@@ -91,9 +91,22 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             config.data_dir, pool_size=config.pool_size, insecure=config.insecure, ai=config.ai
         ) as loader:
             state["loader"] = loader
-            state["store"] = ServiceStore(config.data_dir, retention_s=config.log_retention_s)
+            store = state["store"] = ServiceStore(
+                config.data_dir, retention_s=config.log_retention_s
+            )
             state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
-            yield
+
+            async def flush_logs() -> None:  # request logs are written in batches
+                while True:
+                    await asyncio.sleep(0.2)
+                    store.flush()
+
+            flusher = asyncio.ensure_future(flush_logs())
+            try:
+                yield
+            finally:
+                flusher.cancel()
+                store.flush()
 
     def authenticate(request: Request) -> Caller | JSONResponse:
         """The caller bound to the request's API key; dev mode (anonymous, namespace

@@ -90,6 +90,8 @@ class ServiceStore:
         self._writes = 0
         self._has_keys = False
         self._has_keys_version = -1
+        self._pending_logs: list[tuple[object, ...]] = []
+        self._flush_at = 0.0
         for statement in _SCHEMA:
             self._conn.execute(statement)
 
@@ -223,16 +225,35 @@ class ServiceStore:
             "logs": (logs or [])[:_LOG_LINES_KEPT],
         }
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO request_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*[record[k] for k in list(record)[:-1]], json.dumps(record["logs"])),
+            self._pending_logs.append(
+                (*[record[k] for k in list(record)[:-1]], json.dumps(record["logs"]))
             )
-            self._writes += 1
-            if self._writes % 100 == 0:
-                self._conn.execute(
-                    "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
-                )
+            if len(self._pending_logs) >= 64 or time.monotonic() >= self._flush_at:
+                self._flush_logs()
         return record
+
+    def flush(self) -> None:
+        """Write the records still held in memory (``log`` batches them)."""
+        with self._lock:
+            self._flush_logs()
+
+    def _flush_logs(self) -> None:
+        # One transaction for many records: a commit per request cost more than the request.
+        self._flush_at = time.monotonic() + 0.2
+        if not self._pending_logs:
+            return
+        rows, self._pending_logs = self._pending_logs, []
+        self._conn.execute("BEGIN")
+        self._conn.executemany(
+            "INSERT INTO request_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+        self._writes += len(rows)
+        if self._writes >= 1000:
+            self._writes = 0
+            self._conn.execute(
+                "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
+            )
+        self._conn.execute("COMMIT")
 
     def logs(
         self,
@@ -256,6 +277,7 @@ class ServiceStore:
         query += " ORDER BY time DESC LIMIT ?"
         params.append(max(1, min(limit, 1000)))
         with self._lock:
+            self._flush_logs()
             cursor = self._conn.execute(query, params)
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
