@@ -56,6 +56,7 @@ def test_no_request_the_spec_allows_gets_a_server_error(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # its cache goes there, not into the checkout
             env={**os.environ, "NO_COLOR": "1"},
             check=False,
         )
