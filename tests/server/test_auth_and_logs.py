@@ -104,3 +104,16 @@ async def test_the_log_stream_sends_new_records_as_they_are_written(
     assert record["kind"] == "execute"
     assert record["status"] == 200
     assert record["logs"] == ["live"]
+
+
+async def test_require_auth_refuses_anonymous_callers_before_any_key_exists(
+    tmp_path: Path,
+) -> None:
+    from tests.server.conftest import running
+    from workerloader.server import ServerConfig
+
+    config = ServerConfig(data_dir=tmp_path / "data", pool_size=1, require_auth=True)
+    async with running(config) as client:
+        assert (await client.get("/health")).json()["auth"] == "keys"
+        refused = await client.post("/execute", json={"code": "return 1"})
+        assert refused.status_code == 401

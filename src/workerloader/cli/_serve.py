@@ -37,6 +37,12 @@ import click
     help="Executions in flight before 429. [default: 64]",
 )
 @click.option("--log-retention-days", type=float, default=None, help="[default: 7]")
+@click.option(
+    "--auth",
+    is_flag=True,
+    default=None,
+    help="Require an API key on every request, even before any key exists.",
+)
 def serve(config_path: Path | None, **flags: object) -> None:
     """Serve /health, /execute, /workers and /logs. Options come from flags, then
     WORKERLOADER_* environment variables, then the config file (see docs/configuration.md)."""

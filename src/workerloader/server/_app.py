@@ -37,6 +37,8 @@ class ServerConfig:
     max_concurrent_executions: int = 64
     log_retention_s: float = 7 * 86400
     ai: AiConfig | None = None
+    require_auth: bool = False
+    """Refuse anonymous requests even while no API key exists (no dev mode)."""
 
 
 class ExecuteLimits(BaseModel):
@@ -112,7 +114,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         """The caller bound to the request's API key; dev mode (anonymous, namespace
         "default") while no key exists."""
         store: ServiceStore = state["store"]
-        if not store.has_keys():
+        if not config.require_auth and not store.has_keys():
             return Caller(None, "default", False)
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         caller = store.caller_for(secret.strip()) if scheme.lower() == "bearer" else None
@@ -151,7 +153,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "version": __version__,
             "sandbox": "insecure" if loader._sandbox.insecure else "confined",
             "workers": len(loader._workers),
-            "auth": "keys" if store.has_keys() else "dev",
+            "auth": "keys" if config.require_auth or store.has_keys() else "dev",
         }
 
     @app.post(

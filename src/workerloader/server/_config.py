@@ -11,6 +11,7 @@ beats the default. Every option has one name in each source::
     [server] pool_size           WORKERLOADER_POOL_SIZE            --pool-size
     [server] max_concurrent      WORKERLOADER_MAX_CONCURRENT       --max-concurrent
     [server] log_retention_days  WORKERLOADER_LOG_RETENTION_DAYS   --log-retention-days
+    [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
     [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only)
     [ai] model                   WORKERLOADER_AI_MODEL
     [ai] embedding_model         WORKERLOADER_AI_EMBEDDING_MODEL
@@ -39,6 +40,7 @@ _SERVER_OPTIONS = {
     "pool_size": int,
     "max_concurrent": int,
     "log_retention_days": float,
+    "auth": bool,
 }
 
 
@@ -95,5 +97,6 @@ def load_config(
         max_concurrent_executions=int(values.get("max_concurrent", 64)),
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
         ai=ai_config,
+        require_auth=bool(values.get("auth", False)),
     )
     return config, str(values["host"]), int(values["port"])
