@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig
 from ._execute import execute
+from ._schema import body_schema
 from ._store import Caller, ServiceStore
 from ._workers import workers_router
 
@@ -161,7 +162,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ExecuteRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": body_schema(ExecuteRequest)}},
             }
         },
     )

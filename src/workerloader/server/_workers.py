@@ -15,6 +15,7 @@ from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
 from ._execute import _error, to_json
+from ._schema import body_schema
 from ._store import Caller, ServiceStore
 
 __all__ = ["WorkerDefinition", "workers_router"]
@@ -138,7 +139,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": WorkerDefinition.model_json_schema()}},
+                "content": {"application/json": {"schema": body_schema(WorkerDefinition)}},
             }
         },
     )
