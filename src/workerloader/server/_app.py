@@ -45,14 +45,16 @@ class ServerConfig:
 class ExecuteLimits(BaseModel):
     cpu_ms: int = Field(default=1000, ge=1, le=60_000)
     memory_mb: int = Field(default=128, ge=16, le=4096)
-    wall_ms: int = Field(default=30_000, ge=1, le=300_000)
+    wall_ms: int = Field(default=30_000, ge=1000, le=300_000)
 
 
 class ExecuteRequest(BaseModel):
     """The body of ``POST /execute``."""
 
     code: str = Field(max_length=MAX_BODY_BYTES, description="The body of an async function.")
-    timeout_ms: int | None = Field(default=None, ge=1, le=300_000, description="Wall time.")
+    # At least a second: starting a sandboxed worker takes milliseconds (more on a loaded
+    # machine), and a wall time that the start itself can use up would answer 504 to anything.
+    timeout_ms: int | None = Field(default=None, ge=1000, le=300_000, description="Wall time.")
     limits: ExecuteLimits | None = None
     language: str = Field(default="python", pattern="^python$")
 

@@ -26,7 +26,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 class WorkerLimits(BaseModel):
     cpu_ms: int = Field(default=1000, ge=1, le=60_000)
     memory_mb: int = Field(default=128, ge=16, le=4096)
-    wall_ms: int = Field(default=30_000, ge=1, le=300_000)
+    wall_ms: int = Field(default=30_000, ge=1000, le=300_000)
     subrequests: int = Field(default=1000, ge=0, le=100_000)
 
 
