@@ -146,11 +146,8 @@ class Documents(RpcTarget):
         """The document, or None."""
         check_grant(self._grants, "read", "these documents")
         with self._store.lock:
-            row = self._store.conn.execute(
-                "SELECT body FROM docs WHERE namespace = ? AND collection = ? AND id = ?",
-                (self._namespace, _collection(collection), str(doc_id)),
-            ).fetchone()
-        return None if row is None else self._doc(str(doc_id), row[0])
+            body = self._body_of(self._store.conn, collection, str(doc_id))
+        return None if body is None else self._doc(str(doc_id), body)
 
     async def create(self, collection: str, data: dict[str, Any]) -> dict[str, Any]:
         """Store a new document (``data["id"]`` or a new id) and return it."""
@@ -176,13 +173,10 @@ class Documents(RpcTarget):
         check_grant(self._grants, "write", "these documents")
         with self._store.lock, self._store.conn as conn:
             conn.execute("BEGIN")
-            row = conn.execute(
-                "SELECT body FROM docs WHERE namespace = ? AND collection = ? AND id = ?",
-                (self._namespace, _collection(collection), str(doc_id)),
-            ).fetchone()
-            if row is None:
+            stored = self._body_of(conn, collection, str(doc_id))
+            if stored is None:
                 raise KeyError(f"{collection}/{doc_id}")
-            fields, body = _body({**json.loads(row[0]), **data})
+            fields, body = _body({**json.loads(stored), **data})
             conn.execute(
                 "UPDATE docs SET body = ?, updated = ? "
                 "WHERE namespace = ? AND collection = ? AND id = ?",
@@ -223,6 +217,13 @@ class Documents(RpcTarget):
                 (match, self._namespace, _collection(collection), max(1, min(limit, 100))),
             ).fetchall()
         return [self._doc(i, b) for i, b in rows]
+
+    def _body_of(self, conn: sqlite3.Connection, collection: str, doc_id: str) -> str | None:
+        row = conn.execute(
+            "SELECT body FROM docs WHERE namespace = ? AND collection = ? AND id = ?",
+            (self._namespace, _collection(collection), doc_id),
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def _index(
         self, conn: sqlite3.Connection, collection: str, doc_id: str, fields: dict[str, Any]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig
 from ._execute import execute
-from ._schema import body_schema
+from ._schema import bad_request, body_schema
 from ._store import Caller, ServiceStore
 from ._workers import workers_router
 
@@ -139,10 +139,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(workers_router(state, authenticate))
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # A malformed body is the client's mistake (400); 422 is kept for user code that failed.
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        return JSONResponse({"ok": False, "error": {"type": "BadRequest", "details": errors}}, 400)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return bad_request(exc)
 
     app.add_middleware(_CapBody)
 
@@ -180,10 +178,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         try:
             body = ExecuteRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-            return JSONResponse(
-                {"ok": False, "error": {"type": "BadRequest", "details": errors}}, 400
-            )
+            return bad_request(exc)
         loader: Loader = state["loader"]
         slots: asyncio.Semaphore = state["slots"]
         if slots.locked():

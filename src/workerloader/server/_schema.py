@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
-__all__ = ["body_schema"]
+__all__ = ["bad_request", "body_schema"]
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -31,3 +33,10 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     result: dict[str, Any] = inline(schema)
     return result
+
+
+def bad_request(exc: ValidationError | RequestValidationError) -> JSONResponse:
+    """400 with where the body is wrong: a malformed body is the client's mistake (422 is
+    kept for user code that failed)."""
+    details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    return JSONResponse({"ok": False, "error": {"type": "BadRequest", "details": details}}, 400)

@@ -15,7 +15,7 @@ from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
 from ._execute import _error, to_json
-from ._schema import body_schema
+from ._schema import bad_request, body_schema
 from ._store import Caller, ServiceStore
 
 __all__ = ["WorkerDefinition", "workers_router"]
@@ -160,10 +160,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
         try:
             definition = WorkerDefinition.model_validate_json(await request.body())
         except ValidationError as exc:
-            details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-            return JSONResponse(
-                {"ok": False, "error": {"type": "BadRequest", "details": details}}, 400
-            )
+            return bad_request(exc)
         loader: Loader = state["loader"]
         try:  # validate now: a broken worker is refused, not stored
             stub = await loader.load(_code(loader, caller, definition))
