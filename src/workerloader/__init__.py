@@ -4,6 +4,9 @@ only through capabilities.
 The public surface is what this module exports; everything in a ``_module`` is private.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import BindingError as BindingError
 from ._errors import CpuLimitExceeded as CpuLimitExceeded
 from ._errors import DataCloneError as DataCloneError
@@ -22,19 +25,49 @@ from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WorkerError as WorkerError
 from ._errors import WorkerloaderError as WorkerloaderError
 from ._errors import WorkerLoadError as WorkerLoadError
-from .bindings import AiConfig as AiConfig
-from .bindings import HttpGateway as HttpGateway
-from .loader import EntrypointStub as EntrypointStub
-from .loader import Limits as Limits
-from .loader import Loader as Loader
-from .loader import Request as Request
-from .loader import Response as Response
-from .loader import WorkerCode as WorkerCode
-from .loader import WorkerStub as WorkerStub
-from .rpc import RpcLimits as RpcLimits
-from .rpc import RpcStub as RpcStub
-from .rpc import RpcTarget as RpcTarget
-from .runtime.workers import WorkerEntrypoint as WorkerEntrypoint
+
+if TYPE_CHECKING:
+    from .bindings import AiConfig as AiConfig
+    from .bindings import HttpGateway as HttpGateway
+    from .loader import EntrypointStub as EntrypointStub
+    from .loader import Limits as Limits
+    from .loader import Loader as Loader
+    from .loader import Request as Request
+    from .loader import Response as Response
+    from .loader import WorkerCode as WorkerCode
+    from .loader import WorkerStub as WorkerStub
+    from .rpc import RpcLimits as RpcLimits
+    from .rpc import RpcStub as RpcStub
+    from .rpc import RpcTarget as RpcTarget
+    from .runtime.workers import WorkerEntrypoint as WorkerEntrypoint
+
+# The rest of the surface is imported on first use: the sandbox's zygote imports this package
+# too, and every module it holds is memory that each forked worker maps (see docs/sandbox.md).
+_LAZY: dict[str, str] = {
+    "AiConfig": ".bindings",
+    "HttpGateway": ".bindings",
+    "EntrypointStub": ".loader",
+    "Limits": ".loader",
+    "Loader": ".loader",
+    "Request": ".loader",
+    "Response": ".loader",
+    "WorkerCode": ".loader",
+    "WorkerStub": ".loader",
+    "RpcLimits": ".rpc",
+    "RpcStub": ".rpc",
+    "RpcTarget": ".rpc",
+    "WorkerEntrypoint": ".runtime.workers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'workerloader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

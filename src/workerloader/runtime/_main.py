@@ -25,7 +25,7 @@ from ..rpc._loop import run
 from . import workers
 from ._modules import ModuleMap
 
-__all__ = ["WorkerRuntime", "serve"]
+__all__ = ["WorkerRuntime", "prepare", "serve"]
 
 _LOG_CAP = 64 * 1024
 
@@ -36,7 +36,8 @@ base_vm_bytes = 0
 
 
 def measure_base_vm() -> None:
-    """Record ``base_vm_bytes``; called by the zygote in each worker before confinement."""
+    """Record ``base_vm_bytes``; called by the zygote before it forks a worker (a worker cannot
+    read /proc once confined)."""
     global base_vm_bytes
     with open("/proc/self/statm") as f:
         base_vm_bytes = int(f.read().split()[0]) * resource.getpagesize()
@@ -285,12 +286,14 @@ class Default(WorkerEntrypoint):
 async def _warm_up() -> None:
     """Run one load and a few calls through the real code paths, over an in-memory session.
 
-    A forked worker shares the zygote's memory until it writes to it, and CPython writes to
-    every object it touches (reference counts), so the first run of each code path takes page
-    faults. Paying them here, while the worker waits in the pool, takes them off the first real
-    call. Nothing of it stays: the module, its finder and the session are removed.
+    Run in the zygote before it forks: the first run of a code path imports lazily loaded
+    modules, fills caches and specializes bytecode, all of which then sits in memory the
+    workers share instead of being redone (and copied) in each. Nothing of the run stays: the
+    module, its finder and the session are removed.
     """
-    host, worker = await rpc.memory_pair(None, WorkerRuntime())
+    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = await rpc.connect(worker_end, WorkerRuntime())
+    host = await rpc.connect(host_end)
     runtime = host.main
     await runtime.load(
         {
@@ -311,13 +314,20 @@ async def _warm_up() -> None:
     workers.modules.clear()
 
 
-def serve(channel: socket.socket) -> int:
-    """Run the worker's session until the host closes it; the process exit code."""
+def prepare() -> None:
+    """Make this process the template workers are forked from: install the ``workers`` module
+    and the per-call output streams, and run the warm-up once here, so that every worker
+    inherits its effects (imports done, code specialized) instead of repeating them."""
     sys.modules["workers"] = workers
     _install_streams()
+    run(_warm_up())
+
+
+def serve(channel: socket.socket) -> int:
+    """Run the worker's session until the host closes it; the process exit code. ``prepare``
+    must have run in this process or the one it was forked from."""
 
     async def main() -> None:
-        await _warm_up()
         session = await rpc.connect(channel, WorkerRuntime())
         await session.wait_closed()
 

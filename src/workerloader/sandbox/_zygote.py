@@ -28,6 +28,8 @@ import traceback
 from collections import deque
 
 from . import _syscalls as sc
+from ._confine import close_inherited, confine
+from ._immortal import immortalize_heap
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
@@ -55,6 +57,7 @@ class _Zygote:
 
         self.ctrl = ctrl
         self.runtime = runtime
+        runtime.prepare()
         self.seccomp = compile_seccomp()
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
@@ -64,6 +67,7 @@ class _Zygote:
         host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         uid = _UID_FIRST + self.next_uid
         self.next_uid = (self.next_uid + 1) % _UID_COUNT
+        self.runtime.measure_base_vm()
         if not INSECURE:
             sc.unshare(sc.CLONE_NEWPID)
         pid = os.fork()
@@ -71,9 +75,6 @@ class _Zygote:
             code = 1
             try:
                 host_end.close()
-                from ._confine import close_inherited, confine
-
-                self.runtime.measure_base_vm()
                 if INSECURE:
                     close_inherited(worker_end.fileno())
                 else:
@@ -90,9 +91,11 @@ class _Zygote:
 
     def serve(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        # Move everything imported so far out of the collector's reach: a collection in a worker
-        # would otherwise write to every object's header and copy the zygote's whole heap.
+        # Every worker shares this process's memory until one of them writes to it. Immortal
+        # objects (3.12+) take no reference count writes, and frozen ones no collector writes:
+        # the pages a worker copies are then mostly the ones it really changes.
         gc.collect()
+        immortalize_heap()
         gc.freeze()
         while len(self.pool) < POOL_SIZE:
             self.prefork()
@@ -194,7 +197,9 @@ def main() -> None:
             _Zygote(ctrl).serve()
             code = 0
         except BaseException:
-            traceback.print_exc()  # to the host's stderr: the zygote runs no tenant code
+            # To the host's stderr (sys.stderr captures worker output): the zygote runs no
+            # tenant code.
+            traceback.print_exc(file=sys.__stderr__)
         finally:
             os._exit(code)
     ctrl.close()
