@@ -7,7 +7,7 @@ import builtins
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -70,6 +70,7 @@ class _Worker:
         self.idle.set()
         self.subrequests = 0  # binding calls since the current call started
         self.deadline: float | None = None  # monotonic end of the current call's wall time
+        self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
         session.admit = self._admit
 
     def _admit(self, event: object) -> None:
@@ -89,7 +90,35 @@ class _Worker:
         return self.active_calls > 0
 
     async def call(self, method: str, *args: object) -> dict[str, Any]:
-        """One envelope-returning call under the worker's cpu and wall limits.
+        """One envelope-returning call under the worker's cpu and wall limits (the first call
+        also waits for, and checks, the load report sent ahead of it)."""
+        promise = getattr(self.session.main, method)(*args).send()
+        return await self._watched(self._answer(promise))
+
+    async def loaded(self) -> None:
+        """Wait until the worker has loaded its code, under its limits; WorkerLoadError if it
+        did not."""
+        await self._watched(self._check_load())
+
+    async def _answer(self, promise: rpc.RpcPromise) -> dict[str, Any]:
+        await self._check_load()
+        envelope: dict[str, Any] = await promise
+        return envelope
+
+    async def _check_load(self) -> None:
+        report = self.load_report
+        if report is None:
+            return
+        raw = await report  # answered before any call sent after it
+        error = None if raw is None else _check(raw, _LoadFailure, "load report")
+        if error is not None:
+            raise WorkerLoadError(
+                f"{error.type}: {error.message}", error.file, error.line, error.type
+            )
+        self.load_report = None
+
+    async def _watched(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` (waiting on the worker) under the cpu and wall limits.
 
         A watchdog wakes every 5 ms while the call runs: calls shorter than that cost no
         /proc reads. CPU is counted from the first tick, plus the tick interval itself (the
@@ -121,7 +150,7 @@ class _Worker:
         self.active_calls += 1
         self.idle.clear()
         try:
-            envelope: dict[str, Any] = await getattr(self.session.main, method)(*args)
+            return await work
         except SessionClosed:
             if self.killed_by is None:
                 await self.process.wait_exit(0.5)
@@ -139,7 +168,6 @@ class _Worker:
             self.last_used = time.monotonic()
             if handle is not None:
                 handle.cancel()
-        return envelope
 
     def _kill(self, reason: LimitExceeded) -> None:
         if self.killed_by is None:
@@ -257,16 +285,11 @@ class WorkerStub:
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:
-            raw = await session.main.load(code.to_wire())
-            error = None if raw is None else _check(raw, _LoadFailure, "load report")
+            # Sent now, checked by the first call: the code loads while that call is on its way.
+            worker.load_report = session.main.load(code.to_wire()).send()
         except BaseException:
             await self._loader._forget(worker)
             raise
-        if error is not None:
-            await self._loader._forget(worker)
-            raise WorkerLoadError(
-                f"{error.type}: {error.message}", error.file, error.line, error.type
-            )
         self._worker = worker
         return worker
 
@@ -278,9 +301,10 @@ class WorkerStub:
                 envelope.logs.insert(0, _INSECURE_NOTICE)
             self.logs = envelope.logs
             return _unwrap(envelope)
-        except (LimitExceeded, WorkerCrashed):
+        except (LimitExceeded, WorkerCrashed, WorkerLoadError):
             # Whatever ended the call, the worker does not serve another: the next call starts
-            # a fresh one (a worker that ran out of memory may hold half-built state).
+            # a fresh one (a worker that ran out of memory may hold half-built state, and one
+            # whose code failed to load gets the factory's code again).
             if self._worker is worker:
                 self._worker = None
             await self._loader._forget(worker)
@@ -438,7 +462,12 @@ class Loader:
     async def load(self, code: WorkerCode) -> WorkerStub:
         """An uncached worker, loaded now: load errors raise here."""
         stub = WorkerStub(self, None, lambda: code)
-        await stub._running()
+        worker = await stub._running()
+        try:
+            await worker.loaded()
+        except BaseException:
+            await stub.aclose()
+            raise
         return stub
 
     async def evict(self, worker_id: str) -> None:

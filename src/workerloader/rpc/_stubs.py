@@ -140,6 +140,23 @@ class RpcPromise:
             return RpcPromise(self._rpc, self._parent, self._path, (list(args), kwargs))
         return RpcPromise(self._rpc, self, [], (list(args), kwargs))
 
+    def send(self) -> RpcPromise:
+        """Send the call now instead of on the first ``await``, and return this promise (await
+        it for the result). Calls made after it reach the peer after it, so a setup call and
+        the first real one can share a round trip. A promise that depends on another one still
+        in flight is sent when awaited, as usual."""
+        if self._future is None and self._value is _UNSET and not self._waits_on_parent():
+            self._future = self._rpc._expect(self._send(pull=True))
+        return self
+
+    def _waits_on_parent(self) -> bool:
+        parent = self._parent
+        while isinstance(parent, RpcPromise):
+            if parent._future is not None:
+                return not parent._future.done()
+            parent = parent._parent
+        return False
+
     def _send(self, *, pull: bool) -> int:
         """Send this push (once) and return its question id; ``pull`` also asks for the result."""
         session = self._rpc._session

@@ -21,13 +21,27 @@ SCRATCH = "/tmp"
 """The worker's private, size-capped scratch directory (a tmpfs of its own)."""
 
 _UNDER_SCRATCH = [p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "/")]
-_FS_READ = landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE
+_FS_READ = int(landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE)
+_FS_DEVNULL = int(landlock.FSAccess.READ_FILE | landlock.FSAccess.WRITE_FILE)
+_FS_ALL = int(landlock.FSAccess.all())  # what this kernel's Landlock ABI can restrict
 
 
-def close_inherited(channel_fd: int) -> None:
-    """Close every fd but the channel; point stdio at /dev/null."""
-    os.closerange(3, channel_fd)
-    os.closerange(channel_fd + 1, 1 << 16)
+def _landlock_ruleset() -> int:
+    """The worker's file-system rules as a Landlock ruleset fd: read the interpreter, read
+    and write the scratch directory, nothing else. Built after the scratch tmpfs is mounted:
+    a rule on the directory underneath a mount point does not reach into the mount."""
+    rules = [(path, _FS_READ) for path in READ_ONLY_PATHS]
+    rules += [("/dev/null", _FS_DEVNULL), (SCRATCH, _FS_ALL)]
+    return sc.landlock_ruleset(_FS_ALL, rules)
+
+
+def close_inherited(*keep: int) -> None:
+    """Close every fd but ``keep``; point stdio at /dev/null."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -36,12 +50,13 @@ def close_inherited(channel_fd: int) -> None:
 
 def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> None:
     """Confine the calling process, which must be pid 1 of its own PID namespace inside the
-    zygote's user, network, IPC and UTS namespaces. Raises OSError if any step fails (the
-    caller then exits: a worker that is not fully confined never runs)."""
+    zygote's user, network, IPC and UTS namespaces (whose environment is already empty).
+    Raises OSError if any step fails (the caller then exits: a worker that is not fully
+    confined never runs). Each step is a system call or a few: the seccomp program was
+    compiled once by the zygote."""
     # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
     close_inherited(channel_fd)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.environ.clear()  # the zygote's (already scrubbed) settings are none of the tenant's business
     # 2. A private mount namespace with a size-capped tmpfs as scratch.
     sc.unshare(sc.CLONE_NEWNS)
     # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
@@ -72,10 +87,8 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
         resource.setrlimit(limit, (value, value))
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
     # 5. Filesystem: read the interpreter, read and write the scratch, nothing else.
-    rules = landlock.Ruleset()
-    rules.allow(*READ_ONLY_PATHS, rules=_FS_READ)
-    rules.allow("/dev/null", rules=landlock.FSAccess.READ_FILE | landlock.FSAccess.WRITE_FILE)
-    rules.allow(SCRATCH)
-    rules.apply()
+    ruleset = _landlock_ruleset()
+    sc.landlock_restrict_self(ruleset)
+    os.close(ruleset)
     # 6. System calls: the allow-list.
     sc.load_seccomp_bpf(seccomp_bpf)

@@ -110,7 +110,7 @@ class WorkerProcess:
         with contextlib.suppress(OSError):
             os.close(pidfd)
         if self.cgroup is not None:
-            self.cgroup.remove()
+            self.cgroup.release()
 
 
 def _pid_of(pidfd: int) -> int:

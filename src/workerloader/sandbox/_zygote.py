@@ -35,6 +35,7 @@ POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
 """Run workers unconfined: only where the host found no sandbox and was told to go on."""
 SCRATCH_MB = int(os.environ.get("WORKERLOADER_SCRATCH_MB", "16"))
+os.environ.clear()  # read once; workers inherit an empty environment
 _UID_FIRST, _UID_COUNT = 1000, 60000
 _NAMESPACES = (
     sc.CLONE_NEWUSER
