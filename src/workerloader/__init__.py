@@ -5,7 +5,7 @@ The public surface is what this module exports; everything in a ``_module`` is p
 """
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import typing
 
 from ._errors import BindingError as BindingError
 from ._errors import CpuLimitExceeded as CpuLimitExceeded
@@ -26,7 +26,7 @@ from ._errors import WorkerError as WorkerError
 from ._errors import WorkerloaderError as WorkerloaderError
 from ._errors import WorkerLoadError as WorkerLoadError
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from .bindings import AiConfig as AiConfig
     from .bindings import HttpGateway as HttpGateway
     from .loader import EntrypointStub as EntrypointStub
@@ -60,7 +60,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'workerloader' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import Limits, Loader, WorkerCode
 from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
-from ..runtime._modules import BODY_PARAMETERS
+from ..runtime._execute import SNIPPET_MODULE
 
 __all__ = ["ExecuteOutcome", "execute"]
 
@@ -20,20 +20,12 @@ _closing: set[asyncio.Future[None]] = set()  # workers of answered executions, s
 
 _WRAPPER = "_workerloader_execute.py"
 _WRAPPER_SOURCE = f"""
-from workers import WorkerEntrypoint, sdk
-from workerloader.rpc import RpcLimits, encode_value
-import execute
+import {SNIPPET_MODULE}  # compiled at load: a syntax error is a load error with its line
+from workerloader.runtime._execute import Execute
 
 
-class Default(WorkerEntrypoint):
-    async def execute(self):
-        bound = sdk._bindings
-        result = await execute.main(
-            self.env, sdk, {", ".join(f'bound.get("{n}")' for n in BODY_PARAMETERS[2:])}
-        )
-        # The answer becomes JSON: only data may cross, and a clear error says where not.
-        encode_value(result, "result", lambda value: None, RpcLimits())
-        return result
+class Default(Execute):
+    pass
 """
 
 
@@ -88,14 +80,14 @@ async def execute(
     started = time.perf_counter()
     worker = WorkerCode(
         main_module=_WRAPPER,
-        modules={_WRAPPER: _WRAPPER_SOURCE, "execute.py": {"body": code}},
+        modules={_WRAPPER: _WRAPPER_SOURCE, f"{SNIPPET_MODULE}.py": {"body": code}},
         env={"SDK": sdk},
         limits=limits,
     )
     stub = None
     logs: list[str] = []
     try:
-        stub = await loader.load(worker)
+        stub = loader.get(None, lambda: worker)  # loads with the first call: one round trip
         result = await stub.get_entrypoint().execute()
         logs = stub.logs
         body: dict[str, Any] = {"ok": True, "result": to_json(result)}

@@ -90,6 +90,11 @@ class ServiceStore:
         self._writes = 0
         self._has_keys = False
         self._has_keys_version = -1
+        # Stored workers by (namespace, id), valid while data_version stays (no other
+        # connection wrote) and emptied by this connection's own writes: a warm fetch then
+        # costs no query.
+        self._workers: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._workers_version = -1
         self._pending_logs: list[tuple[object, ...]] = []
         self._flush_at = 0.0
         for statement in _SCHEMA:
@@ -160,6 +165,7 @@ class ServiceStore:
     def put_worker(self, namespace: str, worker_id: str, definition: dict[str, Any]) -> int:
         """Store a worker's definition; returns its new version."""
         with self._lock:
+            self._workers.clear()
             row = self._conn.execute(
                 "SELECT version FROM workers WHERE namespace = ? AND id = ?",
                 (namespace, worker_id),
@@ -174,14 +180,28 @@ class ServiceStore:
         return version
 
     def get_worker(self, namespace: str, worker_id: str) -> dict[str, Any] | None:
+        """A stored worker's definition with ``id``, ``version`` and ``updated``, or None.
+        The dict may be shared between callers: read it, do not change it."""
+        key = (namespace, worker_id)
         with self._lock:
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version != self._workers_version:
+                self._workers.clear()
+                self._workers_version = version
+            elif key in self._workers:
+                return self._workers[key]
             row = self._conn.execute(
                 "SELECT definition, version, updated FROM workers WHERE namespace = ? AND id = ?",
-                (namespace, worker_id),
+                key,
             ).fetchone()
-        if row is None:
-            return None
-        return {"id": worker_id, "version": row[1], "updated": row[2], **json.loads(row[0])}
+            stored = None
+            if row is not None:
+                stored = {"id": worker_id, "version": row[1], "updated": row[2]}
+                stored.update(json.loads(row[0]))
+            if len(self._workers) >= 10_000:
+                self._workers.clear()
+            self._workers[key] = stored
+            return stored
 
     def list_workers(self, namespace: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -193,6 +213,7 @@ class ServiceStore:
 
     def delete_worker(self, namespace: str, worker_id: str) -> bool:
         with self._lock:
+            self._workers.clear()
             cursor = self._conn.execute(
                 "DELETE FROM workers WHERE namespace = ? AND id = ?", (namespace, worker_id)
             )
