@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,12 @@ from ._execute import _error, to_json
 from ._schema import bad_request, body_schema
 from ._store import Caller, ServiceStore
 
-__all__ = ["WorkerDefinition", "workers_router"]
+__all__ = ["FETCH_METHODS", "FetchHandler", "WorkerDefinition", "workers_router"]
+
+FETCH_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+"""The methods ``/workers/{id}/fetch/{path}`` proxies into the worker."""
+
+FetchHandler = Callable[[str, str, Request], Awaitable[Response]]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -111,8 +117,9 @@ def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     raise exc
 
 
-def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
-    """The ``/workers`` endpoints over the service's Loader and store."""
+def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter, FetchHandler]:
+    """The ``/workers`` endpoints over the service's Loader and store, and the fetch proxy's
+    handler (which the app also routes ahead of FastAPI, see ``_app._Front``)."""
     router = APIRouter()
 
     def not_found(worker_id: str) -> JSONResponse:
@@ -226,7 +233,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
         _log(state, caller, "fetch", worker_id, response.status, started, {"logs": stub.logs})
         return Response(await response.bytes(), response.status, headers=response.headers)
 
-    for http_method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+    for http_method in FETCH_METHODS:
         # One route per method: OpenAPI wants an operation id of its own for each.
         router.add_api_route(
             "/workers/{worker_id}/fetch/{path:path}",
@@ -268,7 +275,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> APIRouter:
         _log(state, caller, "rpc", worker_id, 200, started, body)
         return JSONResponse(body)
 
-    return router
+    return router, fetch_worker
 
 
 def _log(
