@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -280,8 +281,8 @@ class WorkerStub:
         code = self._factory()
         # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
         limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
-        process = await self._loader._sandbox.spawn(limit)
-        session = await rpc.connect(process.channel)
+        process, session = await self._loader._checkout()
+        self._loader._sandbox.limit_memory(process, limit)
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:
@@ -406,6 +407,12 @@ class Loader:
         self.max_workers = max_workers
         self.idle_ttl_s = idle_ttl_s
         self._sandbox = Sandbox(pool_size=pool_size, insecure=insecure)
+        # Workers taken from the zygote ahead of need, their sessions already open: a cold
+        # start then costs no zygote round trip and no session setup (each a process wake-up,
+        # up to a millisecond or more on an idle virtual machine).
+        self._ready: deque[tuple[WorkerProcess, rpc.RpcSession]] = deque()
+        self._ready_target = min(4, pool_size)
+        self._refilling: asyncio.Task[None] | None = None
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
@@ -419,7 +426,40 @@ class Loader:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._sandbox.start()
         self._reaper = asyncio.ensure_future(self._reap_idle())
+        self._refill_soon()
         return self
+
+    async def _checkout(self) -> tuple[WorkerProcess, rpc.RpcSession]:
+        """A fresh worker and its open session: from the ready queue, else started now."""
+        try:
+            while self._ready:
+                process, session = self._ready.popleft()
+                if not session.closed:
+                    return process, session
+                await process.aclose()
+            process = await self._sandbox.spawn()
+            try:
+                return process, await rpc.connect(process.channel)
+            except BaseException:
+                await process.aclose()
+                raise
+        finally:
+            self._refill_soon()
+
+    def _refill_soon(self) -> None:
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.ensure_future(self._refill())
+
+    async def _refill(self) -> None:
+        await asyncio.sleep(0.002)  # after the cold start that asked for it has gone out
+        while len(self._ready) < self._ready_target:
+            process = await self._sandbox.spawn()
+            try:
+                session = await rpc.connect(process.channel)
+            except BaseException:
+                await process.aclose()
+                raise
+            self._ready.append((process, session))
 
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -431,6 +471,15 @@ class Loader:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        if self._refilling is not None:
+            self._refilling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refilling
+            self._refilling = None
+        while self._ready:
+            process, session = self._ready.popleft()
+            await session.aclose()
+            await process.aclose()
         self._stubs.clear()
         for task in list(self._closing):
             task.cancel()

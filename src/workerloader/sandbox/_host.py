@@ -187,7 +187,7 @@ class Sandbox:
 
     async def spawn(self, memory_limit_bytes: int | None = None) -> WorkerProcess:
         """A new confined worker, waiting for its code on its channel; in a memory cgroup of
-        ``memory_limit_bytes`` where cgroups are writable."""
+        ``memory_limit_bytes`` where cgroups are writable (or later, ``limit_memory``)."""
         ctrl = self._ctrl
         if ctrl is None:
             raise SandboxUnavailable("the sandbox is not running")
@@ -213,18 +213,25 @@ class Sandbox:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         channel_fd, pidfd = fds[0], fds[1]
         process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
-        if self._cgroups is not None and memory_limit_bytes is not None:
-            # Moving a task into a v1 cgroup can block ~10 ms in the kernel (an RCU grace
-            # period), so it happens in a thread while the worker loads; RLIMIT_AS covers it
-            # until then.
-            cgroups = self._cgroups
-
-            def attach() -> WorkerCgroup | None:
-                process.cgroup = cgroups.attach(process.pid, memory_limit_bytes)
-                return process.cgroup
-
-            process._attaching = asyncio.ensure_future(asyncio.to_thread(attach))
+        if memory_limit_bytes is not None:
+            self.limit_memory(process, memory_limit_bytes)
         return process
+
+    def limit_memory(self, process: WorkerProcess, limit_bytes: int) -> None:
+        """Put the worker in a memory cgroup of its own capped at ``limit_bytes``, where
+        cgroups are writable. Once per worker, before its code runs."""
+        if self._cgroups is None or process._attaching is not None:
+            return
+        # Moving a task into a v1 cgroup can block ~10 ms in the kernel (an RCU grace
+        # period), so it happens in a thread while the worker loads; RLIMIT_AS covers it
+        # until then.
+        cgroups = self._cgroups
+
+        def attach() -> WorkerCgroup | None:
+            process.cgroup = cgroups.attach(process.pid, limit_bytes)
+            return process.cgroup
+
+        process._attaching = asyncio.ensure_future(asyncio.to_thread(attach))
 
     async def aclose(self) -> None:
         """Stop the zygote; every worker dies with it. Safe to call twice."""

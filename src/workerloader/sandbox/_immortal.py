@@ -11,6 +11,7 @@ ever being freed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import sys
@@ -65,7 +66,5 @@ def immortalize_heap() -> int:
 
 def _libc_malloc_trim() -> None:
     """Give the walk's freed memory back to the system (glibc; elsewhere nothing to do)."""
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass

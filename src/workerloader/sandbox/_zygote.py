@@ -109,7 +109,10 @@ class _Zygote:
                 if len(self.pool) < POOL_SIZE:
                     self.prefork()
                 continue
-            request = self.ctrl.recv(64)
+            try:
+                request = self.ctrl.recv(64)
+            except ConnectionResetError:  # the host closed with a reply of ours unread
+                return
             if not request:
                 return
             if request == b"spawn":
