@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from .. import rpc
 from ..rpc._loop import run
-from . import workers
+from . import _execute, workers
 from ._modules import ModuleMap
 
 __all__ = ["WorkerRuntime", "prepare", "serve"]
@@ -270,8 +270,13 @@ def _install_streams() -> None:
 
 
 _WARMUP_MODULE = "_workerloader_warmup"
-_WARMUP_SOURCE = """
+_WARMUP_SOURCE = f"""
+import {_execute.SNIPPET_MODULE}
 from workers import WorkerEntrypoint, Response
+from workerloader.runtime._execute import Execute
+
+class Snippet(Execute):
+    pass
 
 class Default(WorkerEntrypoint):
     async def fetch(self, request):
@@ -298,7 +303,10 @@ async def _warm_up() -> None:
     await runtime.load(
         {
             "main_module": f"{_WARMUP_MODULE}.py",
-            "modules": {f"{_WARMUP_MODULE}.py": _WARMUP_SOURCE},
+            "modules": {
+                f"{_WARMUP_MODULE}.py": _WARMUP_SOURCE,
+                f"{_execute.SNIPPET_MODULE}.py": {"body": "return [1, 'x', {'k': 2.5}]"},
+            },
             "env": {},
             "limits": {},
         }
@@ -306,11 +314,13 @@ async def _warm_up() -> None:
     await runtime.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, {"p": 1})
     request = workers.Request("https://warm.up/", "POST", {"a": "b"}, b"body").to_wire()
     await runtime.fetch(None, request, None)
+    await runtime.invoke("Snippet", "execute", [], {}, None)  # POST /execute's path
     await runtime.invoke(None, "nope", [], {}, None)  # the error path too
     await host.aclose()
     await worker.aclose()
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ModuleMap)]
     sys.modules.pop(_WARMUP_MODULE, None)
+    sys.modules.pop(_execute.SNIPPET_MODULE, None)
     workers.modules.clear()
 
 

@@ -72,6 +72,7 @@ class MemoryCgroups:
             root, v2 = _V2 / name, True
         else:
             return None
+        _remove_abandoned(root.parent)
         try:
             root.mkdir(exist_ok=True)
         except OSError:
@@ -120,6 +121,20 @@ class MemoryCgroups:
                 child.rmdir()
         with contextlib.suppress(OSError):
             self.root.rmdir()
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Remove the empty cgroups of hosts that died without cleaning up (killed with
+    SIGKILL): their ``workerloader-<pid>`` directories would otherwise pile up."""
+    for stale in parent.glob("workerloader-*"):
+        pid = stale.name.removeprefix("workerloader-")
+        if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        for child in stale.glob("w*"):
+            with contextlib.suppress(OSError):
+                child.rmdir()  # fails, and stays, while a process is still inside
+        with contextlib.suppress(OSError):
+            stale.rmdir()
 
 
 def _read(path: Path) -> str:
