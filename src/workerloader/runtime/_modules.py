@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ast
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import json
 import sys
 import types
@@ -22,9 +20,11 @@ def module_name(path: str) -> str | None:
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
 
 
-class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class ModuleMap:
     """A finder and loader for the ``.py`` entries of a module map; data entries are parsed into
-    ``workers.modules``."""
+    ``workers.modules``. (Not derived from ``importlib.abc``: importing that module pulls in
+    importlib.resources, tempfile, shutil and three compression libraries, all of which would
+    then sit in the zygote that every worker is forked from.)"""
 
     def __init__(self, modules: Mapping[str, object]) -> None:
         self.sources: dict[str, tuple[str, str, bool]] = {}  # name -> (path, source, is_pkg)
@@ -73,10 +73,14 @@ class ModuleMap(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         entry = self.sources.get(fullname)
         if entry is None:
             return None
-        spec = importlib.util.spec_from_loader(fullname, self, is_package=entry[2], origin=entry[0])
-        if spec is not None and entry[2]:
+        spec = importlib.machinery.ModuleSpec(fullname, self, origin=entry[0], is_package=entry[2])
+        if entry[2]:
             spec.submodule_search_locations = []
         return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        """Default module creation."""
+        return None
 
     def exec_module(self, module: types.ModuleType) -> None:
         path, source, _ = self.sources[module.__name__]

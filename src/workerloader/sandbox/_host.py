@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .._errors import SandboxUnavailable
 from ._cgroup import MemoryCgroups, WorkerCgroup
+from ._policy import compile_seccomp
 
 __all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
 
@@ -180,6 +181,8 @@ class Sandbox:
         if not self.insecure:
             _write_id_maps(self._proc.pid)
         await loop.sock_sendall(host, b"mapped")
+        # The workers' seccomp program, compiled here (one datagram).
+        await loop.sock_sendall(host, b"unconfined" if self.insecure else compile_seccomp())
         if not self.insecure:
             self._cgroups = MemoryCgroups.detect()
         if await loop.sock_recv(host, 16) != b"ready":

@@ -9,10 +9,7 @@ import errno
 import os
 import socket
 import sys
-import tempfile
 from typing import Final
-
-import pyseccomp as seccomp  # type: ignore[import-untyped]
 
 __all__ = ["READ_ONLY_PATHS", "compile_seccomp"]
 
@@ -52,7 +49,12 @@ _IOCTLS: Final = (
 
 
 def compile_seccomp() -> bytes:
-    """The worker's seccomp filter as classic BPF."""
+    """The worker's seccomp filter as classic BPF. Compiled by the host, which hands it to
+    the zygote: libseccomp and its Python binding stay out of the zygote's memory."""
+    import tempfile
+
+    import pyseccomp as seccomp  # type: ignore[import-untyped]
+
     f = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
     allow = seccomp.ALLOW
     for name in _ALLOWED:
