@@ -8,6 +8,10 @@ import json
 import sys
 import types
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
 
 __all__ = ["ModuleMap", "module_name"]
 
@@ -73,7 +77,9 @@ class ModuleMap:
         entry = self.sources.get(fullname)
         if entry is None:
             return None
-        spec = importlib.machinery.ModuleSpec(fullname, self, origin=entry[0], is_package=entry[2])
+        spec = importlib.machinery.ModuleSpec(
+            fullname, cast("Loader", self), origin=entry[0], is_package=entry[2]
+        )
         if entry[2]:
             spec.submodule_search_locations = []
         return spec
