@@ -40,6 +40,7 @@ from ..bindings import (
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
 from ..bindings._sqlite import call_deadline, open_database
+from ..runtime._main import SESSION_LIMITS
 from ..runtime.workers import WorkerEntrypoint
 from ..sandbox import Sandbox, WorkerProcess
 from ._code import Limits, WorkerCode
@@ -308,6 +309,7 @@ class WorkerStub:
             # whose code failed to load gets the factory's code again).
             if self._worker is worker:
                 self._worker = None
+                self._starting = None  # its result is this worker
             await self._loader._forget(worker)
             raise
 
@@ -439,7 +441,7 @@ class Loader:
                 await process.aclose()
             process = await self._sandbox.spawn()
             try:
-                return process, await rpc.connect(process.channel)
+                return process, await rpc.connect(process.channel, limits=SESSION_LIMITS)
             except BaseException:
                 await process.aclose()
                 raise
@@ -455,7 +457,7 @@ class Loader:
         while len(self._ready) < self._ready_target:
             process = await self._sandbox.spawn()
             try:
-                session = await rpc.connect(process.channel)
+                session = await rpc.connect(process.channel, limits=SESSION_LIMITS)
             except BaseException:
                 await process.aclose()
                 raise

@@ -95,6 +95,11 @@ class RpcStub:
         return f"<RpcStub {self._import_id}{state}>"
 
 
+def _mark_retrieved(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()  # so that asyncio does not log an error nobody awaited
+
+
 class RpcPromise:
     """The pending result of a call or property read on a stub.
 
@@ -144,9 +149,11 @@ class RpcPromise:
         """Send the call now instead of on the first ``await``, and return this promise (await
         it for the result). Calls made after it reach the peer after it, so a setup call and
         the first real one can share a round trip. A promise that depends on another one still
-        in flight is sent when awaited, as usual."""
+        in flight is sent when awaited, as usual. A sent promise that is never awaited drops its
+        result, an error included, as a dropped unsent one would."""
         if self._future is None and self._value is _UNSET and not self._waits_on_parent():
             self._future = self._rpc._expect(self._send(pull=True))
+            self._future.add_done_callback(_mark_retrieved)
         return self
 
     def _waits_on_parent(self) -> bool:

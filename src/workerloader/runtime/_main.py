@@ -25,9 +25,13 @@ from ..rpc._loop import run
 from . import _execute, workers
 from ._modules import ModuleMap
 
-__all__ = ["WorkerRuntime", "prepare", "serve"]
+__all__ = ["SESSION_LIMITS", "WorkerRuntime", "prepare", "serve"]
 
 _LOG_CAP = 64 * 1024
+
+SESSION_LIMITS = rpc.RpcLimits(max_frame_bytes=4 << 20)
+"""The host ↔ worker session's limits (both ends): frames carry whole request and response
+bodies, which the service caps at 1 MiB, plus their framing."""
 
 _background: set[asyncio.Future[object]] = set()  # ctx.wait_until work still running
 
@@ -338,7 +342,7 @@ def serve(channel: socket.socket) -> int:
     must have run in this process or the one it was forked from."""
 
     async def main() -> None:
-        session = await rpc.connect(channel, WorkerRuntime())
+        session = await rpc.connect(channel, WorkerRuntime(), limits=SESSION_LIMITS)
         await session.wait_closed()
 
     run(main())
