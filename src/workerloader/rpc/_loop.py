@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run"]
+__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run", "set_spin"]
 
 DEFAULT_SPIN_US = 200
 """Spin window, measured on this machine: 200 µs catches the reply of a typical worker call
@@ -30,8 +30,8 @@ class _SpinningSelector(selectors.EpollSelector):
         self._spin_ns = spin_ns
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is not None and timeout <= 0:
-            return super().select(0)
+        if (timeout is not None and timeout <= 0) or not self._spin_ns:
+            return super().select(timeout)
         deadline = time.perf_counter_ns() + self._spin_ns
         if timeout is not None:
             deadline = min(deadline, time.perf_counter_ns() + int(timeout * 1e9))
@@ -45,10 +45,17 @@ class _SpinningSelector(selectors.EpollSelector):
 
 
 def new_event_loop(spin_us: int = DEFAULT_SPIN_US) -> asyncio.AbstractEventLoop:
-    """A selector event loop that spins ``spin_us`` before blocking (0: a plain loop)."""
-    if spin_us <= 0:
-        return asyncio.SelectorEventLoop()
-    return asyncio.SelectorEventLoop(_SpinningSelector(spin_us * 1000))
+    """A selector event loop that spins ``spin_us`` before blocking (0: not until
+    ``set_spin``)."""
+    return asyncio.SelectorEventLoop(_SpinningSelector(max(spin_us, 0) * 1000))
+
+
+def set_spin(spin_us: int) -> None:
+    """Change the spin window of the running loop, if ``new_event_loop`` made it (a worker
+    starts with none: spinning while it waits for its code would only burn CPU)."""
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    if isinstance(selector, _SpinningSelector):
+        selector._spin_ns = max(spin_us, 0) * 1000
 
 
 def run(main: Coroutine[Any, Any, _T], *, spin_us: int = DEFAULT_SPIN_US) -> _T:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from .. import rpc
-from ..rpc._loop import run
+from ..rpc._loop import DEFAULT_SPIN_US, run, set_spin
 from . import _execute, workers
 from ._modules import ModuleMap
 
@@ -120,6 +120,7 @@ class WorkerRuntime(rpc.RpcTarget):
 
     def load(self, code: dict[str, Any]) -> dict[str, Any] | None:
         """Load the worker's code; None on success, else ``{"type", "message", "file", "line"}``."""
+        set_spin(DEFAULT_SPIN_US)  # from now on calls come in bursts
         limits = code.get("limits") or {}
         memory_mb = limits.get("memory_mb")
         if memory_mb:
@@ -180,6 +181,20 @@ class WorkerRuntime(rpc.RpcTarget):
         if None not in self._entrypoints and inspect.iscoroutinefunction(fetch):
             self._entrypoints[None] = fetch
         return None
+
+    async def warm(self) -> None:
+        """Run a load and a call once, on a throwaway runtime, while this worker waits unused
+        in the host's ready queue: the first run of those paths in a fresh process copies the
+        pages it writes and fills cold caches, and doing it now takes that off the first real
+        call. Leaves nothing behind; refused once the worker has code."""
+        if self._modules is not None:
+            raise RuntimeError("warm() is for a worker that has not loaded code")
+        scratch = WorkerRuntime()
+        try:
+            scratch.load(_WARMUP_CODE)
+            await scratch.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, None)
+        finally:
+            _forget_warm_up()
 
     async def invoke(
         self,
@@ -292,8 +307,27 @@ class Default(WorkerEntrypoint):
 """
 
 
+_WARMUP_CODE: dict[str, Any] = {
+    "main_module": f"{_WARMUP_MODULE}.py",
+    "modules": {
+        f"{_WARMUP_MODULE}.py": _WARMUP_SOURCE,
+        f"{_execute.SNIPPET_MODULE}.py": {"body": "return [1, 'x', {'k': 2.5}]"},
+    },
+    "env": {},
+    "limits": {},
+}
+
+
+def _forget_warm_up() -> None:
+    """Remove what loading ``_WARMUP_CODE`` installed (its finder, modules, data)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ModuleMap)]
+    sys.modules.pop(_WARMUP_MODULE, None)
+    sys.modules.pop(_execute.SNIPPET_MODULE, None)
+    workers.modules.clear()
+
+
 async def _warm_up() -> None:
-    """Run one load and a few calls through the real code paths, over an in-memory session.
+    """Run one load and a few calls through the real code paths, over a socket session.
 
     Run in the zygote before it forks: the first run of a code path imports lazily loaded
     modules, fills caches and specializes bytecode, all of which then sits in memory the
@@ -304,17 +338,7 @@ async def _warm_up() -> None:
     worker = await rpc.connect(worker_end, WorkerRuntime())
     host = await rpc.connect(host_end)
     runtime = host.main
-    await runtime.load(
-        {
-            "main_module": f"{_WARMUP_MODULE}.py",
-            "modules": {
-                f"{_WARMUP_MODULE}.py": _WARMUP_SOURCE,
-                f"{_execute.SNIPPET_MODULE}.py": {"body": "return [1, 'x', {'k': 2.5}]"},
-            },
-            "env": {},
-            "limits": {},
-        }
-    )
+    await runtime.load(_WARMUP_CODE)
     await runtime.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, {"p": 1})
     request = workers.Request("https://warm.up/", "POST", {"a": "b"}, b"body").to_wire()
     await runtime.fetch(None, request, None)
@@ -322,10 +346,7 @@ async def _warm_up() -> None:
     await runtime.invoke(None, "nope", [], {}, None)  # the error path too
     await host.aclose()
     await worker.aclose()
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ModuleMap)]
-    sys.modules.pop(_WARMUP_MODULE, None)
-    sys.modules.pop(_execute.SNIPPET_MODULE, None)
-    workers.modules.clear()
+    _forget_warm_up()
 
 
 def prepare() -> None:
@@ -345,5 +366,5 @@ def serve(channel: socket.socket) -> int:
         session = await rpc.connect(channel, WorkerRuntime(), limits=SESSION_LIMITS)
         await session.wait_closed()
 
-    run(main())
+    run(main(), spin_us=0)  # until load: a pooled worker only waits
     return 0

@@ -56,6 +56,10 @@ def compile_seccomp() -> bytes:
     import pyseccomp as seccomp  # type: ignore[import-untyped]
 
     f = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
+    # A binary search over syscall numbers instead of a list: each worker's kernel checks every
+    # syscall number against the filter once when it is loaded (to cache the always-allowed
+    # ones), and with ~120 rules in a list that took ~0.4 ms per worker.
+    f.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
     allow = seccomp.ALLOW
     for name in _ALLOWED:
         f.add_rule(allow, name)

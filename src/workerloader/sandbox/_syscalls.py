@@ -43,6 +43,7 @@ MS_REMOUNT: Final = 32
 MS_BIND: Final = 4096
 MS_REC: Final = 16384
 MS_PRIVATE: Final = 1 << 18
+MNT_DETACH: Final = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
@@ -55,6 +56,7 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.syscall.restype = ctypes.c_long
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -89,6 +91,11 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
             data.encode() if data else None,
         )
     )
+
+
+def umount(target: str) -> None:
+    """Lazily detach the mount at ``target`` and everything under it (MNT_DETACH)."""
+    _check(_libc.umount2(target.encode(), MNT_DETACH))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

@@ -179,6 +179,18 @@ def _mount_interpreter(exposed: list[tuple[str, str, int]]) -> None:
         os.close(fd)
 
 
+def _drop_mounts() -> None:
+    """Detach what no worker may reach anyway (Landlock denies it): /sys with its cgroup
+    hierarchies, and the extra /dev mounts. Each worker copies this mount table into a mount
+    namespace of its own and tears it down at exit, so every mount left costs every worker."""
+    for path in ("/sys", "/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/hugepages"):
+        while os.path.ismount(path):
+            try:
+                sc.umount(path)
+            except OSError:
+                break
+
+
 def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     if INSECURE:
@@ -192,6 +204,7 @@ def main() -> None:
     sc.unshare(sc.CLONE_NEWNS)
     sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
     _mount_interpreter(_expose_interpreter())
+    _drop_mounts()
     sc.unshare(_NAMESPACES)
     ctrl.send(b"userns")
     if ctrl.recv(16) != b"mapped":
