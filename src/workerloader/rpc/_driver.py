@@ -31,7 +31,11 @@ from ._target import is_local_capability
 __all__ = ["RpcSession", "connect", "memory_pair"]
 
 _STUB_TYPES = (RpcStub, RpcPromise)
-_READ_SIZE = 64 * 1024
+_READ_SIZE = 4 * 1024
+_READ_SIZE_MAX = 64 * 1024
+# A session starts with a small read buffer and grows it when reads fill it: a worker's session
+# mostly carries small frames, and a bytearray is zero-filled when made (64 KiB = 16 pages
+# written, and so copied, in each forked worker).
 # Coalesced output is written once this much is queued, even mid-turn, so the peer can start on
 # a long pipelined burst while this side is still producing it.
 _EAGER_WRITE_BYTES = 4096
@@ -146,6 +150,8 @@ class RpcSession(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._read_view[:nbytes])
+        if nbytes == len(self._read_view) < _READ_SIZE_MAX:
+            self._read_view = memoryview(bytearray(len(self._read_view) * 4))
 
     def data_received(self, data: bytes | memoryview) -> None:
         self._session.receive_data(data)

@@ -40,7 +40,7 @@ base_vm_bytes = 0
 
 
 def measure_base_vm() -> None:
-    """Record ``base_vm_bytes``; called by the zygote before it forks a worker (a worker cannot
+    """Record ``base_vm_bytes``; called by the zygote before it forks workers (a worker cannot
     read /proc once confined)."""
     global base_vm_bytes
     with open("/proc/self/statm") as f:

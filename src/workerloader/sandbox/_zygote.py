@@ -37,6 +37,7 @@ del sys.modules["ssl"]
 
 from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
+from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
@@ -44,6 +45,7 @@ INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
 """Run workers unconfined: only where the host found no sandbox and was told to go on."""
 SCRATCH_MB = int(os.environ.get("WORKERLOADER_SCRATCH_MB", "16"))
 os.environ.clear()  # read once; workers inherit an empty environment
+_LOW_WATER = POOL_SIZE // 2  # refill in batches from here (see prefork)
 _UID_FIRST, _UID_COUNT = 1000, 60000
 _NAMESPACES = (
     sc.CLONE_NEWUSER
@@ -71,31 +73,44 @@ class _Zygote:
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
 
-    def prefork(self) -> None:
-        host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        uid = _UID_FIRST + self.next_uid
-        self.next_uid = (self.next_uid + 1) % _UID_COUNT
-        self.runtime.measure_base_vm()
-        if not INSECURE:
-            sc.unshare(sc.CLONE_NEWPID)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                host_end.close()
-                if INSECURE:
-                    close_inherited(worker_end.fileno())
-                else:
-                    confine(worker_end.fileno(), uid, self.seccomp, SCRATCH_MB)
-                code = self.runtime.serve(worker_end)
-            except BaseException:
-                pass  # confinement failed or the session broke: exit, never run unconfined
-            finally:
-                os._exit(code)
-        if not INSECURE:
-            sc.setns(self.own_pidns, sc.CLONE_NEWPID)
-        worker_end.close()
-        self.pool.append((host_end, os.pidfd_open(pid)))
+    def prefork(self, count: int = 1) -> None:
+        """Fork ``count`` workers back to back into the pool.
+
+        A page this process writes between two forks stays, in its old version, only in the
+        earlier child: memory counted against that one worker. Pages written after a batch
+        remain shared by all of its workers. So the sockets are made first and the forks
+        follow each other with next to nothing in between.
+        """
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
+        pids = []
+        for host_end, worker_end in pairs:
+            uid = _UID_FIRST + self.next_uid
+            self.next_uid = (self.next_uid + 1) % _UID_COUNT
+            if not INSECURE:
+                sc.unshare(sc.CLONE_NEWPID)
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(worker_end, uid)
+            if not INSECURE:
+                sc.setns(self.own_pidns, sc.CLONE_NEWPID)
+            pids.append(pid)
+        for (host_end, worker_end), pid in zip(pairs, pids, strict=True):
+            worker_end.close()
+            self.pool.append((host_end, os.pidfd_open(pid)))
+
+    def _become_worker(self, channel: socket.socket, uid: int) -> None:
+        """In a freshly forked child: confine, then serve the channel. Never returns."""
+        code = 1
+        try:
+            if INSECURE:
+                close_inherited(channel.fileno())
+            else:
+                confine(channel.fileno(), uid, self.seccomp, SCRATCH_MB)
+            code = self.runtime.serve(channel)
+        except BaseException:
+            pass  # confinement failed or the session broke: exit, never run unconfined
+        finally:
+            os._exit(code)
 
     def serve(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -105,16 +120,17 @@ class _Zygote:
         gc.collect()
         immortalize_heap()
         gc.freeze()
-        while len(self.pool) < POOL_SIZE:
-            self.prefork()
+        self.runtime.measure_base_vm()  # a worker maps what the zygote does, from here on
+        fill_free_blocks()
+        self.prefork(POOL_SIZE)
         self.ctrl.send(b"ready")
         while True:
             self._reap()
-            timeout = 0 if len(self.pool) < POOL_SIZE else 1.0
+            timeout = 0 if len(self.pool) <= _LOW_WATER else 1.0
             readable, _, _ = select.select([self.ctrl], [], [], timeout)
             if not readable:
-                if len(self.pool) < POOL_SIZE:
-                    self.prefork()
+                if len(self.pool) <= _LOW_WATER:
+                    self.prefork(POOL_SIZE - len(self.pool))
                 continue
             try:
                 request = self.ctrl.recv(64)
