@@ -83,7 +83,7 @@ class _Zygote:
         """
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
         pids = []
-        for host_end, worker_end in pairs:
+        for _, worker_end in pairs:
             uid = _UID_FIRST + self.next_uid
             self.next_uid = (self.next_uid + 1) % _UID_COUNT
             if not INSECURE:
