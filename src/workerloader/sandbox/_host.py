@@ -203,8 +203,13 @@ class Sandbox:
                     msg, ancdata, _, _ = ctrl.recvmsg(16, socket.CMSG_LEN(2 * fds.itemsize))
                     break
                 except BlockingIOError:
-                    waiter = loop.create_future()
-                    loop.add_reader(ctrl, waiter.set_result, None)
+                    waiter: asyncio.Future[None] = loop.create_future()
+
+                    def readable(waiter: asyncio.Future[None] = waiter) -> None:
+                        if not waiter.done():  # may fire again, or after a cancellation
+                            waiter.set_result(None)
+
+                    loop.add_reader(ctrl, readable)
                     try:
                         await waiter
                     finally:
