@@ -142,9 +142,13 @@ class _Zygote:
                 if not self.pool:
                     self.prefork()
                 host_end, pidfd = self.pool.popleft()
-                _send_fds(self.ctrl, b"worker", [host_end.fileno(), pidfd])
-                host_end.close()
-                os.close(pidfd)
+                try:
+                    _send_fds(self.ctrl, b"worker", [host_end.fileno(), pidfd])
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the host is gone
+                finally:
+                    host_end.close()
+                    os.close(pidfd)
 
     def _reap(self) -> None:
         while True:
