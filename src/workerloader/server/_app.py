@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +61,20 @@ class ExecuteRequest(BaseModel):
 
 class _Front:
     """Plain ASGI in front of FastAPI (Starlette's ``BaseHTTPMiddleware`` costs ~0.3 ms a
-    request): 413 for a body whose declared length is over ``MAX_BODY_BYTES``, and the worker
-    fetch proxy routed straight to its handler. The proxy carries the tenants' own traffic,
-    and FastAPI's router and parameter resolution would add ~0.1 ms to each of its requests;
-    its FastAPI routes stay for the OpenAPI document and call the same handler."""
+    request): 413 for a body whose declared length is over ``MAX_BODY_BYTES``, and the busy
+    endpoints (the worker fetch proxy, ``POST /execute``) routed straight to their handlers.
+    FastAPI's router and parameter resolution would add ~0.1 ms to each of their requests;
+    their FastAPI routes stay for the OpenAPI document and call the same handlers."""
 
-    def __init__(self, app: Any, fetch: FetchHandler) -> None:
+    def __init__(
+        self,
+        app: Any,
+        fetch: FetchHandler,
+        execute: Callable[[Request], Awaitable[JSONResponse]],
+    ) -> None:
         self.app = app
         self.fetch = fetch
+        self.execute = execute
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -97,6 +103,10 @@ class _Front:
             ):
                 proxied = await self.fetch(parts[2], parts[4], Request(scope, receive))
                 await proxied(scope, receive, send)
+                return
+            if scope["path"] == "/execute" and scope["method"] == "POST":
+                answer = await self.execute(Request(scope, receive))
+                await answer(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -158,8 +168,6 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return bad_request(exc)
-
-    app.add_middleware(_Front, fetch=fetch_worker)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -233,6 +241,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             logs=outcome.body["logs"],
         )
         return JSONResponse(outcome.body, outcome.status)
+
+    app.add_middleware(_Front, fetch=fetch_worker, execute=execute_code)
 
     @app.get("/logs/stream")
     async def stream_logs(request: Request) -> Any:
