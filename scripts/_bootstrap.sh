@@ -6,9 +6,10 @@
 # (PEP 683), so forked workers keep sharing it: about half the memory per worker, and faster
 # starts (docs/sandbox.md).
 pick_python() {
-    local candidate
-    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
-        python3.13 "$HOME"/.pyenv/versions/3.13*/bin/python3.13 python3; do
+    local candidate pyenv_root
+    pyenv_root=$(pyenv root 2>/dev/null || echo "${HOME:-/root}/.pyenv")
+    for candidate in python3.12 "$pyenv_root"/versions/3.12*/bin/python3.12 \
+        python3.13 "$pyenv_root"/versions/3.13*/bin/python3.13 python3; do
         if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' \
             >/dev/null 2>&1; then
             echo "$candidate"
