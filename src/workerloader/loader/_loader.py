@@ -461,11 +461,17 @@ class Loader:
     async def _refill(self) -> None:
         await asyncio.sleep(0.002)  # after the cold start that asked for it has gone out
         while len(self._ready) < self._ready_target:
-            process = await self._sandbox.spawn()
+            try:
+                process = await self._sandbox.spawn()
+            except Exception:
+                return  # the next cold start spawns itself, and reports what is wrong
             try:
                 session = await rpc.connect(process.channel, limits=SESSION_LIMITS)
                 if time.monotonic() - self._last_checkout > _WARM_WHEN_IDLE_S:
                     await asyncio.wait_for(session.main.warm(), 1.0)
+            except Exception:
+                await process.aclose()  # a worker that cannot even warm up is not handed out
+                return
             except BaseException:
                 await process.aclose()
                 raise

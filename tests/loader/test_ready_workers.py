@@ -1,0 +1,91 @@
+"""Workers the Loader keeps ready (started, session open, warmed while idle) behave exactly like
+fresh ones: the warm-up leaves nothing a tenant could see, and cannot run once code is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from workerloader import Loader, WorkerCode
+
+PROBE = """
+import sys
+import workers
+from workers import WorkerEntrypoint
+
+class Probe(WorkerEntrypoint):
+    async def state(self):
+        finders = [type(f).__name__ for f in sys.meta_path if type(f).__name__ == "ModuleMap"]
+        return {
+            "warmup_module": "_workerloader_warmup" in sys.modules,
+            "snippet_module": "execute" in sys.modules,
+            "data": sorted(workers.modules),
+            "finders": len(finders),
+            "env": self.env["NAME"],
+        }
+"""
+
+
+def probe_code() -> WorkerCode:
+    return WorkerCode(
+        main_module="main.py",
+        modules={"main.py": PROBE, "config.json": {"json": {"a": 1}}},
+        env={"NAME": "probe"},
+    )
+
+
+async def _wait_ready(loader: Loader, count: int) -> None:
+    for _ in range(400):
+        if len(loader._ready) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the Loader kept {len(loader._ready)} ready workers, not {count}")
+
+
+async def test_a_warmed_ready_worker_shows_no_trace_of_its_warm_up(tmp_path: Path) -> None:
+    async with Loader(tmp_path / "data", pool_size=4) as loader:
+        await _wait_ready(loader, 2)  # filled while idle: warmed
+        state = await loader.get("p", probe_code).get_entrypoint("Probe").state()
+        assert state == {
+            "warmup_module": False,
+            "snippet_module": False,
+            "data": ["config.json"],
+            "finders": 1,
+            "env": "probe",
+        }
+
+
+async def test_warm_up_is_refused_once_a_worker_has_code(tmp_path: Path) -> None:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        stub = loader.get("p", probe_code)
+        await stub.get_entrypoint("Probe").state()
+        worker = stub._worker
+        assert worker is not None
+        with pytest.raises(RuntimeError, match="has not loaded code"):
+            await worker.session.main.warm()
+        # The worker still serves its own code afterwards.
+        state = await stub.get_entrypoint("Probe").state()
+        assert state["data"] == ["config.json"]
+
+
+async def test_no_ready_worker_outlives_the_loader(tmp_path: Path) -> None:
+    async with Loader(tmp_path / "data", pool_size=4) as loader:
+        await _wait_ready(loader, 2)
+        pids = [process.pid for process, _ in loader._ready]
+    for _ in range(200):
+        alive = [pid for pid in pids if _exists(pid)]
+        if not alive:
+            break
+        await asyncio.sleep(0.01)
+    assert not alive
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
