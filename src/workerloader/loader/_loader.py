@@ -8,7 +8,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -98,8 +98,10 @@ class _Worker:
     async def call(self, method: str, *args: object) -> dict[str, Any]:
         """One envelope-returning call under the worker's cpu and wall limits (the first call
         also waits for, and checks, the load report sent ahead of it)."""
-        promise = getattr(self.session.main, method)(*args).send()
-        return await self._watched(self._answer(promise))
+        promise = getattr(self.session.main, method)(*args)
+        if self.load_report is None:  # the common case: a warm worker, one plain round trip
+            return await self._watched(promise)
+        return await self._watched(self._answer(promise.send()))
 
     async def loaded(self) -> None:
         """Wait until the worker has loaded its code, under its limits; WorkerLoadError if it
@@ -123,7 +125,7 @@ class _Worker:
             )
         self.load_report = None
 
-    async def _watched(self, work: Coroutine[Any, Any, _T]) -> _T:
+    async def _watched(self, work: Awaitable[_T]) -> _T:
         """Run ``work`` (waiting on the worker) under the cpu and wall limits.
 
         A watchdog wakes every 5 ms while the call runs: calls shorter than that cost no
