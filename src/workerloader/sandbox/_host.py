@@ -51,7 +51,8 @@ class WorkerProcess:
     pidfd: int
     pid: int
     cgroup: WorkerCgroup | None = None
-    _attaching: asyncio.Future[WorkerCgroup | None] | None = None
+    """Set by the cgroup thread once the worker is in its cgroup."""
+    _cgroups: MemoryCgroups | None = None  # where limit_memory queued the attach
     _exited: asyncio.Future[None] | None = None
 
     def oom_killed(self) -> bool:
@@ -100,8 +101,6 @@ class WorkerProcess:
             return
         self.kill()
         await self.wait_exit()
-        if self._attaching is not None:
-            self.cgroup = await self._attaching
         if self._exited is not None and not self._exited.done():
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.pidfd)
@@ -110,6 +109,11 @@ class WorkerProcess:
         pidfd, self.pidfd = self.pidfd, -1
         with contextlib.suppress(OSError):
             os.close(pidfd)
+        if self._cgroups is not None:
+            # Queued after the attach: the cgroup thread releases what it attached.
+            self._cgroups.submit(self._release_cgroup)
+
+    def _release_cgroup(self) -> None:
         if self.cgroup is not None:
             self.cgroup.release()
 
@@ -228,18 +232,16 @@ class Sandbox:
     def limit_memory(self, process: WorkerProcess, limit_bytes: int) -> None:
         """Put the worker in a memory cgroup of its own capped at ``limit_bytes``, where
         cgroups are writable. Once per worker, before its code runs."""
-        if self._cgroups is None or process._attaching is not None:
-            return
-        # Moving a task into a v1 cgroup can block ~10 ms in the kernel (an RCU grace
-        # period), so it happens in a thread while the worker loads; RLIMIT_AS covers it
-        # until then.
         cgroups = self._cgroups
+        if cgroups is None or process._cgroups is not None:
+            return
+        process._cgroups = cgroups
 
-        def attach() -> WorkerCgroup | None:
+        def attach() -> None:
             process.cgroup = cgroups.attach(process.pid, limit_bytes)
-            return process.cgroup
 
-        process._attaching = asyncio.ensure_future(asyncio.to_thread(attach))
+        # On the cgroup thread: the write can block; RLIMIT_AS covers the worker meanwhile.
+        cgroups.submit(attach)
 
     async def aclose(self) -> None:
         """Stop the zygote; every worker dies with it. Safe to call twice."""
