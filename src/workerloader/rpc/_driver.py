@@ -104,6 +104,11 @@ class RpcSession(asyncio.BufferedProtocol):
     # -- public -----------------------------------------------------------------------------
 
     @property
+    def awaiting_answers(self) -> int:
+        """How many of this side's pulled calls still wait for the peer's answer."""
+        return len(self._futures)
+
+    @property
     def closed(self) -> bool:
         """True once the session has ended."""
         return self._closed.done()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run", "set_spin"]
@@ -28,9 +28,14 @@ class _SpinningSelector(selectors.EpollSelector):
     def __init__(self, spin_ns: int) -> None:
         super().__init__()
         self._spin_ns = spin_ns
+        self._when: Callable[[], bool] | None = None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if (timeout is not None and timeout <= 0) or not self._spin_ns:
+        if (
+            (timeout is not None and timeout <= 0)
+            or not self._spin_ns
+            or (self._when is not None and not self._when())
+        ):
             return super().select(timeout)
         deadline = time.perf_counter_ns() + self._spin_ns
         if timeout is not None:
@@ -50,12 +55,14 @@ def new_event_loop(spin_us: int = DEFAULT_SPIN_US) -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(_SpinningSelector(max(spin_us, 0) * 1000))
 
 
-def set_spin(spin_us: int) -> None:
-    """Change the spin window of the running loop, if ``new_event_loop`` made it (a worker
-    starts with none: spinning while it waits for its code would only burn CPU)."""
+def set_spin(spin_us: int, when: Callable[[], bool] | None = None) -> None:
+    """Change the spin window of the running loop, if ``new_event_loop`` made it; with
+    ``when``, spin only while it returns True (a worker spins while it waits for the host's
+    answers, or once calls come in a stream: spinning otherwise would only burn CPU)."""
     selector = getattr(asyncio.get_running_loop(), "_selector", None)
     if isinstance(selector, _SpinningSelector):
         selector._spin_ns = max(spin_us, 0) * 1000
+        selector._when = when
 
 
 def run(main: Coroutine[Any, Any, _T], *, spin_us: int = DEFAULT_SPIN_US) -> _T:

@@ -117,10 +117,11 @@ class WorkerRuntime(rpc.RpcTarget):
         self._entrypoints: dict[str | None, Any] = {}
         self._env = workers.Env({})
         self._log_cap = _LOG_CAP
+        self.answered = 0
+        """Calls answered so far."""
 
     def load(self, code: dict[str, Any]) -> dict[str, Any] | None:
         """Load the worker's code; None on success, else ``{"type", "message", "file", "line"}``."""
-        set_spin(DEFAULT_SPIN_US)  # from now on calls come in bursts
         limits = code.get("limits") or {}
         memory_mb = limits.get("memory_mb")
         if memory_mb:
@@ -241,6 +242,7 @@ class WorkerRuntime(rpc.RpcTarget):
             # The limit error was swallowed (``except BaseException``): the call still failed.
             envelope = {"error": _error_dict(OutputLimitExceeded(log.overflow_message()), set())}
         envelope["logs"] = log.finish()
+        self.answered += 1
         for awaitable in ctx._waiting:
             task = asyncio.ensure_future(awaitable)
             _background.add(task)
@@ -363,8 +365,13 @@ def serve(channel: socket.socket) -> int:
     must have run in this process or the one it was forked from."""
 
     async def main() -> None:
-        session = await rpc.connect(channel, WorkerRuntime(), limits=SESSION_LIMITS)
+        runtime = WorkerRuntime()
+        session = await rpc.connect(channel, runtime, limits=SESSION_LIMITS)
+        # Spin (see rpc._loop) while a binding call waits for the host's answer, and after
+        # answering once calls come in a stream; not while pooled, and not after a worker's
+        # first answer, which for a one-shot worker (POST /execute) is its last.
+        set_spin(DEFAULT_SPIN_US, lambda: session.awaiting_answers > 0 or runtime.answered > 1)
         await session.wait_closed()
 
-    run(main(), spin_us=0)  # until load: a pooled worker only waits
+    run(main(), spin_us=0)
     return 0
