@@ -209,6 +209,14 @@ X86_64_SYSCALLS = {
     "io_uring_setup": (425, [1, "buf"]),
     "unshare": (272, [0x10000000]),  # CLONE_NEWUSER
     "ptrace": (101, [0, 0, 0, 0]),  # PTRACE_TRACEME
+    # What the zygote's own filter allows and each worker's stacked filter takes away again:
+    "pidfd_open": (434, [1, 0]),  # the worker itself (pid 1 of its namespace)
+    "prctl": (157, [3, 0, 0, 0, 0]),  # PR_GET_DUMPABLE
+    "setresuid": (117, [-1, -1, -1]),  # no change
+    "setresgid": (119, [-1, -1, -1]),
+    "dup2": (33, [0, 0]),
+    "setns": (308, [-1, 0x20000000]),  # EBADF if it were allowed
+    "landlock_create_ruleset": (444, [0, 0, 1]),  # LANDLOCK_CREATE_RULESET_VERSION
 }
 
 

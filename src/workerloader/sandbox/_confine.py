@@ -53,7 +53,7 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     zygote's user, network, IPC and UTS namespaces (whose environment is already empty).
     Raises OSError if any step fails (the caller then exits: a worker that is not fully
     confined never runs). Each step is a system call or a few: the seccomp program was
-    compiled once by the zygote."""
+    compiled once by the host, and the zygote's own filter is already in place (inherited)."""
     # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
     close_inherited(channel_fd)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -90,5 +90,5 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     ruleset = _landlock_ruleset()
     sc.landlock_restrict_self(ruleset)
     os.close(ruleset)
-    # 6. System calls: the allow-list.
+    # 6. System calls: stacked on the zygote's filter, this leaves exactly the worker's list.
     sc.load_seccomp_bpf(seccomp_bpf)

@@ -191,8 +191,9 @@ class Sandbox:
         if not self.insecure:
             _write_id_maps(self._proc.pid)
         await loop.sock_sendall(host, b"mapped")
-        # The workers' seccomp program, compiled here (one datagram).
-        await loop.sock_sendall(host, b"unconfined" if self.insecure else compile_seccomp())
+        # The seccomp programs, compiled here: the zygote's, then each worker's (a datagram each).
+        for program in [b"unconfined"] * 2 if self.insecure else compile_seccomp():
+            await loop.sock_sendall(host, program)
         if not self.insecure:
             self._cgroups = MemoryCgroups.detect()
         if await loop.sock_recv(host, 16) != b"ready":

@@ -62,13 +62,14 @@ def _send_fds(ctrl: socket.socket, message: bytes, fds: list[int]) -> None:
 
 
 class _Zygote:
-    def __init__(self, ctrl: socket.socket, seccomp_program: bytes) -> None:
+    def __init__(self, ctrl: socket.socket, zygote_filter: bytes, worker_filter: bytes) -> None:
         from ..runtime import _main as runtime  # imported once; every worker inherits it
 
         self.ctrl = ctrl
         self.runtime = runtime
         runtime.prepare()
-        self.seccomp = seccomp_program
+        self.zygote_filter = zygote_filter
+        self.seccomp = worker_filter
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
@@ -122,6 +123,11 @@ class _Zygote:
         gc.freeze()
         self.runtime.measure_base_vm()  # a worker maps what the zygote does, from here on
         fill_free_blocks()
+        if not INSECURE:
+            # From here on the zygote can do little more than its workers: fork them, give
+            # each its namespaces and identity, hand them over. They inherit this filter.
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+            sc.load_seccomp_bpf(self.zygote_filter)
         self.prefork(POOL_SIZE)
         self.ctrl.send(b"ready")
         while True:
@@ -217,7 +223,7 @@ def main() -> None:
         ctrl.send(b"userns")
         if ctrl.recv(16) != b"mapped":
             os._exit(1)
-        _Zygote(ctrl, ctrl.recv(1 << 20)).serve()
+        _Zygote(ctrl, ctrl.recv(1 << 20), ctrl.recv(1 << 20)).serve()
         os._exit(0)
     # Shape the filesystem view while still the host's root, in a mount namespace of our own;
     # the user namespace's mount namespace below starts as a copy of it.
@@ -229,7 +235,8 @@ def main() -> None:
     ctrl.send(b"userns")
     if ctrl.recv(16) != b"mapped":
         os._exit(1)
-    seccomp_program = ctrl.recv(1 << 20)  # compiled by the host
+    zygote_filter = ctrl.recv(1 << 20)  # the seccomp programs, compiled by the host
+    worker_filter = ctrl.recv(1 << 20)
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -239,7 +246,7 @@ def main() -> None:
         try:
             sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
-            _Zygote(ctrl, seccomp_program).serve()
+            _Zygote(ctrl, zygote_filter, worker_filter).serve()
             code = 0
         except BaseException:
             # To the host's stderr (sys.stderr captures worker output): the zygote runs no
