@@ -11,9 +11,6 @@ import contextlib
 import itertools
 import os
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["MemoryCgroups", "WorkerCgroup"]
@@ -65,57 +62,6 @@ class MemoryCgroups:
         self._free: list[WorkerCgroup] = []
         self._names = itertools.count()
         self._lock = threading.Lock()
-        # The cgroup thread (see ``submit``).
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._wake = threading.Event()
-        self._sleeping = False
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the cgroup thread, after the jobs submitted before it.
-
-        Cgroup writes block in the kernel (moving a task into a v1 cgroup can wait ~10 ms
-        for an RCU grace period), so they stay off the event loop. The thread polls every
-        millisecond while jobs keep coming and sleeps after 0.1 s without any: handing a job
-        to a sleeping thread costs the caller a wake-up on another CPU (up to a millisecond
-        on an idle virtual machine), and at hundreds of workers a second those add up.
-        """
-        self._jobs.append(job)
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="workerloader-cgroups", daemon=True
-            )
-            self._thread.start()
-        elif self._sleeping:
-            self._wake.set()
-
-    def _run(self) -> None:
-        busy_at = time.monotonic()
-        while True:
-            while self._jobs:
-                job = self._jobs.popleft()
-                with contextlib.suppress(Exception):  # each job reports through its own state
-                    job()
-                busy_at = time.monotonic()
-            if self._closing:
-                return
-            if time.monotonic() - busy_at < 0.1:
-                time.sleep(0.001)
-                continue
-            self._sleeping = True  # before the check below: see submit
-            if not self._jobs and not self._closing:
-                self._wake.wait()
-            self._wake.clear()
-            self._sleeping = False
-
-    def close(self) -> None:
-        """Run the jobs still queued, then stop the thread."""
-        self._closing = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
 
     @classmethod
     def detect(cls) -> MemoryCgroups | None:
@@ -172,7 +118,6 @@ class MemoryCgroups:
     def remove(self) -> None:
         """Remove the parent cgroup and the children kept for reuse (after every worker is
         gone)."""
-        self.close()
         self._free.clear()
         for child in self.root.glob("w*"):
             with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from .._errors import SandboxUnavailable
 from ._cgroup import MemoryCgroups, WorkerCgroup
+from ._chores import Chores
 from ._policy import compile_seccomp
 
 __all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
@@ -52,7 +54,8 @@ class WorkerProcess:
     pid: int
     cgroup: WorkerCgroup | None = None
     """Set by the cgroup thread once the worker is in its cgroup."""
-    _cgroups: MemoryCgroups | None = None  # where limit_memory queued the attach
+    _chores: Chores | None = None  # the sandbox's thread for this worker's slow calls
+    _limited = False  # limit_memory has queued the cgroup attach
     _exited: asyncio.Future[None] | None = None
 
     def oom_killed(self) -> bool:
@@ -96,26 +99,41 @@ class WorkerProcess:
             return 0
 
     async def aclose(self) -> None:
-        """Kill the worker, wait for it to exit, release its fds and cgroup. Safe twice."""
+        """Kill the worker, wait for it to exit, release its fds and cgroup. Safe twice.
+
+        The kill, the pidfd's close and the cgroup's release run on the sandbox's chores
+        thread, in that order; the pidfd is closed there only after every use here is over."""
         if self.pidfd < 0:
             return
-        self.kill()
+        chores = self._chores
+        pidfd = self.pidfd
+        if chores is None:
+            self.kill()
+        else:
+            chores.submit(functools.partial(_kill, pidfd))
         await self.wait_exit()
         if self._exited is not None and not self._exited.done():
             with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self.pidfd)
+                asyncio.get_running_loop().remove_reader(pidfd)
             self._exited.cancel()
         self.channel.close()
-        pidfd, self.pidfd = self.pidfd, -1
+        self.pidfd = -1  # later kill() calls do nothing
+        if chores is None:
+            self._release(pidfd)
+        else:
+            chores.submit(functools.partial(self._release, pidfd))
+
+    def _release(self, pidfd: int) -> None:
+        _kill(pidfd)  # if it still runs (it did not exit in time): never leave one behind
         with contextlib.suppress(OSError):
             os.close(pidfd)
-        if self._cgroups is not None:
-            # Queued after the attach: the cgroup thread releases what it attached.
-            self._cgroups.submit(self._release_cgroup)
-
-    def _release_cgroup(self) -> None:
         if self.cgroup is not None:
             self.cgroup.release()
+
+
+def _kill(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def _pid_of(pidfd: int) -> int:
@@ -156,6 +174,7 @@ class Sandbox:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = asyncio.Lock()
         self._cgroups: MemoryCgroups | None = None
+        self._chores = Chores()
 
     async def start(self) -> None:
         """Start the zygote and wait until its pool is warm."""
@@ -232,6 +251,7 @@ class Sandbox:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         channel_fd, pidfd = fds[0], fds[1]
         process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
+        process._chores = self._chores
         if memory_limit_bytes is not None:
             self.limit_memory(process, memory_limit_bytes)
         return process
@@ -240,15 +260,15 @@ class Sandbox:
         """Put the worker in a memory cgroup of its own capped at ``limit_bytes``, where
         cgroups are writable. Once per worker, before its code runs."""
         cgroups = self._cgroups
-        if cgroups is None or process._cgroups is not None:
+        if cgroups is None or process._limited:
             return
-        process._cgroups = cgroups
+        process._limited = True
 
         def attach() -> None:
             process.cgroup = cgroups.attach(process.pid, limit_bytes)
 
-        # On the cgroup thread: the write can block; RLIMIT_AS covers the worker meanwhile.
-        cgroups.submit(attach)
+        # On the chores thread: the write can block; RLIMIT_AS covers the worker meanwhile.
+        self._chores.submit(attach)
 
     async def aclose(self) -> None:
         """Stop the zygote; every worker dies with it. Safe to call twice."""
@@ -262,6 +282,7 @@ class Sandbox:
             except TimeoutError:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+        self._chores.close()  # every worker's release has run
         if self._cgroups is not None:
             self._cgroups.remove()
             self._cgroups = None
