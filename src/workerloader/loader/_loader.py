@@ -447,14 +447,22 @@ class Loader:
                 if not session.closed:
                     return process, session
                 await process.aclose()
-            process = await self._sandbox.spawn()
-            try:
-                return process, await rpc.connect(process.channel, limits=SESSION_LIMITS)
-            except BaseException:
-                await process.aclose()
-                raise
+            return await self._open_worker()
         finally:
             self._refill_soon()
+
+    async def _open_worker(self, *, warm: bool = False) -> tuple[WorkerProcess, rpc.RpcSession]:
+        """A new worker from the sandbox with its session open (and warmed up if ``warm``);
+        the worker is stopped if any of that fails."""
+        process = await self._sandbox.spawn()
+        try:
+            session = await rpc.connect(process.channel, limits=SESSION_LIMITS)
+            if warm:
+                await asyncio.wait_for(session.main.warm(), 1.0)
+        except BaseException:
+            await process.aclose()
+            raise
+        return process, session
 
     def _refill_soon(self) -> None:
         if self._refilling is None or self._refilling.done():
@@ -463,20 +471,11 @@ class Loader:
     async def _refill(self) -> None:
         await asyncio.sleep(0.002)  # after the cold start that asked for it has gone out
         while len(self._ready) < self._ready_target:
+            idle = time.monotonic() - self._last_checkout > _WARM_WHEN_IDLE_S
             try:
-                process = await self._sandbox.spawn()
+                process, session = await self._open_worker(warm=idle)
             except Exception:
-                return  # the next cold start spawns itself, and reports what is wrong
-            try:
-                session = await rpc.connect(process.channel, limits=SESSION_LIMITS)
-                if time.monotonic() - self._last_checkout > _WARM_WHEN_IDLE_S:
-                    await asyncio.wait_for(session.main.warm(), 1.0)
-            except Exception:
-                await process.aclose()  # a worker that cannot even warm up is not handed out
-                return
-            except BaseException:
-                await process.aclose()
-                raise
+                return  # the next cold start opens its own, and reports what is wrong
             self._ready.append((process, session))
 
     async def __aexit__(

@@ -157,12 +157,17 @@ class RpcPromise:
         return self
 
     def _waits_on_parent(self) -> bool:
+        future = self._parent_future()
+        return future is not None and not future.done()
+
+    def _parent_future(self) -> Any:
+        """The answer future of the nearest already-sent promise this one is built on."""
         parent = self._parent
         while isinstance(parent, RpcPromise):
             if parent._future is not None:
-                return not parent._future.done()
+                return parent._future
             parent = parent._parent
-        return False
+        return None
 
     def _send(self, *, pull: bool) -> int:
         """Send this push (once) and return its question id; ``pull`` also asks for the result."""
@@ -198,12 +203,9 @@ class RpcPromise:
 
     async def _settle(self) -> None:
         """Wait for every already-awaited promise this one is built on."""
-        parent = self._parent
-        while isinstance(parent, RpcPromise):
-            if parent._future is not None:
-                await parent._future
-                return
-            parent = parent._parent
+        future = self._parent_future()
+        if future is not None:
+            await future
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._value is not _UNSET:

@@ -35,13 +35,10 @@ def _landlock_ruleset() -> int:
     return sc.landlock_ruleset(_FS_ALL, rules)
 
 
-def close_inherited(*keep: int) -> None:
-    """Close every fd but ``keep``; point stdio at /dev/null."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 16)
+def close_inherited(channel_fd: int) -> None:
+    """Close every fd but the channel; point stdio at /dev/null."""
+    os.closerange(3, channel_fd)
+    os.closerange(channel_fd + 1, 1 << 16)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)

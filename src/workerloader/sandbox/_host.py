@@ -87,8 +87,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker (its whole PID namespace goes with it); safe if already dead."""
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        _kill(self.pidfd)
 
     def cpu_ns(self) -> int:
         """CPU time the worker has used, in nanoseconds (0 once it is gone)."""
@@ -218,9 +217,9 @@ class Sandbox:
         if await loop.sock_recv(host, 16) != b"ready":
             raise SandboxUnavailable("the zygote failed to start")
 
-    async def spawn(self, memory_limit_bytes: int | None = None) -> WorkerProcess:
-        """A new confined worker, waiting for its code on its channel; in a memory cgroup of
-        ``memory_limit_bytes`` where cgroups are writable (or later, ``limit_memory``)."""
+    async def spawn(self) -> WorkerProcess:
+        """A new confined worker, waiting for its code on its channel (``limit_memory`` puts
+        it in a memory cgroup)."""
         ctrl = self._ctrl
         if ctrl is None:
             raise SandboxUnavailable("the sandbox is not running")
@@ -252,8 +251,6 @@ class Sandbox:
         channel_fd, pidfd = fds[0], fds[1]
         process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
         process._chores = self._chores
-        if memory_limit_bytes is not None:
-            self.limit_memory(process, memory_limit_bytes)
         return process
 
     def limit_memory(self, process: WorkerProcess, limit_bytes: int) -> None:

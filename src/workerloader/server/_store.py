@@ -88,13 +88,11 @@ class ServiceStore:
         self._lock = threading.Lock()
         self.retention_s = retention_s
         self._writes = 0
-        self._has_keys = False
-        self._has_keys_version = -1
-        # Stored workers by (namespace, id), valid while data_version stays (no other
-        # connection wrote) and emptied by this connection's own writes: a warm fetch then
-        # costs no query.
+        # What requests ask on every call, kept until SQLite's data_version says another
+        # connection (the CLI) wrote, or this one writes it: a warm fetch then costs a pragma.
+        self._seen_version = -1
+        self._has_keys: bool | None = None  # None: to be read
         self._workers: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._workers_version = -1
         self._pending_logs: list[tuple[object, ...]] = []
         self._flush_at = 0.0
         for statement in _SCHEMA:
@@ -106,7 +104,6 @@ class ServiceStore:
         self, user_id: str, namespace: str, permissions: tuple[str, ...] = ("read", "write")
     ) -> ApiKey:
         """A new key; its ``secret`` is returned this once."""
-        self._has_keys_version = -1
         secret = "wl_" + secrets.token_urlsafe(32)
         key = ApiKey(
             uuid.uuid4().hex[:12], user_id, namespace, permissions, time.time(), None, secret
@@ -116,6 +113,7 @@ class ServiceStore:
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (key.id, _hash(secret), user_id, namespace, json.dumps(permissions), key.created),
             )
+            self._has_keys = None  # re-read after the write
         return key
 
     def list_keys(self) -> list[ApiKey]:
@@ -127,12 +125,12 @@ class ServiceStore:
         return [ApiKey(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5]) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
-        self._has_keys_version = -1
         with self._lock:
             cursor = self._conn.execute(
                 "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
                 (time.time(), key_id),
             )
+            self._has_keys = None  # re-read after the write
         return cursor.rowcount > 0
 
     def has_keys(self) -> bool:
@@ -140,14 +138,21 @@ class ServiceStore:
         when another connection (the CLI creating or revoking a key) has written the
         database, which SQLite's data_version tells for the price of a pragma."""
         with self._lock:
-            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
-            if version != self._has_keys_version:
+            self._forget_if_written_elsewhere()
+            if self._has_keys is None:
                 row = self._conn.execute(
                     "SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1"
                 ).fetchone()
                 self._has_keys = row is not None
-                self._has_keys_version = version
             return self._has_keys
+
+    def _forget_if_written_elsewhere(self) -> None:
+        """Drop the cached answers if another connection has written (hold the lock)."""
+        (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+        if version != self._seen_version:
+            self._seen_version = version
+            self._has_keys = None
+            self._workers.clear()
 
     def caller_for(self, secret: str) -> Caller | None:
         with self._lock:
@@ -184,11 +189,8 @@ class ServiceStore:
         The dict may be shared between callers: read it, do not change it."""
         key = (namespace, worker_id)
         with self._lock:
-            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
-            if version != self._workers_version:
-                self._workers.clear()
-                self._workers_version = version
-            elif key in self._workers:
+            self._forget_if_written_elsewhere()
+            if key in self._workers:
                 return self._workers[key]
             row = self._conn.execute(
                 "SELECT definition, version, updated FROM workers WHERE namespace = ? AND id = ?",
