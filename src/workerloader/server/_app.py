@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig
 from ._execute import execute
-from ._schema import bad_request, body_schema
+from ._schema import bad_request, json_body
 from ._store import Caller, ServiceStore
 from ._workers import FETCH_METHODS, FetchHandler, workers_router
 
@@ -184,12 +184,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.post(
         "/execute",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": body_schema(ExecuteRequest)}},
-            }
-        },
+        openapi_extra=json_body(ExecuteRequest),
     )
     async def execute_code(request: Request) -> JSONResponse:
         """Run ``code`` as the body of an async function with ``env``, ``sdk``, ``db``, ``kv``,

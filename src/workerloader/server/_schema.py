@@ -16,6 +16,16 @@ from pydantic import BaseModel, ValidationError
 __all__ = ["bad_request", "body_schema"]
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads ``model`` as its JSON body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": body_schema(model)}},
+        }
+    }
+
+
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON Schema, self-contained (no ``$ref``)."""
     schema = model.model_json_schema()

@@ -16,7 +16,7 @@ from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
 from ._execute import _error, to_json
-from ._schema import bad_request, body_schema
+from ._schema import bad_request, json_body
 from ._store import Caller, ServiceStore
 
 __all__ = ["FETCH_METHODS", "FetchHandler", "WorkerDefinition", "workers_router"]
@@ -128,6 +128,15 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             404,
         )
 
+    def caller_and_stub(worker_id: str, request: Request) -> tuple[Caller, Any] | JSONResponse:
+        """The authenticated caller and a stub on their stored worker ``worker_id``, or the
+        401/404 answer."""
+        caller = authenticate(request)
+        if isinstance(caller, JSONResponse):
+            return caller
+        stub = stub_for(caller, worker_id)
+        return not_found(worker_id) if stub is None else (caller, stub)
+
     def stub_for(caller: Caller, worker_id: str) -> Any:
         store: ServiceStore = state["store"]
         loader: Loader = state["loader"]
@@ -143,12 +152,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
     @router.put(
         "/workers/{worker_id}",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": body_schema(WorkerDefinition)}},
-            }
-        },
+        openapi_extra=json_body(WorkerDefinition),
     )
     async def put_worker(worker_id: str, request: Request) -> JSONResponse:
         """Store (or replace) a worker: code, env data, bindings and limits."""
@@ -210,12 +214,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
     async def fetch_worker(worker_id: str, path: str, request: Request) -> Response:
         """Proxy the request into the worker's ``fetch``."""
-        caller = authenticate(request)
-        if isinstance(caller, JSONResponse):
-            return caller
-        stub = stub_for(caller, worker_id)
-        if stub is None:
-            return not_found(worker_id)
+        found = caller_and_stub(worker_id, request)
+        if isinstance(found, JSONResponse):
+            return found
+        caller, stub = found
         started = time.perf_counter()
         query = f"?{request.url.query}" if request.url.query else ""
         forwarded = WorkerRequest(
@@ -248,12 +250,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
     ) -> JSONResponse:
         """Call an entrypoint's method with JSON ``{"args": [...], "kwargs": {...}}`` (or a
         bare list of args); ``Default`` names the default entrypoint."""
-        caller = authenticate(request)
-        if isinstance(caller, JSONResponse):
-            return caller
-        stub = stub_for(caller, worker_id)
-        if stub is None:
-            return not_found(worker_id)
+        found = caller_and_stub(worker_id, request)
+        if isinstance(found, JSONResponse):
+            return found
+        caller, stub = found
         try:
             raw = await request.json() if await request.body() else {}
         except ValueError:
