@@ -10,13 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
+from tests._proc import script_with_lines
 from workerloader import Loader
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import BlobBucket, BlobObject
@@ -545,27 +545,12 @@ asyncio.run(main())
 STATES: list[bytes | None] = [b"one" * 1000, b"two!" * 2000, None, b"three" * 3000, b"four" * 100]
 
 
-def _read_lines(stream: IO[str], lines: list[str]) -> None:
-    for line in stream:
-        lines.append(line)
-
-
 def run_overwriter_and_kill(data_dir: Path, rng: random.Random) -> tuple[int, int]:
     """Run the overwriter until one put has completed, SIGKILL it 0.3–0.6 s after it started;
     the last round it had completed and the last it had started."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", OVERWRITER, str(data_dir), str(ROUND_BYTES)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stderr is not None
-    lines: list[str] = []
-    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
-    reader.start()
-    started = time.monotonic()
-    try:
+    with script_with_lines(OVERWRITER, str(data_dir), str(ROUND_BYTES)) as (process, lines):
+        assert process.stderr is not None
+        started = time.monotonic()
         deadline = started + 30
         while "done 0\n" not in lines and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -574,13 +559,6 @@ def run_overwriter_and_kill(data_dir: Path, rng: random.Random) -> tuple[int, in
         time.sleep(max(0.0, started + rng.uniform(0.3, 0.6) - time.monotonic()))
         process.send_signal(signal.SIGKILL)
         assert process.wait(10) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(10)
-        process.stdout.close()
-        process.stderr.close()
     done = [int(line.split()[1]) for line in lines if line.startswith("done ")]
     begun = [int(line.split()[1]) for line in lines if line.startswith("start ")]
     assert done == list(range(len(done)))

@@ -7,13 +7,10 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO
 
+from tests._proc import script_with_lines
 from workerloader import Loader
 from workerloader.bindings import Documents, KvNamespace
 
@@ -37,26 +34,11 @@ asyncio.run(main())
 """
 
 
-def _read_lines(stream: IO[str], lines: list[str]) -> None:
-    for line in stream:
-        lines.append(line)
-
-
 def run_and_kill(data_dir: Path, namespace: str) -> int:
     """Run the writer until it has committed some writes, let it write ~0.5 s more, SIGKILL it;
     the number of writes it reported as committed."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(data_dir), namespace],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stderr is not None
-    lines: list[str] = []
-    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
-    reader.start()
-    try:
+    with script_with_lines(WRITER, str(data_dir), namespace) as (process, lines):
+        assert process.stderr is not None
         deadline = time.monotonic() + 30
         while len(lines) < 20 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -66,13 +48,6 @@ def run_and_kill(data_dir: Path, namespace: str) -> int:
         assert process.poll() is None, process.stderr.read()
         process.send_signal(signal.SIGKILL)
         assert process.wait(10) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(10)
-        process.stdout.close()
-        process.stderr.close()
     complete = [line for line in lines if line.endswith("\n")]
     assert [int(line) for line in complete] == list(range(1, len(complete) + 1))
     return len(complete)

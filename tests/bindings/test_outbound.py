@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import pytest
 
+from tests.bindings._worker_code import DESCRIBE
 from workerloader import Loader, WorkerCode
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import HttpGateway
@@ -463,18 +464,13 @@ async def test_urls_that_are_not_http_or_https_are_refused(url: str) -> None:
 # From a worker in the real sandbox
 
 
-WORKER = """
+WORKER = (
+    """
 from workers import WorkerEntrypoint, fetch, sdk
 
-
-async def describe(awaitable):
-    try:
-        return ["ok", await awaitable]
-    except Exception as exc:
-        kind = type(exc)
-        return [f"{kind.__module__}.{kind.__qualname__}", isinstance(exc, PermissionError),
-                str(exc)]
-
+"""
+    + DESCRIBE
+    + """
 
 async def answer(url, **options):
     r = await fetch(url, **options)
@@ -500,6 +496,7 @@ class Api(WorkerEntrypoint):
     async def api_attempt(self, url):
         return await describe(sdk.api.get(url))
 """
+)
 
 NO_NETWORK = (
     "This worker has no outbound network: its WorkerCode sets global_outbound=None, "

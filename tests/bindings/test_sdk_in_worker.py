@@ -10,21 +10,17 @@ from typing import Any
 
 import pytest
 
+from tests.bindings._worker_code import DESCRIBE
 from workerloader import Loader, PermissionDenied, WorkerCode, WorkerError, WorkerStub
 from workerloader.bindings import Documents, KvNamespace, SqlDatabase
 
-MAIN = """
+MAIN = (
+    """
 from workers import WorkerEntrypoint, sdk
 
-
-async def describe(awaitable):
-    try:
-        return ["ok", await awaitable]
-    except Exception as exc:
-        kind = type(exc)
-        return [f"{kind.__module__}.{kind.__qualname__}", isinstance(exc, PermissionError),
-                str(exc)]
-
+"""
+    + DESCRIBE
+    + """
 
 class Api(WorkerEntrypoint):
     async def context(self):
@@ -92,6 +88,7 @@ class Api(WorkerEntrypoint):
     async def raise_denied(self):
         await sdk.kv.put("k", "v")
 """
+)
 
 DENIED_KV = "this binding may not write this KV namespace"
 DENIED_DOCS = "this binding may not write these documents"
