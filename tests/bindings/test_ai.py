@@ -23,10 +23,6 @@ KEY = "sk-test"
 REPLY = "canned reply 7f3a"  # what the server answers; a worker that got it holds it
 
 
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
-
-
 @dataclass
 class Received:
     path: str

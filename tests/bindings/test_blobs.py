@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests._proc import script_with_lines
+from tests.bindings._helpers import exact
 from workerloader import Loader
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import BlobBucket, BlobObject
@@ -26,10 +27,6 @@ NO_WRITE = r"^this binding may not write this bucket$"
 NO_READ = r"^this binding may not read this bucket$"
 BAD_KEY = f"a blob key is a non-empty string of at most {MAX_KEY_BYTES} bytes"
 MiB = 1 << 20
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def md5(data: bytes) -> str:

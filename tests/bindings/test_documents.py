@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.bindings._helpers import exact
 from workerloader import Loader
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import Documents
@@ -18,15 +18,6 @@ from workerloader.bindings._docs import MAX_DOCUMENT_BYTES
 
 NO_WRITE = r"^this binding may not write these documents$"
 NO_READ = r"^this binding may not read these documents$"
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
-
-
-@pytest.fixture
-def loader(tmp_path: Path) -> Loader:
-    return Loader(tmp_path / "data")
 
 
 @pytest.fixture

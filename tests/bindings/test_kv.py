@@ -4,13 +4,13 @@ isolation, grants, size limits, and durability across Loaders on the same data d
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.bindings._helpers import exact
 from workerloader import Loader
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import KvNamespace
@@ -18,15 +18,6 @@ from workerloader.bindings._kv import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 NO_WRITE = r"^this binding may not write this KV namespace$"
 NO_READ = r"^this binding may not read this KV namespace$"
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
-
-
-@pytest.fixture
-def loader(tmp_path: Path) -> Loader:
-    return Loader(tmp_path / "data")  # the bindings work without entering the Loader
 
 
 @pytest.fixture

@@ -20,14 +20,10 @@ from typing import Any, Final
 
 import pytest
 
-from tests.bindings._worker_code import DESCRIBE
+from tests.bindings._helpers import DESCRIBE, exact
 from workerloader import Loader, WorkerCode
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import HttpGateway
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.bindings._worker_code import DESCRIBE
+from tests.bindings._helpers import DESCRIBE
 from workerloader import Loader, PermissionDenied, WorkerCode, WorkerError, WorkerStub
 from workerloader.bindings import Documents, KvNamespace, SqlDatabase
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.bindings._helpers import exact
 from workerloader import Loader
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import SqlDatabase
@@ -24,15 +24,6 @@ COUNT_TO_1E9 = (
     "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
     "SELECT count(*) AS n FROM c"
 )
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
-
-
-@pytest.fixture
-def loader(tmp_path: Path) -> Loader:
-    return Loader(tmp_path / "data")
 
 
 @pytest.fixture

@@ -1,4 +1,13 @@
-"""Worker-side source shared by the binding tests that run code in the real sandbox."""
+"""Shared by the binding tests: an exact-message pattern, and worker-side source for the tests
+that run code in the real sandbox."""
+
+import re
+
+
+def exact(message: str) -> str:
+    """A ``pytest.raises(match=...)`` pattern for exactly ``message``."""
+    return "^" + re.escape(message) + "$"
+
 
 DESCRIBE = """
 async def describe(awaitable):
