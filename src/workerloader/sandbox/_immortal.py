@@ -37,18 +37,18 @@ def _marker() -> int | None:
 
 
 def immortalize_heap() -> int:
-    """Mark every object reachable from the garbage collector's lists immortal; the number
-    marked (0 where this interpreter has no immortal objects). Call once, after the last import
-    and before ``gc.freeze()``; objects marked are never freed.
+    """Collect garbage, then mark every object reachable from the garbage collector's lists
+    immortal; the number marked (0 where this interpreter has no immortal objects). Call once,
+    after the last import and before ``gc.freeze()``; objects marked are never freed.
 
     The mark doubles as the visited set (an object already immortal is skipped with its
     referents), so the walk allocates no per-object bookkeeping: a set of 100,000 ids would
     grow the zygote by megabytes that every fork then copies page tables for.
     """
+    gc.collect()  # garbage marked immortal would never be freed
     marker = _marker()
     if marker is None:
         return 0
-    gc.collect()
     marked = 0
     stack = gc.get_objects()
     while stack:

@@ -118,8 +118,7 @@ class _Zygote:
         # Every worker shares this process's memory until one of them writes to it. Immortal
         # objects (3.12+) take no reference count writes, and frozen ones no collector writes:
         # the pages a worker copies are then mostly the ones it really changes.
-        gc.collect()
-        immortalize_heap()
+        immortalize_heap()  # collects first
         gc.freeze()
         self.runtime.measure_base_vm()  # a worker maps what the zygote does, from here on
         fill_free_blocks()
