@@ -1,13 +1,12 @@
-"""Workers the Loader keeps ready (started, session open, warmed while idle) behave exactly like
-fresh ones: the warm-up leaves nothing a tenant could see, and cannot run once code is loaded."""
+"""Workers the Loader keeps ready (started, session open, their first call's pages copied in
+ahead) behave exactly like fresh ones: the zygote's warm-up leaves nothing a tenant could see,
+and ready workers stop with the Loader."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from pathlib import Path
-
-import pytest
 
 from workerloader import Loader, WorkerCode
 
@@ -45,9 +44,9 @@ async def _wait_ready(loader: Loader, count: int) -> None:
     raise AssertionError(f"the Loader kept {len(loader._ready)} ready workers, not {count}")
 
 
-async def test_a_warmed_ready_worker_shows_no_trace_of_its_warm_up(tmp_path: Path) -> None:
+async def test_a_ready_worker_shows_no_trace_of_the_zygotes_warm_up(tmp_path: Path) -> None:
     async with Loader(tmp_path / "data", pool_size=4) as loader:
-        await _wait_ready(loader, 2)  # filled while idle: warmed
+        await _wait_ready(loader, 2)
         state = await loader.get("p", probe_code).get_entrypoint("Probe").state()
         assert state == {
             "warmup_module": False,
@@ -56,19 +55,6 @@ async def test_a_warmed_ready_worker_shows_no_trace_of_its_warm_up(tmp_path: Pat
             "finders": 1,
             "env": "probe",
         }
-
-
-async def test_warm_up_is_refused_once_a_worker_has_code(tmp_path: Path) -> None:
-    async with Loader(tmp_path / "data", pool_size=2) as loader:
-        stub = loader.get("p", probe_code)
-        await stub.get_entrypoint("Probe").state()
-        worker = stub._worker
-        assert worker is not None
-        with pytest.raises(RuntimeError, match="has not loaded code"):
-            await worker.session.main.warm()
-        # The worker still serves its own code afterwards.
-        state = await stub.get_entrypoint("Probe").state()
-        assert state["data"] == ["config.json"]
 
 
 async def test_no_ready_worker_outlives_the_loader(tmp_path: Path) -> None:

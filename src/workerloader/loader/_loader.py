@@ -52,10 +52,6 @@ __all__ = ["EntrypointStub", "Loader", "WorkerStub"]
 _E = TypeVar("_E", bound=type[WorkerEntrypoint])
 _CPU_POLL_S = 0.005
 _CGROUP_HEADROOM_MB = 64
-_WARM_WHEN_IDLE_S = 0.02
-"""A ready worker is warmed (``WorkerRuntime.warm``: ~2 ms of its CPU, ~0.4 ms off its first
-call) only when no worker was started this recently: under a stream of new workers that CPU
-is better spent starting them."""
 _INSECURE_NOTICE = (
     "[workerloader] insecure mode: this machine has no sandbox and the Loader was started with "
     "insecure=True, so this worker ran unconfined"
@@ -277,26 +273,34 @@ class WorkerStub:
         if worker is not None and not worker.session.closed:
             return worker
         if self._starting is None or self._starting.done():
-            self._starting = asyncio.ensure_future(self._start())
+            code = self._factory()
+            ready = self._loader._take_ready()
+            if ready is not None:  # the common case: started at once, no task, no loop turn
+                return self._begin(code, *ready)
+            self._starting = asyncio.ensure_future(self._start(code))
         try:
             return await asyncio.shield(self._starting)
         finally:
             if self._starting.done() and self._starting.exception() is not None:
                 self._starting = None
 
-    async def _start(self) -> _Worker:
-        code = self._factory()
+    async def _start(self, code: WorkerCode) -> _Worker:
+        process, session = await self._loader._open_worker()
+        return self._begin(code, process, session)
+
+    def _begin(self, code: WorkerCode, process: WorkerProcess, session: rpc.RpcSession) -> _Worker:
+        """Make ``process`` this stub's worker and send it ``code`` (checked by the first
+        call: the code loads while that call is on its way)."""
         # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
-        limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
-        process, session = await self._loader._checkout()
-        self._loader._sandbox.limit_memory(process, limit)
+        self._loader._sandbox.limit_memory(
+            process, (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
+        )
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:
-            # Sent now, checked by the first call: the code loads while that call is on its way.
             worker.load_report = session.main.load(code.to_wire()).send()
         except BaseException:
-            await self._loader._forget(worker)
+            self._loader._forget_soon(worker)
             raise
         self._worker = worker
         return worker
@@ -421,7 +425,6 @@ class Loader:
         self._ready: deque[tuple[WorkerProcess, rpc.RpcSession]] = deque()
         self._ready_target = min(4, pool_size)
         self._refilling: asyncio.Task[None] | None = None
-        self._last_checkout = 0.0
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
@@ -438,27 +441,23 @@ class Loader:
         self._refill_soon()
         return self
 
-    async def _checkout(self) -> tuple[WorkerProcess, rpc.RpcSession]:
-        """A fresh worker and its open session: from the ready queue, else started now."""
-        self._last_checkout = time.monotonic()
-        try:
-            while self._ready:
-                process, session = self._ready.popleft()
-                if not session.closed:
-                    return process, session
-                await process.aclose()
-            return await self._open_worker()
-        finally:
-            self._refill_soon()
+    def _take_ready(self) -> tuple[WorkerProcess, rpc.RpcSession] | None:
+        """A fresh worker with its session open, from the ready queue (None if it is empty);
+        the queue refills in the background."""
+        self._refill_soon()
+        while self._ready:
+            process, session = self._ready.popleft()
+            if not session.closed:
+                return process, session
+            self._closing_soon(process.aclose())
+        return None
 
-    async def _open_worker(self, *, warm: bool = False) -> tuple[WorkerProcess, rpc.RpcSession]:
-        """A new worker from the sandbox with its session open (and warmed up if ``warm``);
-        the worker is stopped if any of that fails."""
+    async def _open_worker(self) -> tuple[WorkerProcess, rpc.RpcSession]:
+        """A new worker from the sandbox with its session open; the worker is stopped if that
+        fails."""
         process = await self._sandbox.spawn()
         try:
             session = await rpc.connect(process.channel, limits=SESSION_LIMITS)
-            if warm:
-                await asyncio.wait_for(session.main.warm(), 1.0)
         except BaseException:
             await process.aclose()
             raise
@@ -471,9 +470,8 @@ class Loader:
     async def _refill(self) -> None:
         await asyncio.sleep(0.002)  # after the cold start that asked for it has gone out
         while len(self._ready) < self._ready_target:
-            idle = time.monotonic() - self._last_checkout > _WARM_WHEN_IDLE_S
             try:
-                process, session = await self._open_worker(warm=idle)
+                process, session = await self._open_worker()
             except Exception:
                 return  # the next cold start opens its own, and reports what is wrong
             self._ready.append((process, session))
@@ -508,6 +506,16 @@ class Loader:
         self._workers.discard(worker)
         await worker.aclose()
 
+    def _forget_soon(self, worker: _Worker) -> None:
+        self._closing_soon(self._forget(worker))
+
+    def _closing_soon(self, closing: Awaitable[None]) -> None:
+        """Run ``closing`` (a worker's shutdown) in the background (``aclose`` cancels what is
+        left, and stops every worker itself)."""
+        task = asyncio.ensure_future(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def get(self, worker_id: str | None, factory: Callable[[], WorkerCode]) -> WorkerStub:
         """The worker ``worker_id``, started from ``factory()`` on first use if no warm worker
         holds that id (same id ⇒ same code is the caller's contract). ``None`` makes an uncached
@@ -519,9 +527,7 @@ class Loader:
             stub = self._stubs[worker_id] = WorkerStub(self, worker_id, factory)
             while len(self._stubs) > self.max_workers:
                 _, oldest = self._stubs.popitem(last=False)
-                task = asyncio.ensure_future(oldest._close_when_idle())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._closing_soon(oldest._close_when_idle())
         self._stubs.move_to_end(worker_id)
         return stub
 

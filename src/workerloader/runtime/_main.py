@@ -17,7 +17,7 @@ import socket
 import sys
 import traceback
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from .. import rpc
@@ -183,20 +183,6 @@ class WorkerRuntime(rpc.RpcTarget):
             self._entrypoints[None] = fetch
         return None
 
-    async def warm(self) -> None:
-        """Run a load and a call once, on a throwaway runtime, while this worker waits unused
-        in the host's ready queue: the first run of those paths in a fresh process copies the
-        pages it writes and fills cold caches, and doing it now takes that off the first real
-        call. Leaves nothing behind; refused once the worker has code."""
-        if self._modules is not None:
-            raise RuntimeError("warm() is for a worker that has not loaded code")
-        scratch = WorkerRuntime()
-        try:
-            scratch.load(_WARMUP_CODE)
-            await scratch.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, None)
-        finally:
-            _forget_warm_up()
-
     async def invoke(
         self,
         entrypoint: str | None,
@@ -360,13 +346,16 @@ def prepare() -> None:
     run(_warm_up())
 
 
-def serve(channel: socket.socket) -> int:
+def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> int:
     """Run the worker's session until the host closes it; the process exit code. ``prepare``
-    must have run in this process or the one it was forked from."""
+    must have run in this process or the one it was forked from. ``ready`` is called once the
+    session runs, before it reads its first message (the zygote's page probe looks there)."""
 
     async def main() -> None:
         runtime = WorkerRuntime()
         session = await rpc.connect(channel, runtime, limits=SESSION_LIMITS)
+        if ready is not None:
+            ready()
         # Spin (see rpc._loop) while a binding call waits for the host's answer, and after
         # answering once calls come in a stream; not while pooled, and not after a worker's
         # first answer, which for a one-shot worker (POST /execute) is its last.

@@ -39,6 +39,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
+from ._prefault import learn_first_call, populate  # noqa: E402
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
@@ -73,6 +74,7 @@ class _Zygote:
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
+        self.first_call_pages: list[tuple[int, int]] = []  # copied by each worker: _prefault
 
     def prefork(self, count: int = 1) -> None:
         """Fork ``count`` workers back to back into the pool.
@@ -103,6 +105,8 @@ class _Zygote:
         """In a freshly forked child: confine, then serve the channel. Never returns."""
         code = 1
         try:
+            if uid % 2:
+                populate(self.first_call_pages)
             if INSECURE:
                 close_inherited(channel.fileno())
             else:
@@ -127,6 +131,7 @@ class _Zygote:
             # each its namespaces and identity, hand them over. They inherit this filter.
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
             sc.load_seccomp_bpf(self.zygote_filter)
+        self.first_call_pages = learn_first_call(self.runtime.serve)
         self.prefork(POOL_SIZE)
         self.ctrl.send(b"ready")
         while True:
