@@ -105,8 +105,7 @@ class _Zygote:
         """In a freshly forked child: confine, then serve the channel. Never returns."""
         code = 1
         try:
-            if uid % 2:
-                populate(self.first_call_pages)
+            populate(self.first_call_pages)
             if INSECURE:
                 close_inherited(channel.fileno())
             else:
