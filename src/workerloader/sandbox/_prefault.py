@@ -34,15 +34,16 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT = 1 << 63
 _EXCLUSIVE = 1 << 56  # "page exclusively mapped" (Linux 4.2+)
 _WRITTEN = _PRESENT | _EXCLUSIVE
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels answer EINVAL, and nothing is copied
+_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL, and nothing is done
+_MADV_POPULATE_WRITE = 23
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
-Runs = list[tuple[int, int]]
-"""Page runs ``(start address, length in bytes)``."""
+Runs = list[tuple[int, int, bool]]
+"""Page runs ``(start address, length in bytes, written)``."""
 
-_regions: list[tuple[int, int]] = []  # the zygote's private writable mappings, for the probe
+_regions: list[tuple[int, int, bool]] = []  # the zygote's private mappings, for the probe
 _buffer: mmap.mmap | None = None  # room for their page map entries, mapped before the fork
 
 _PROBE_CODE: dict[str, Any] = {
@@ -50,29 +51,32 @@ _PROBE_CODE: dict[str, Any] = {
     "modules": {
         "main.py": (
             "from workers import WorkerEntrypoint\n"
-            "from workerloader.sandbox._prefault import written\n\n"
+            "from workerloader.sandbox._prefault import touched\n\n"
             "class Default(WorkerEntrypoint):\n"
             "    async def add(self, a, b):\n"
             "        return a + b\n\n"
-            "    async def written(self):\n"
-            "        return written()\n"
+            "    async def touched(self):\n"
+            "        return touched()\n"
         )
     },
     "env": {},
     "limits": {},
 }
-"""What the probe loads: a typical small worker, plus a method that reports the pages written
+"""What the probe loads: a typical small worker, plus a method that reports the pages touched
 (called second, so that the first call's whole path, through its answer, is counted)."""
 
 
-def _private_writable_regions() -> list[tuple[int, int]]:
+def _private_regions() -> list[tuple[int, int, bool]]:
+    """This process's private readable mappings ``(start, end, writable)``, but the kernel's
+    own ([vvar], [vdso], [vsyscall])."""
     regions = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            if fields[1].startswith("rw") and fields[1][3] == "p":
+            perms, name = fields[1], fields[5] if len(fields) > 5 else ""
+            if perms[0] == "r" and perms[3] == "p" and not name.startswith("[v"):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                regions.append((start, end))
+                regions.append((start, end, perms[1] == "w"))
     return regions
 
 
@@ -80,7 +84,7 @@ def _read_page_map(entries: memoryview) -> None:
     """Read this process's page map entries for ``_regions`` into ``entries``, in order."""
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
         offset = 0
-        for start, end in _regions:
+        for start, end, _ in _regions:
             count = (end - start) // _PAGE
             pagemap.seek(start // _PAGE * 8)
             pagemap.readinto(entries[offset : offset + count])
@@ -94,13 +98,15 @@ def _before_first_message() -> None:
     _read_page_map(entries[: len(entries) // 2])
 
 
-def written() -> bytes:
-    """In the probe: the runs of pages that were shared when its session started and that it
-    now holds alone, i.e. that it copied on writing since, as ``(start, length)`` pairs of
-    int64.
+def touched() -> bytes:
+    """In the probe: the runs of pages its first call wrote to or read from, as
+    ``(start, length, write)`` triples of int64.
 
-    Pages that were not present then (fresh memory where new objects land) are left out: which
-    of them a worker fills depends on the order of its allocations, so they differ between the
+    Written: pages of private writable mappings that were shared when the session started and
+    that the probe now holds alone (copied on writing). Read: pages of read-only mappings (the
+    interpreter's code and constants) that were not mapped then and are now. Writable pages
+    that were not present then (fresh memory where new objects land) are left out: which of
+    them a worker fills depends on the order of its allocations, so they differ between the
     probe and a worker, and a worker that does not need one would hold it for nothing.
 
     The page map goes into the buffer the zygote mapped before the fork (not among the
@@ -114,19 +120,20 @@ def written() -> bytes:
     _read_page_map(now)
     runs = array.array("q")
     index = 0
-    for start, end in _regions:
+    for start, end, writable in _regions:
         count = (end - start) // _PAGE
+        before, after = (_PRESENT, _WRITTEN) if writable else (0, _PRESENT)
         first = -1
         for i in range(count + 1):
             if (
                 i < count
-                and at_start[index + i] & _WRITTEN == _PRESENT
-                and now[index + i] & _WRITTEN == _WRITTEN
+                and at_start[index + i] & after == before
+                and now[index + i] & after == after
             ):
                 if first < 0:
                     first = i
             elif first >= 0:
-                runs.extend((start + first * _PAGE, (i - first) * _PAGE))
+                runs.extend((start + first * _PAGE, (i - first) * _PAGE, writable))
                 first = -1
         index += count
     return runs.tobytes()
@@ -144,15 +151,15 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
         session = await rpc.connect(channel, limits=SESSION_LIMITS)
         await session.main.load(_PROBE_CODE)
         await session.main.invoke(None, "add", [1, 2], {}, None)
-        runs = await session.main.invoke(None, "written", [], {}, None)
+        runs = await session.main.invoke(None, "touched", [], {}, None)
         await session.aclose()
         return bytes(runs["value"])
 
     global _regions, _buffer
-    _regions = _private_writable_regions()
+    _regions = _private_regions()
     # A mapping of its own, made after the regions were listed: never counted as written.
     # Two page maps: the probe's as it starts, and after its first call.
-    _buffer = mmap.mmap(-1, sum(end - start for start, end in _regions) // _PAGE * 8 * 2)
+    _buffer = mmap.mmap(-1, sum(end - start for start, end, _ in _regions) // _PAGE * 8 * 2)
     driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     report, report_w = os.pipe()
 
@@ -185,11 +192,12 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
         os.waitpid(pid, 0)
     _buffer.close()
     _buffer = None
-    return list(zip(flat[::2], flat[1::2], strict=True))
+    starts, lengths, writes = flat[::3], flat[1::3], flat[2::3]
+    return [(s, n, bool(w)) for s, n, w in zip(starts, lengths, writes, strict=True)]
 
 
 def populate(runs: Runs) -> None:
     """Copy the pages of ``runs`` into this process now (best effort: a failure only means
     the page faults come later)."""
-    for start, length in runs:
-        _libc.madvise(start, length, _MADV_POPULATE_WRITE)
+    for start, length, write in runs:
+        _libc.madvise(start, length, _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)

@@ -74,7 +74,7 @@ class _Zygote:
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
-        self.first_call_pages: list[tuple[int, int]] = []  # copied by each worker: _prefault
+        self.first_call_pages: list[tuple[int, int, bool]] = []  # copied by each worker: _prefault
 
     def prefork(self, count: int = 1) -> None:
         """Fork ``count`` workers back to back into the pool.
