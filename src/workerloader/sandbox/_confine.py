@@ -10,8 +10,6 @@ import os
 import resource
 import signal
 
-import landlock  # type: ignore[import-untyped]
-
 from . import _syscalls as sc
 from ._policy import READ_ONLY_PATHS
 
@@ -21,9 +19,9 @@ SCRATCH = "/tmp"
 """The worker's private, size-capped scratch directory (a tmpfs of its own)."""
 
 _UNDER_SCRATCH = [p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "/")]
-_FS_READ = int(landlock.FSAccess.READ_FILE | landlock.FSAccess.READ_DIR | landlock.FSAccess.EXECUTE)
-_FS_DEVNULL = int(landlock.FSAccess.READ_FILE | landlock.FSAccess.WRITE_FILE)
-_FS_ALL = int(landlock.FSAccess.all())  # what this kernel's Landlock ABI can restrict
+_FS_READ = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_READ_DIR | sc.LANDLOCK_EXECUTE
+_FS_DEVNULL = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_WRITE_FILE
+_FS_ALL = sc.landlock_fs_rights()  # what this kernel's Landlock can restrict (asked once)
 
 
 def _landlock_ruleset() -> int:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .._errors import SandboxUnavailable
+from . import _syscalls
 from ._cgroup import MemoryCgroups, WorkerCgroup
 from ._chores import Chores
 from ._policy import compile_seccomp
@@ -34,13 +35,11 @@ def sandbox_support() -> str | None:
         if not os.path.exists(path):
             return f"namespaces are missing ({path})"
     try:
-        import landlock  # type: ignore[import-untyped]
         import pyseccomp  # type: ignore[import-untyped]  # noqa: F401
-
-        if landlock.landlock_abi_version() < 1:
-            return "Landlock is not enabled in this kernel"
-    except Exception as exc:  # libseccomp or Landlock missing
-        return f"seccomp or Landlock is unavailable: {exc}"
+    except Exception as exc:  # libseccomp missing
+        return f"seccomp is unavailable: {exc}"
+    if _syscalls.landlock_abi_version() < 1:
+        return "Landlock is not enabled in this kernel"
     return None
 
 

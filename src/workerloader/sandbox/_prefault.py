@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import mmap
 import os
 import socket
 from collections.abc import Callable
@@ -37,14 +36,28 @@ _WRITTEN = _PRESENT | _EXCLUSIVE
 _MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL, and nothing is done
 _MADV_POPULATE_WRITE = 23
 
+_PROT_RW = 0x1 | 0x2
+_MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 Runs = list[tuple[int, int, bool]]
 """Page runs ``(start address, length in bytes, written)``."""
 
 _regions: list[tuple[int, int, bool]] = []  # the zygote's private mappings, for the probe
-_buffer: mmap.mmap | None = None  # room for their page map entries, mapped before the fork
+_buffer: memoryview | None = None  # room for their page map entries, mapped before the fork
 
 _PROBE_CODE: dict[str, Any] = {
     "main_module": "main.py",
@@ -94,8 +107,7 @@ def _read_page_map(entries: memoryview) -> None:
 def _before_first_message() -> None:
     """In the probe, once its session runs: the page map as a ready worker's would be."""
     assert _buffer is not None
-    entries = memoryview(_buffer).cast("Q")
-    _read_page_map(entries[: len(entries) // 2])
+    _read_page_map(_buffer[: len(_buffer) // 2])
 
 
 def touched() -> bytes:
@@ -114,9 +126,8 @@ def touched() -> bytes:
     worker writes.
     """
     assert _buffer is not None
-    entries = memoryview(_buffer).cast("Q")
-    total = len(entries) // 2
-    at_start, now = entries[:total], entries[total:]
+    total = len(_buffer) // 2
+    at_start, now = _buffer[:total], _buffer[total:]
     _read_page_map(now)
     runs = array.array("q")
     index = 0
@@ -159,7 +170,11 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
     _regions = _private_regions()
     # A mapping of its own, made after the regions were listed: never counted as written.
     # Two page maps: the probe's as it starts, and after its first call.
-    _buffer = mmap.mmap(-1, sum(end - start for start, end, _ in _regions) // _PAGE * 8 * 2)
+    entries = sum(end - start for start, end, _ in _regions) // _PAGE * 2
+    address = _libc.mmap(None, entries * 8, _PROT_RW, _MAP_PRIVATE_ANONYMOUS, -1, 0)
+    if address in (None, _MAP_FAILED):
+        return []
+    _buffer = memoryview((ctypes.c_uint64 * entries).from_address(address)).cast("B").cast("Q")
     driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     report, report_w = os.pipe()
 
@@ -190,8 +205,9 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
         flat = array.array("q", source.read())
     for pid in children:
         os.waitpid(pid, 0)
-    _buffer.close()
+    _buffer.release()
     _buffer = None
+    _libc.munmap(address, entries * 8)
     starts, lengths, writes = flat[::3], flat[1::3], flat[2::3]
     return [(s, n, bool(w)) for s, n, w in zip(starts, lengths, writes, strict=True)]
 

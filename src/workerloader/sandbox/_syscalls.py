@@ -1,5 +1,5 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11 does not expose (unshare, setns, mount,
-prctl, seccomp filter load, landlock_restrict_self). Each raises OSError with errno on failure."""
+prctl, seccomp filter load, Landlock). Each raises OSError with errno on failure."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "landlock_abi_version",
+    "landlock_fs_rights",
+    "landlock_restrict_self",
+    "landlock_ruleset",
     "load_seccomp_bpf",
     "mount",
     "prctl",
@@ -129,6 +133,32 @@ class _RulesetAttr(ctypes.Structure):
 class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+LANDLOCK_READ_FILE: Final = 1 << 2
+LANDLOCK_WRITE_FILE: Final = 1 << 1
+LANDLOCK_READ_DIR: Final = 1 << 3
+LANDLOCK_EXECUTE: Final = 1 << 0
+_LANDLOCK_CREATE_RULESET_VERSION: Final = 1
+# The file-system rights each Landlock ABI version added: v1 thirteen, v2 REFER, v3 TRUNCATE,
+# v5 IOCTL_DEV (v4 added network rights only).
+_LANDLOCK_FS_BY_ABI: Final = ((1, 0x1FFF), (2, 1 << 13), (3, 1 << 14), (5, 1 << 15))
+
+
+def landlock_abi_version() -> int:
+    """The kernel's Landlock ABI version; 0 where Landlock is missing or disabled."""
+    version = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    return max(int(version), 0)
+
+
+def landlock_fs_rights() -> int:
+    """Every file-system right this kernel's Landlock can restrict."""
+    abi = landlock_abi_version()
+    rights = 0
+    for since, added in _LANDLOCK_FS_BY_ABI:
+        if abi >= since:
+            rights |= added
+    return rights
 
 
 def landlock_ruleset(handled: int, rules: list[tuple[str, int]]) -> int:
