@@ -96,6 +96,17 @@ class WorkerProcess:
         except (OSError, ValueError, IndexError):
             return 0
 
+    async def stop(self) -> None:
+        """Kill the worker (on the sandbox's chores thread) and wait for it to exit; its
+        channel stays open. Safe twice."""
+        if self.pidfd < 0:
+            return
+        if self._chores is None:
+            self.kill()
+        else:
+            self._chores.submit(functools.partial(_kill, self.pidfd))
+        await self.wait_exit()
+
     async def aclose(self) -> None:
         """Kill the worker, wait for it to exit, release its fds and cgroup. Safe twice.
 
@@ -105,11 +116,7 @@ class WorkerProcess:
             return
         chores = self._chores
         pidfd = self.pidfd
-        if chores is None:
-            self.kill()
-        else:
-            chores.submit(functools.partial(_kill, pidfd))
-        await self.wait_exit()
+        await self.stop()
         if self._exited is not None and not self._exited.done():
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(pidfd)
