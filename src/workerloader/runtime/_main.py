@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from .. import rpc
-from ..rpc._loop import DEFAULT_SPIN_US, run, set_spin
+from ..rpc._loop import DEFAULT_SPIN_US, new_event_loop, run, set_spin
 from . import _execute, workers
 from ._modules import ModuleMap
 
@@ -347,8 +347,9 @@ def prepare() -> None:
 
 
 def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> int:
-    """Run the worker's session until the host closes it; the process exit code. ``prepare``
-    must have run in this process or the one it was forked from. ``ready`` is called once the
+    """Run the worker's session until the host closes it; the process exit code, for a caller
+    that then ends the process (the event loop is left as it is). ``prepare`` must have run in
+    this process or the one it was forked from. ``ready`` is called once the
     session runs, before it reads its first message (the zygote's page probe looks there)."""
 
     async def main() -> None:
@@ -362,5 +363,10 @@ def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> 
         set_spin(DEFAULT_SPIN_US, lambda: session.awaiting_answers > 0 or runtime.answered > 1)
         await session.wait_closed()
 
-    run(main(), spin_us=0)
+    # A bare loop, not asyncio.run: the process ends with os._exit (or a kill) once the session
+    # closes, so a runner's setup (a SIGINT handler, a context copy) and orderly teardown would
+    # be work for nothing in every worker.
+    loop = new_event_loop(0)
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(main())
     return 0
