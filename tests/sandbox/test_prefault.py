@@ -41,6 +41,24 @@ print(json.dumps({
 }), file=sys.__stdout__)
 """
 
+FAILED_PROBE = """
+import json
+import sys
+
+from workerloader.runtime import _main as runtime
+from workerloader.sandbox._prefault import learn_first_call
+
+runtime.prepare()
+
+
+def broken_serve(channel, ready):
+    channel.close()  # a probe that dies before it serves anything
+    return 1
+
+
+print(json.dumps({"runs": learn_first_call(broken_serve)}), file=sys.__stdout__)
+"""
+
 POPULATE = """
 import array
 import ctypes
@@ -99,6 +117,10 @@ def test_the_probe_reports_whole_pages_of_the_zygotes_mappings_of_the_right_kind
     assert 20 <= report["read"] <= 5000, report
     assert report["aligned"], report
     assert report["inside"], report  # written pages in writable mappings, read in read-only
+
+
+def test_a_probe_that_fails_reports_no_pages_and_the_caller_goes_on() -> None:
+    assert _run(FAILED_PROBE) == {"runs": []}
 
 
 def test_populate_copies_exactly_the_given_pages_into_the_child() -> None:

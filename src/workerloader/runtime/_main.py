@@ -349,8 +349,8 @@ def prepare() -> None:
 def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> int:
     """Run the worker's session until the host closes it; the process exit code, for a caller
     that then ends the process (the event loop is left as it is). ``prepare`` must have run in
-    this process or the one it was forked from. ``ready`` is called once the
-    session runs, before it reads its first message (the zygote's page probe looks there)."""
+    this process or the one it was forked from. ``ready`` is called once the session runs,
+    before it reads its first message (the zygote's page probe looks there)."""
 
     async def main() -> None:
         runtime = WorkerRuntime()

@@ -21,13 +21,15 @@ from __future__ import annotations
 import array
 import ctypes
 import os
+import select
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from . import _syscalls as sc
 
-__all__ = ["learn_first_call", "populate"]
+__all__ = ["Runs", "learn_first_call", "populate"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT = 1 << 63
@@ -58,6 +60,8 @@ Runs = list[tuple[int, int, bool]]
 
 _regions: list[tuple[int, int, bool]] = []  # the zygote's private mappings, for the probe
 _buffer: memoryview | None = None  # room for their page map entries, mapped before the fork
+
+_PROBE_TIMEOUT_S = 10.0  # a probe that has not reported by then is given up (no pages copied)
 
 _PROBE_CODE: dict[str, Any] = {
     "main_module": "main.py",
@@ -201,9 +205,13 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
     driver_end.close()
     probe_end.close()
     os.close(report_w)
+    flat = array.array("q")
     with open(report, "rb") as source:
-        flat = array.array("q", source.read())
+        if select.select([source], [], [], _PROBE_TIMEOUT_S)[0]:
+            data = source.read()  # written at once, by the driver as it finishes
+            flat.frombytes(data[: len(data) // 24 * 24])
     for pid in children:
+        os.kill(pid, signal.SIGKILL)  # only ever needed if they are stuck
         os.waitpid(pid, 0)
     _buffer.release()
     _buffer = None

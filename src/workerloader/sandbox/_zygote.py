@@ -39,7 +39,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
-from ._prefault import learn_first_call, populate  # noqa: E402
+from ._prefault import Runs, learn_first_call, populate  # noqa: E402
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
@@ -74,7 +74,7 @@ class _Zygote:
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
-        self.first_call_pages: list[tuple[int, int, bool]] = []  # copied by each worker: _prefault
+        self.first_call_pages: Runs = []  # copied by each worker (see _prefault)
 
     def prefork(self, count: int = 1) -> None:
         """Fork ``count`` workers back to back into the pool.
