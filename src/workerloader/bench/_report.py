@@ -38,6 +38,10 @@ class Figure:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
+    # Two decimals below 10: a figure beside its target must not round onto it (1.52 ms
+    # printed as "1.5 ms", next to "≤ 1.5 ms: NO").
+    if value < 10:
+        return f"{value:.2f} {unit}"
     return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
 
