@@ -300,10 +300,10 @@ class WorkerStub:
     def _begin(self, code: WorkerCode, process: WorkerProcess, session: rpc.RpcSession) -> _Worker:
         """Make ``process`` this stub's worker and send it ``code`` (checked by the first
         call: the code loads while that call is on its way)."""
+        sandbox = self._loader._sandbox
+        sandbox.promote(process)
         # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
-        self._loader._sandbox.limit_memory(
-            process, (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
-        )
+        sandbox.limit_memory(process, (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20)
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:

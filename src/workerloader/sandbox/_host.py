@@ -25,6 +25,10 @@ _UID_BASE = 100_000  # host uid of uid 0 inside the zygote's user namespace
 _UID_RANGE = 65_536
 
 
+_BACKGROUND_NICE = 10
+"""The zygote's CPU priority (inherited by its pooled workers; see ``Sandbox.promote``)."""
+
+
 def sandbox_support() -> str | None:
     """None if this machine can run the sandbox, else why not."""
     if sys.platform != "linux":
@@ -197,6 +201,8 @@ class Sandbox:
             "WORKERLOADER_POOL": str(self._pool_size),
             "WORKERLOADER_SCRATCH_MB": str(self._scratch_mb),
             "WORKERLOADER_INSECURE": "1" if self.insecure else "0",
+            # Only a host that may raise a worker's priority again (root) lowers the zygote's.
+            "WORKERLOADER_NICE": str(_BACKGROUND_NICE if os.geteuid() == 0 else 0),
         }
         self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the zygote is long-lived
             [sys.executable, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
@@ -258,6 +264,15 @@ class Sandbox:
         process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
         process._chores = self._chores
         return process
+
+    def promote(self, process: WorkerProcess) -> None:
+        """Give a worker about to run code the normal CPU priority. The zygote, and so every
+        pooled worker, runs at a lower one (nice 10): forking and starting workers in the
+        background then never slows the calls in flight (measured with the zygote at 10
+        against 0, alternating in one run: cold call p50 1.53-1.72 ms against 1.81-1.87,
+        new workers/s 273-295 against 249-259)."""
+        with contextlib.suppress(OSError):  # gone already, or not ours to raise (not root)
+            os.setpriority(os.PRIO_PROCESS, process.pid, 0)
 
     def limit_memory(self, process: WorkerProcess, limit_bytes: int) -> None:
         """Put the worker in a memory cgroup of its own capped at ``limit_bytes``, where

@@ -45,6 +45,9 @@ POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
 """Run workers unconfined: only where the host found no sandbox and was told to go on."""
 SCRATCH_MB = int(os.environ.get("WORKERLOADER_SCRATCH_MB", "16"))
+NICE = int(os.environ.get("WORKERLOADER_NICE", "0"))
+"""The zygote's and its pooled workers' CPU priority: below the host's workers in use, which
+the host raises to normal as it hands them out."""
 os.environ.clear()  # read once; workers inherit an empty environment
 _LOW_WATER = POOL_SIZE // 2  # refill in batches from here (see prefork)
 _UID_FIRST, _UID_COUNT = 1000, 60000
@@ -222,6 +225,7 @@ def _drop_mounts() -> None:
 
 def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
+    os.nice(NICE)
     if INSECURE:
         ctrl.send(b"userns")
         if ctrl.recv(16) != b"mapped":
