@@ -9,11 +9,11 @@ faults leave the cold path. The pages are ones a worker copies in its first call
 idle worker that has answered a call holds no more private memory than before (measured: two
 pages more).
 
-Which pages? Once, before it forks any worker, the zygote forks a probe that serves a session,
-and a driver that takes it through a typical load and first call. The probe reads its own page
-map (``/proc/self/pagemap``) once its session runs, the state a ready worker waits in, and again
-after that call: a page of one of the zygote's private writable mappings that was shared at
-first and is now the probe's alone is one the call copied.
+Which pages? Once, before it forks any worker, the zygote runs a probe of a first call
+(``_probe``). The probe reads its own page map (``/proc/self/pagemap``) once its session runs,
+the state a ready worker waits in, and again after that call: a page of one of the zygote's
+private writable mappings that was shared at first and is now the probe's alone is one the
+call copied.
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ from __future__ import annotations
 import array
 import ctypes
 import os
-import select
-import signal
 import socket
 from collections.abc import Callable
-from typing import Any
 
-from . import _syscalls as sc
+from ._probe import probe_first_call
 
 __all__ = ["Runs", "learn_first_call", "populate"]
 
@@ -60,27 +57,6 @@ Runs = list[tuple[int, int, bool]]
 
 _regions: list[tuple[int, int, bool]] = []  # the zygote's private mappings, for the probe
 _buffer: memoryview | None = None  # room for their page map entries, mapped before the fork
-
-_PROBE_TIMEOUT_S = 10.0  # a probe that has not reported by then is given up (no pages copied)
-
-_PROBE_CODE: dict[str, Any] = {
-    "main_module": "main.py",
-    "modules": {
-        "main.py": (
-            "from workers import WorkerEntrypoint\n"
-            "from workerloader.sandbox._prefault import touched\n\n"
-            "class Default(WorkerEntrypoint):\n"
-            "    async def add(self, a, b):\n"
-            "        return a + b\n\n"
-            "    async def touched(self):\n"
-            "        return touched()\n"
-        )
-    },
-    "env": {},
-    "limits": {},
-}
-"""What the probe loads: a typical small worker, plus a method that reports the pages touched
-(called second, so that the first call's whole path, through its answer, is counted)."""
 
 
 def _private_regions() -> list[tuple[int, int, bool]]:
@@ -155,21 +131,9 @@ def touched() -> bytes:
 
 
 def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) -> Runs:
-    """Run the probe (see the module docstring) with ``serve`` as its worker side; the runs
-    it wrote, or none if anything failed (workers then just take their page faults). The
-    session is driven from a second child, so that this process's heap stays as it was."""
-    from .. import rpc
-    from ..rpc._loop import run
-    from ..runtime._main import SESSION_LIMITS
-
-    async def drive(channel: socket.socket) -> bytes:
-        session = await rpc.connect(channel, limits=SESSION_LIMITS)
-        await session.main.load(_PROBE_CODE)
-        await session.main.invoke(None, "add", [1, 2], {}, None)
-        runs = await session.main.invoke(None, "touched", [], {}, None)
-        await session.aclose()
-        return bytes(runs["value"])
-
+    """The runs a worker's first call touches, learned from a probe (see ``_probe``) with
+    ``serve`` as its worker side; none if anything failed (workers then just take their page
+    faults)."""
     global _regions, _buffer
     _regions = _private_regions()
     # A mapping of its own, made after the regions were listed: never counted as written.
@@ -179,43 +143,13 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
     if address in (None, _MAP_FAILED):
         return []
     _buffer = memoryview((ctypes.c_uint64 * entries).from_address(address)).cast("B").cast("Q")
-    driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    report, report_w = os.pipe()
-
-    children = [os.fork()]
-    if children[0] == 0:  # the probe
-        code = 1
-        try:
-            os.close(report)
-            os.close(report_w)
-            driver_end.close()
-            sc.prctl(sc.PR_SET_DUMPABLE, 1)  # else its own page map is root's, not its own
-            code = serve(probe_end, _before_first_message)
-        finally:
-            os._exit(code)
-    children.append(os.fork())
-    if children[1] == 0:  # the driver
-        try:
-            os.close(report)
-            probe_end.close()
-            with open(report_w, "wb") as out:
-                out.write(run(drive(driver_end)))
-        finally:
-            os._exit(0)
-    driver_end.close()
-    probe_end.close()
-    os.close(report_w)
-    flat = array.array("q")
-    with open(report, "rb") as source:
-        if select.select([source], [], [], _PROBE_TIMEOUT_S)[0]:
-            data = source.read()  # written at once, by the driver as it finishes
-            flat.frombytes(data[: len(data) // 24 * 24])
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)  # only ever needed if they are stuck
-        os.waitpid(pid, 0)
-    _buffer.release()
-    _buffer = None
-    _libc.munmap(address, entries * 8)
+    try:
+        data = probe_first_call(serve, _before_first_message, touched)
+    finally:
+        _buffer.release()
+        _buffer = None
+        _libc.munmap(address, entries * 8)
+    flat = array.array("q", data[: len(data) // 24 * 24])
     starts, lengths, writes = flat[::3], flat[1::3], flat[2::3]
     return [(s, n, bool(w)) for s, n, w in zip(starts, lengths, writes, strict=True)]
 

@@ -1,0 +1,110 @@
+"""A probe of a worker's first call: a throwaway worker, forked from the zygote, that a second
+child takes through a typical load and first call, so that the zygote can learn what such a
+call does to a process forked from it (``_prefault``: the pages it copies; ``_pack``: the code
+objects it writes to).
+
+The probe runs only the code below, never a tenant's, and is killed once it has reported. The
+session is driven from a second child, not from the zygote, so that the zygote's own memory
+stays as its workers will find it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from . import _syscalls as sc
+
+__all__ = ["probe_first_call", "report"]
+
+_TIMEOUT_S = 10.0  # a probe that has not reported by then is given up
+
+_CODE: dict[str, Any] = {
+    "main_module": "main.py",
+    "modules": {
+        "main.py": (
+            "from workers import WorkerEntrypoint\n"
+            "from workerloader.sandbox._probe import report\n\n"
+            "class Default(WorkerEntrypoint):\n"
+            "    async def add(self, a, b):\n"
+            "        return a + b\n\n"
+            "    async def report(self):\n"
+            "        return report()\n"
+        )
+    },
+    "env": {},
+    "limits": {},
+}
+"""What the probe loads: a typical small worker, plus a method that reports (called second, so
+that the first call's whole path, through its answer, is behind it)."""
+
+_after: Callable[[], bytes] | None = None  # set in the zygote before the probe forks
+
+
+def report() -> bytes:
+    """In the probe, for its second call: what ``after`` (of ``probe_first_call``) found."""
+    assert _after is not None
+    return _after()
+
+
+def probe_first_call(
+    serve: Callable[[socket.socket, Callable[[], None]], int],
+    before: Callable[[], None],
+    after: Callable[[], bytes],
+) -> bytes:
+    """Fork a probe that ``serve``s a session and a driver that takes it through a load and a
+    first call. In the probe, ``before()`` runs once its session runs (the state a ready worker
+    waits in) and ``after()`` once the first call has been answered; what ``after`` returns
+    comes back here (b"" if anything failed or took longer than 10 s)."""
+    from .. import rpc
+    from ..rpc._loop import run
+    from ..runtime._main import SESSION_LIMITS
+
+    async def drive(channel: socket.socket) -> bytes:
+        session = await rpc.connect(channel, limits=SESSION_LIMITS)
+        await session.main.load(_CODE)
+        await session.main.invoke(None, "add", [1, 2], {}, None)
+        answer = await session.main.invoke(None, "report", [], {}, None)
+        await session.aclose()
+        return bytes(answer["value"])
+
+    global _after
+    _after = after
+    driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    result, result_w = os.pipe()
+    children = [os.fork()]
+    if children[0] == 0:  # the probe
+        code = 1
+        try:
+            os.close(result)
+            os.close(result_w)
+            driver_end.close()
+            sc.prctl(sc.PR_SET_DUMPABLE, 1)  # else its /proc/self files are root's, not its own
+            code = serve(probe_end, before)
+        finally:
+            os._exit(code)
+    children.append(os.fork())
+    if children[1] == 0:  # the driver
+        try:
+            os.close(result)
+            probe_end.close()
+            with open(result_w, "wb") as out:
+                out.write(run(drive(driver_end)))
+        finally:
+            os._exit(0)
+    _after = None
+    driver_end.close()
+    probe_end.close()
+    os.close(result_w)
+    data = b""
+    with open(result, "rb") as source:
+        if select.select([source], [], [], _TIMEOUT_S)[0]:
+            data = source.read()  # written at once, by the driver as it finishes
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)  # only ever needed if they are stuck
+        os.waitpid(pid, 0)
+    return data
