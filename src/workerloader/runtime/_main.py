@@ -25,7 +25,7 @@ from ..rpc._loop import DEFAULT_SPIN_US, new_event_loop, run, set_spin
 from . import _execute, workers
 from ._modules import ModuleMap
 
-__all__ = ["SESSION_LIMITS", "WorkerRuntime", "prepare", "serve"]
+__all__ = ["SESSION_LIMITS", "WorkerRuntime", "prepare", "serve", "warm_up"]
 
 _LOG_CAP = 64 * 1024
 
@@ -335,6 +335,12 @@ async def _warm_up() -> None:
     await host.aclose()
     await worker.aclose()
     _forget_warm_up()
+
+
+def warm_up() -> None:
+    """Run the warm-up again (see ``prepare``): the zygote does, after it has replaced code
+    objects with copies that have not been specialized yet."""
+    run(_warm_up())
 
 
 def prepare() -> None:

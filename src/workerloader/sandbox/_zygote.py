@@ -39,6 +39,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
+from ._pack import pack_hot_code  # noqa: E402
 from ._prefault import Runs, learn_first_call, populate  # noqa: E402
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
@@ -121,6 +122,11 @@ class _Zygote:
 
     def serve(self) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The code objects a first call writes to, copied side by side (onto fresh pages: the
+        # free blocks are taken first), then specialized again by a second warm-up.
+        fill_free_blocks()
+        if pack_hot_code(self.runtime.serve):
+            self.runtime.warm_up()
         # Every worker shares this process's memory until one of them writes to it. Immortal
         # objects (3.12+) take no reference count writes, and frozen ones no collector writes:
         # the pages a worker copies are then mostly the ones it really changes.
