@@ -1,13 +1,15 @@
-"""A Python script run in a child process whose output lines a test watches as they come."""
+"""Python scripts run in a child process: one whose output lines a test watches as they come,
+and one that reports what it saw as JSON on its last line."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 
 def _read_lines(stream: IO[str], lines: list[str]) -> None:
@@ -40,3 +42,18 @@ def script_with_lines(script: str, *args: str) -> Iterator[tuple[subprocess.Pope
         reader.join(10)
         process.stdout.close()
         process.stderr.close()
+
+
+def script_json(
+    script: str, *args: str, executable: str = sys.executable, quiet: bool = False
+) -> dict[str, Any]:
+    """Run ``executable -c script *args`` to its end; it must exit 0 (and, if ``quiet``, write
+    nothing to stderr). The JSON object on its last line of output."""
+    done = subprocess.run(
+        [executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    if quiet:
+        assert done.stderr == ""
+    report: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return report

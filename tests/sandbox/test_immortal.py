@@ -6,9 +6,7 @@ subprocess that reports what it saw as JSON on its last line of output.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 
 import workerloader.sandbox._immortal as immortal_module
+from tests._proc import script_json
 
 IMMORTAL = sys.version_info >= (3, 12) and not sysconfig.get_config_var("Py_GIL_DISABLED")
 """Whether this interpreter has immortal objects the walk knows how to make."""
@@ -86,20 +85,9 @@ print(json.dumps(report))
 """
 
 
-def run_python(executable: str, script: str, *args: str) -> dict[str, Any]:
-    """Run ``script`` in a fresh interpreter; it must exit 0 and print JSON last."""
-    done = subprocess.run(
-        [executable, "-c", script, *args], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    report: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
-    return report
-
-
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    return run_python(sys.executable, SCRIPT)
+    return script_json(SCRIPT, quiet=True)
 
 
 def test_the_process_keeps_working_after_the_walk(report: dict[str, Any]) -> None:
@@ -172,7 +160,7 @@ def test_python_3_11_marks_nothing() -> None:
     assert OLD_PYTHON is not None
     source = immortal_module.__file__
     assert source is not None
-    report = run_python(OLD_PYTHON, OLD_PYTHON_SCRIPT, str(Path(source)))
+    report = script_json(OLD_PYTHON_SCRIPT, str(Path(source)), executable=OLD_PYTHON, quiet=True)
     assert report["marked"] == 0
     before, aliased = report["counts"]
     assert aliased == before + 1

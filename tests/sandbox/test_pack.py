@@ -7,10 +7,7 @@ that reports what it saw as JSON on its last line of output.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from typing import Any
+from tests._proc import script_json
 
 SCRIPT = """
 import asyncio
@@ -61,17 +58,8 @@ print(json.dumps({"copied": copied, "untouched": _driver.connect.__code__ is bef
 """
 
 
-def _run(script: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
-    return report
-
-
 def test_the_code_a_first_call_runs_is_replaced_by_equal_copies() -> None:
-    report = _run(SCRIPT)
+    report = script_json(SCRIPT)
     # A session's connect and the worker's serve run in every first call; a few hundred
     # code objects are written in all (measured: ~160).
     assert 20 <= report["copied"] <= 2000, report
@@ -80,4 +68,4 @@ def test_the_code_a_first_call_runs_is_replaced_by_equal_copies() -> None:
 
 
 def test_nothing_changes_when_the_probe_fails() -> None:
-    assert _run(BROKEN) == {"copied": 0, "untouched": True}
+    assert script_json(BROKEN) == {"copied": 0, "untouched": True}

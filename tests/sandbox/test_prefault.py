@@ -7,10 +7,7 @@ JSON on its last line of output.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from typing import Any
+from tests._proc import script_json
 
 LEARN = """
 import json
@@ -99,17 +96,8 @@ print(report.decode())
 """
 
 
-def _run(script: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
-    return report
-
-
 def test_the_probe_reports_whole_pages_of_the_zygotes_mappings_of_the_right_kind() -> None:
-    report = _run(LEARN)
+    report = script_json(LEARN)
     # A load and a first call copy ~100-200 shared pages (measured: ~105 in the zygote, ~170
     # here) and map some hundreds of code pages; the bounds only say the probe ran and did
     # not report whole mappings.
@@ -120,11 +108,11 @@ def test_the_probe_reports_whole_pages_of_the_zygotes_mappings_of_the_right_kind
 
 
 def test_a_probe_that_fails_reports_no_pages_and_the_caller_goes_on() -> None:
-    assert _run(FAILED_PROBE) == {"runs": []}
+    assert script_json(FAILED_PROBE) == {"runs": []}
 
 
 def test_populate_copies_exactly_the_given_pages_into_the_child() -> None:
-    report = _run(POPULATE)
+    report = script_json(POPULATE)
     assert not any(report["before"]), "a fresh child shares all of its parent's pages"
     expected = [8 <= i < 24 for i in range(64)]
     assert report["after"] == expected
