@@ -182,6 +182,13 @@ class _Worker:
         await _stop(self.process, self.session)
 
 
+def _in_background(work: Awaitable[None], tasks: set[asyncio.Task[None]]) -> None:
+    """Run ``work`` as a task kept in ``tasks`` until it is done."""
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 async def _stop(process: WorkerProcess, session: rpc.RpcSession) -> None:
     """Stop a worker: the process first, then its session. Closed first, the session would
     wake a live worker with an end of file, costing the host that wake-up (~0.1 ms of its CPU
@@ -300,10 +307,9 @@ class WorkerStub:
     def _begin(self, code: WorkerCode, process: WorkerProcess, session: rpc.RpcSession) -> _Worker:
         """Make ``process`` this stub's worker and send it ``code`` (checked by the first
         call: the code loads while that call is on its way)."""
-        sandbox = self._loader._sandbox
-        sandbox.promote(process)
         # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
-        sandbox.limit_memory(process, (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20)
+        limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
+        self._loader._sandbox.limit_memory(process, limit)
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:
@@ -436,7 +442,8 @@ class Loader:
         self._refilling: asyncio.Task[None] | None = None
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # evictions in progress
+        self._evicting: set[asyncio.Task[None]] = set()  # LRU evictions waiting for calls
+        self._stopping: set[asyncio.Task[None]] = set()  # workers being stopped
         self._workers: set[_Worker] = set()  # every running worker, cached or not
         self._stores_cache: _Stores | None = None
         self.exports = Exports()
@@ -458,7 +465,7 @@ class Loader:
             process, session = self._ready.popleft()
             if not session.closed:
                 return process, session
-            self._closing_soon(process.aclose())
+            self._stop_soon(process.aclose())
         return None
 
     async def _open_worker(self) -> tuple[WorkerProcess, rpc.RpcSession]:
@@ -503,8 +510,10 @@ class Loader:
         while self._ready:
             await _stop(*self._ready.popleft())
         self._stubs.clear()
-        for task in list(self._closing):
-            task.cancel()
+        for task in list(self._evicting):
+            task.cancel()  # the loop below stops their workers, calls in flight or not
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         for worker in list(self._workers):
             await self._forget(worker)
         await self._sandbox.aclose()
@@ -514,14 +523,11 @@ class Loader:
         await worker.aclose()
 
     def _forget_soon(self, worker: _Worker) -> None:
-        self._closing_soon(self._forget(worker))
+        self._stop_soon(self._forget(worker))
 
-    def _closing_soon(self, closing: Awaitable[None]) -> None:
-        """Run ``closing`` (a worker's shutdown) in the background (``aclose`` cancels what is
-        left, and stops every worker itself)."""
-        task = asyncio.ensure_future(closing)
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _stop_soon(self, stopping: Awaitable[None]) -> None:
+        """Stop a worker in the background; ``aclose`` waits for it."""
+        _in_background(stopping, self._stopping)
 
     def get(self, worker_id: str | None, factory: Callable[[], WorkerCode]) -> WorkerStub:
         """The worker ``worker_id``, started from ``factory()`` on first use if no warm worker
@@ -534,7 +540,7 @@ class Loader:
             stub = self._stubs[worker_id] = WorkerStub(self, worker_id, factory)
             while len(self._stubs) > self.max_workers:
                 _, oldest = self._stubs.popitem(last=False)
-                self._closing_soon(oldest._close_when_idle())
+                _in_background(oldest._close_when_idle(), self._evicting)
         self._stubs.move_to_end(worker_id)
         return stub
 

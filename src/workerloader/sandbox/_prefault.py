@@ -148,6 +148,7 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
     finally:
         _buffer.release()
         _buffer = None
+        _regions = []
         _libc.munmap(address, entries * 8)
     flat = array.array("q", data[: len(data) // 24 * 24])
     starts, lengths, writes = flat[::3], flat[1::3], flat[2::3]

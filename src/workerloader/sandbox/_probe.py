@@ -15,7 +15,7 @@ import select
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _syscalls as sc
 
@@ -74,37 +74,55 @@ def probe_first_call(
 
     global _after
     _after = after
-    driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    result, result_w = os.pipe()
-    children = [os.fork()]
-    if children[0] == 0:  # the probe
-        code = 1
-        try:
-            os.close(result)
-            os.close(result_w)
-            driver_end.close()
-            sc.prctl(sc.PR_SET_DUMPABLE, 1)  # else its /proc/self files are root's, not its own
-            code = serve(probe_end, before)
-        finally:
-            os._exit(code)
-    children.append(os.fork())
-    if children[1] == 0:  # the driver
-        try:
-            os.close(result)
-            probe_end.close()
-            with open(result_w, "wb") as out:
-                out.write(run(drive(driver_end)))
-        finally:
-            os._exit(0)
-    _after = None
-    driver_end.close()
-    probe_end.close()
-    os.close(result_w)
-    data = b""
-    with open(result, "rb") as source:
-        if select.select([source], [], [], _TIMEOUT_S)[0]:
-            data = source.read()  # written at once, by the driver as it finishes
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)  # only ever needed if they are stuck
-        os.waitpid(pid, 0)
-    return data
+    children: list[int] = []
+    fds: list[int] = []
+    try:
+        driver_end, probe_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds += [driver_end.detach(), probe_end.detach()]
+        fds += os.pipe()
+        driver, probe, result, result_w = fds
+        children.append(os.fork())
+        if children[0] == 0:  # the probe
+            _in_child(
+                [driver, result, result_w], lambda: serve(socket.socket(fileno=probe), before)
+            )
+        children.append(os.fork())
+        if children[1] == 0:  # the driver
+
+            def report() -> int:
+                with open(result_w, "wb") as out:
+                    out.write(run(drive(socket.socket(fileno=driver))))
+                return 0
+
+            _in_child([probe, result], report)
+        for fd in (driver, probe, result_w, result):
+            fds.remove(fd)  # closed here, or by the file object below
+            if fd != result:
+                os.close(fd)
+        with open(result, "rb") as source:
+            if select.select([source], [], [], _TIMEOUT_S)[0]:
+                return source.read()  # written at once, by the driver as it finishes
+            return b""
+    except OSError:  # no socket, pipe or fork to be had: no probe
+        return b""
+    finally:
+        _after = None
+        for fd in fds:
+            os.close(fd)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)  # only ever needed if they are stuck
+            os.waitpid(pid, 0)
+
+
+def _in_child(close: list[int], work: Callable[[], int]) -> NoReturn:
+    """In a probe's freshly forked child: close the other children's fds, die with the zygote,
+    run ``work``, exit with its code (1 if it raised)."""
+    code = 1
+    try:
+        for fd in close:
+            os.close(fd)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)  # else its /proc/self files are root's, not its own
+        code = work()
+    finally:
+        os._exit(code)

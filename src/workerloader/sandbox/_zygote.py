@@ -47,8 +47,8 @@ INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
 """Run workers unconfined: only where the host found no sandbox and was told to go on."""
 SCRATCH_MB = int(os.environ.get("WORKERLOADER_SCRATCH_MB", "16"))
 NICE = int(os.environ.get("WORKERLOADER_NICE", "0"))
-"""The zygote's and its pooled workers' CPU priority: below the host's workers in use, which
-the host raises to normal as it hands them out."""
+"""How many nice levels the zygote and its pooled workers run below the host, which gives a
+worker the host's own priority as it hands it out."""
 os.environ.clear()  # read once; workers inherit an empty environment
 _LOW_WATER = POOL_SIZE // 2  # refill in batches from here (see prefork)
 _UID_FIRST, _UID_COUNT = 1000, 60000
@@ -127,6 +127,8 @@ class _Zygote:
         fill_free_blocks()
         if pack_hot_code(self.runtime.serve):
             self.runtime.warm_up()
+        else:
+            _warn("the probe of a first call failed: hot code objects were not packed")
         # Every worker shares this process's memory until one of them writes to it. Immortal
         # objects (3.12+) take no reference count writes, and frozen ones no collector writes:
         # the pages a worker copies are then mostly the ones it really changes.
@@ -140,6 +142,8 @@ class _Zygote:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
             sc.load_seccomp_bpf(self.zygote_filter)
         self.first_call_pages = learn_first_call(self.runtime.serve)
+        if not self.first_call_pages:
+            _warn("the probe of a first call failed: workers will not copy its pages ahead")
         self.prefork(POOL_SIZE)
         self.ctrl.send(b"ready")
         while True:
@@ -176,6 +180,12 @@ class _Zygote:
                 return
             if pid == 0:
                 return
+
+
+def _warn(message: str) -> None:
+    """To the host's stderr (``sys.stderr`` captures worker output). Workers still start; they
+    only take longer."""
+    print(f"[workerloader] zygote: {message}", file=sys.__stderr__, flush=True)
 
 
 def _blocked_ancestor(path: str) -> str | None:

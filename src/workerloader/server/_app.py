@@ -137,7 +137,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             # Everything made so far lives as long as the service. Out of the collector's
             # generations, it is no longer walked on every full collection, which the many
             # short-lived containers of each request trigger (measured: ~11% of the server's
-            # CPU under a stream of /execute requests).
+            # CPU under a stream of /execute requests). Freezing is process-wide: a cycle among
+            # these objects is never collected, and two apps in one process (tests) share it.
             gc.collect()
             gc.freeze()
             try:
