@@ -10,27 +10,32 @@ from __future__ import annotations
 from tests._proc import script_json
 
 SCRIPT = """
-import asyncio
+import gc
 import json
 import sys
+import types
 
-from workerloader.rpc import _driver
 from workerloader.runtime import _main as runtime
 from workerloader.sandbox._pack import pack_hot_code
 
 runtime.prepare()
-before = {"connect": _driver.connect.__code__, "serve": runtime.serve.__code__}
+functions = [f for f in gc.get_objects() if isinstance(f, types.FunctionType)]
+before = [f.__code__ for f in functions]
 copied = pack_hot_code(runtime.serve)
-after = {"connect": _driver.connect.__code__, "serve": runtime.serve.__code__}
+replaced = [(old, f.__code__) for f, old in zip(functions, before) if f.__code__ is not old]
 runtime.warm_up()  # the same paths run again, through the copies
 print(json.dumps({
     "copied": copied,
-    "replaced": sorted(name for name in before if after[name] is not before[name]),
+    "replaced": len(replaced),
     "same_code": all(
-        after[name].co_code == before[name].co_code
-        and after[name].co_qualname == before[name].co_qualname
-        and after[name].co_firstlineno == before[name].co_firstlineno
-        for name in before
+        new.co_code == old.co_code
+        and new.co_qualname == old.co_qualname
+        and new.co_firstlineno == old.co_firstlineno
+        and new.co_filename == old.co_filename
+        for old, new in replaced
+    ),
+    "runtime_replaced": any(
+        new.co_filename == runtime.__file__ for _, new in replaced
     ),
 }), file=sys.__stdout__)
 """
@@ -60,10 +65,12 @@ print(json.dumps({"copied": copied, "untouched": _driver.connect.__code__ is bef
 
 def test_the_code_a_first_call_runs_is_replaced_by_equal_copies() -> None:
     report = script_json(SCRIPT)
-    # A session's connect and the worker's serve run in every first call; a few hundred
-    # code objects are written in all (measured: ~160).
+    # A few hundred code objects are written in a first call (measured: ~160 on 3.12, ~70 on
+    # 3.11), the worker runtime's among them; each is replaced by an equal copy in the
+    # functions that run it.
     assert 20 <= report["copied"] <= 2000, report
-    assert report["replaced"] == ["connect", "serve"], report
+    assert report["replaced"] >= 20, report
+    assert report["runtime_replaced"], report
     assert report["same_code"], report
 
 
