@@ -349,7 +349,7 @@ def prepare() -> None:
     inherits its effects (imports done, code specialized) instead of repeating them."""
     sys.modules["workers"] = workers
     _install_streams()
-    run(_warm_up())
+    warm_up()
 
 
 def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> int:

@@ -1,29 +1,32 @@
-"""Learn which shared pages a worker's first call writes, and copy them before the call comes.
+"""Learn which pages a worker's first call copies and maps, and do so before the call comes.
 
 A worker forked from the zygote shares its memory until it writes a page; the kernel then
 copies the page, in a page fault that costs ~4 µs on this virtual machine. A worker copies
 ~100 pages this way in its load and first call, while its caller waits (and ~270 more as it
 starts, which nobody waits for). ``madvise(MADV_POPULATE_WRITE)`` makes those copies at about
 the same cost in a worker the zygote has just forked, long before the Loader hands it out: the
-faults leave the cold path. The pages are ones a worker copies in its first call anyway, so an
-idle worker that has answered a call holds no more private memory than before (measured: two
+faults leave the cold path; ``MADV_POPULATE_READ`` does the same for the interpreter's code and
+constant pages the call reads. The pages are ones a worker copies in its first call anyway, so
+an idle worker that has answered a call holds no more private memory than before (measured: two
 pages more).
 
 Which pages? Once, before it forks any worker, the zygote runs a probe of a first call
 (``_probe``). The probe reads its own page map (``/proc/self/pagemap``) once its session runs,
 the state a ready worker waits in, and again after that call: a page of one of the zygote's
 private writable mappings that was shared at first and is now the probe's alone is one the
-call copied.
+call copied; a page of a read-only one that was not mapped at first and is now, one it read.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import os
 import socket
 from collections.abc import Callable
 
+from . import _syscalls as sc
 from ._probe import probe_first_call
 
 __all__ = ["Runs", "learn_first_call", "populate"]
@@ -32,26 +35,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT = 1 << 63
 _EXCLUSIVE = 1 << 56  # "page exclusively mapped" (Linux 4.2+)
 _WRITTEN = _PRESENT | _EXCLUSIVE
-_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL, and nothing is done
-_MADV_POPULATE_WRITE = 23
-
-_PROT_RW = 0x1 | 0x2
-_MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
 Runs = list[tuple[int, int, bool]]
 """Page runs ``(start address, length in bytes, written)``."""
 
@@ -139,8 +122,9 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
     # A mapping of its own, made after the regions were listed: never counted as written.
     # Two page maps: the probe's as it starts, and after its first call.
     entries = sum(end - start for start, end, _ in _regions) // _PAGE * 2
-    address = _libc.mmap(None, entries * 8, _PROT_RW, _MAP_PRIVATE_ANONYMOUS, -1, 0)
-    if address in (None, _MAP_FAILED):
+    try:
+        address = sc.map_anonymous(entries * 8)
+    except OSError:
         return []
     _buffer = memoryview((ctypes.c_uint64 * entries).from_address(address)).cast("B").cast("Q")
     try:
@@ -149,7 +133,7 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
         _buffer.release()
         _buffer = None
         _regions = []
-        _libc.munmap(address, entries * 8)
+        sc.unmap(address, entries * 8)
     flat = array.array("q", data[: len(data) // 24 * 24])
     starts, lengths, writes = flat[::3], flat[1::3], flat[2::3]
     return [(s, n, bool(w)) for s, n, w in zip(starts, lengths, writes, strict=True)]
@@ -159,4 +143,5 @@ def populate(runs: Runs) -> None:
     """Copy the pages of ``runs`` into this process now (best effort: a failure only means
     the page faults come later)."""
     for start, length, write in runs:
-        _libc.madvise(start, length, _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
+        with contextlib.suppress(OSError):
+            sc.madvise(start, length, sc.MADV_POPULATE_WRITE if write else sc.MADV_POPULATE_READ)

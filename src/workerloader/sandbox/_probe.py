@@ -95,10 +95,10 @@ def probe_first_call(
                 return 0
 
             _in_child([probe, result], report)
-        for fd in (driver, probe, result_w, result):
-            fds.remove(fd)  # closed here, or by the file object below
-            if fd != result:
-                os.close(fd)
+        for fd in (driver, probe, result_w):
+            fds.remove(fd)
+            os.close(fd)
+        fds.remove(result)  # the file object closes it from here
         with open(result, "rb") as source:
             if select.select([source], [], [], _TIMEOUT_S)[0]:
                 return source.read()  # written at once, by the driver as it finishes

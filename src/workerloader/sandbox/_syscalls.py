@@ -1,5 +1,6 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11 does not expose (unshare, setns, mount,
-prctl, seccomp filter load, Landlock). Each raises OSError with errno on failure."""
+prctl, seccomp filter load, Landlock, madvise, anonymous mmap). Each raises OSError with errno on
+failure."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ __all__ = [
     "landlock_restrict_self",
     "landlock_ruleset",
     "load_seccomp_bpf",
+    "madvise",
+    "map_anonymous",
     "mount",
     "prctl",
     "setns",
+    "unmap",
     "unshare",
 ]
 
@@ -60,6 +64,17 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.syscall.restype = ctypes.c_long
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [
     ctypes.c_int,
@@ -100,6 +115,30 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
 def umount(target: str) -> None:
     """Lazily detach the mount at ``target`` and everything under it (MNT_DETACH)."""
     _check(_libc.umount2(target.encode(), MNT_DETACH))
+
+
+MADV_POPULATE_READ: Final = 22  # Linux 5.14+; older kernels answer EINVAL
+MADV_POPULATE_WRITE: Final = 23
+_PROT_READ_WRITE: Final = 0x1 | 0x2
+_MAP_PRIVATE_ANONYMOUS: Final = 0x02 | 0x20
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    _check(_libc.madvise(address, length, advice))
+
+
+def map_anonymous(length: int) -> int:
+    """The address of ``length`` bytes of fresh private memory, a mapping of its own."""
+    address = _libc.mmap(None, length, _PROT_READ_WRITE, _MAP_PRIVATE_ANONYMOUS, -1, 0)
+    if address in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(address)
+
+
+def unmap(address: int, length: int) -> None:
+    _check(_libc.munmap(address, length))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
@@ -163,7 +202,7 @@ def landlock_fs_rights() -> int:
 def landlock_ruleset(handled: int, rules: list[tuple[str, int]]) -> int:
     """A Landlock ruleset fd handling the ``handled`` file-system accesses and allowing, for
     each ``(path, access)``, that access beneath ``path``. Building it restricts nobody: the
-    zygote builds it once and each worker applies it with ``landlock_restrict_self``."""
+    caller applies it with ``landlock_restrict_self``."""
     attr = _RulesetAttr(handled)
     size = ctypes.c_size_t(ctypes.sizeof(attr))
     fd = _check(_libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0))

@@ -74,7 +74,7 @@ class _Zygote:
         self.runtime = runtime
         runtime.prepare()
         self.zygote_filter = zygote_filter
-        self.seccomp = worker_filter
+        self.worker_filter = worker_filter
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
@@ -113,7 +113,7 @@ class _Zygote:
             if INSECURE:
                 close_inherited(channel.fileno())
             else:
-                confine(channel.fileno(), uid, self.seccomp, SCRATCH_MB)
+                confine(channel.fileno(), uid, self.worker_filter, SCRATCH_MB)
             code = self.runtime.serve(channel)
         except BaseException:
             pass  # confinement failed or the session broke: exit, never run unconfined
