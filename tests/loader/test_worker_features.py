@@ -250,6 +250,40 @@ async def test_packages_relative_and_absolute_imports_work(loader: Loader) -> No
     assert await stub.get_entrypoint().run() == [42, "helped"]
 
 
+async def test_the_main_module_is_imported_as_import_would(loader: Loader) -> None:
+    modules = {
+        "main.py": (
+            "import sys\n"
+            "import helpers\n"
+            "from workers import WorkerEntrypoint\n"
+            "\n"
+            "class Default(WorkerEntrypoint):\n"
+            "    async def who(self):\n"
+            "        same = sys.modules[__name__] is helpers.main_module()\n"
+            "        return [__name__, __package__, __file__, __spec__.name, same]\n"
+        ),
+        "helpers.py": "def main_module():\n    import main\n    return main\n",
+    }
+    stub = loader.get("w", lambda: WorkerCode(main_module="main.py", modules=modules))
+    assert await stub.get_entrypoint().who() == ["main", "", "main.py", "main", True]
+
+
+async def test_a_main_module_inside_a_package_imports_relatively(loader: Loader) -> None:
+    modules = {
+        "app/main.py": (
+            "from .util import f\n"
+            "from workers import WorkerEntrypoint\n"
+            "\n"
+            "class Default(WorkerEntrypoint):\n"
+            "    async def run(self):\n"
+            "        return [f(), __name__, __package__]\n"
+        ),
+        "app/util.py": "def f():\n    return 41\n",
+    }
+    stub = loader.get("w", lambda: WorkerCode(main_module="app/main.py", modules=modules))
+    assert await stub.get_entrypoint().run() == [41, "app.main", "app"]
+
+
 async def test_an_unknown_module_type_is_a_load_error(loader: Loader) -> None:
     code = WorkerCode(
         main_module="main.py", modules={"main.py": MAIN, "mod.wasm": {"wasm": b"\0asm"}}

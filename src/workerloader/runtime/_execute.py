@@ -1,32 +1,33 @@
 """The entrypoint behind ``POST /execute``: call the snippet, return its result as data.
 
-Imported by the zygote, so a worker that runs a snippet compiles only the snippet; the main
-module the service sends is a two-line subclass (``Execute`` is not itself an entrypoint of
-any module map, since entrypoints are the classes the main module defines).
+A worker whose main module is a function body (``{"body": code}`` in the module map) gets
+``Execute`` as its default entrypoint; the runtime sets ``Execute.body`` to that module when it
+loads it. Imported by the zygote, so such a worker compiles only its snippet.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+import types
+from typing import Any, ClassVar
 
 from ..rpc import RpcLimits, encode_value
 from . import workers
 from ._modules import BODY_PARAMETERS
 
-__all__ = ["SNIPPET_MODULE", "Execute"]
-
-SNIPPET_MODULE = "execute"
-"""The module name of the snippet (a ``{"body": code}`` entry of the module map)."""
+__all__ = ["Execute"]
 
 
 class Execute(workers.WorkerEntrypoint):
+    body: ClassVar[types.ModuleType | None] = None
+    """The loaded function-body module (its ``main`` is the snippet); set once per worker."""
+
     async def execute(self) -> Any:
         """Run the snippet's ``main`` with the sdk's bindings; the result must be data."""
-        snippet = sys.modules[SNIPPET_MODULE]  # the main module imported it
+        if self.body is None:
+            raise LookupError("this worker's main module is not a function body")
         sdk = workers.sdk
         bound = sdk._bindings
-        result = await snippet.main(self.env, sdk, *(bound.get(n) for n in BODY_PARAMETERS[2:]))
+        result = await self.body.main(self.env, sdk, *(bound.get(n) for n in BODY_PARAMETERS[2:]))
         # The answer becomes JSON: only data may cross, and a clear error says where not.
         encode_value(result, "result", lambda value: None, RpcLimits())
         return result

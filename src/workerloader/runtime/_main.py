@@ -17,7 +17,7 @@ import socket
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from .. import rpc
@@ -150,7 +150,7 @@ class WorkerRuntime(rpc.RpcTarget):
         log = _CallLog(self._log_cap)
         _calls.set(log)
         try:
-            module = __import__(name, fromlist=["*"])
+            module = self._modules.import_main(name)
         except SyntaxError as exc:
             return {
                 "type": "SyntaxError",
@@ -170,6 +170,10 @@ class WorkerRuntime(rpc.RpcTarget):
             }
         finally:
             _calls.set(None)
+        if name in self._modules.bodies:  # a function body (POST /execute): run by execute()
+            _execute.Execute.body = module
+            self._entrypoints[None] = _execute.Execute
+            return None
         for attr, value in vars(module).items():
             if (
                 inspect.isclass(value)
@@ -277,13 +281,8 @@ def _install_streams() -> None:
 
 
 _WARMUP_MODULE = "_workerloader_warmup"
-_WARMUP_SOURCE = f"""
-import {_execute.SNIPPET_MODULE}
+_WARMUP_SOURCE = """
 from workers import WorkerEntrypoint, Response
-from workerloader.runtime._execute import Execute
-
-class Snippet(Execute):
-    pass
 
 class Default(WorkerEntrypoint):
     async def fetch(self, request):
@@ -293,24 +292,31 @@ class Default(WorkerEntrypoint):
         print(value)
         return value
 """
+_WARMUP_BODY = "_workerloader_warmup_body"
 
 
-_WARMUP_CODE: dict[str, Any] = {
-    "main_module": f"{_WARMUP_MODULE}.py",
-    "modules": {
-        f"{_WARMUP_MODULE}.py": _WARMUP_SOURCE,
-        f"{_execute.SNIPPET_MODULE}.py": {"body": "return [1, 'x', {'k': 2.5}]"},
-    },
-    "env": {},
-    "limits": {},
-}
+def _warm_up_code(main: str, source: object) -> dict[str, Any]:
+    return {"main_module": f"{main}.py", "modules": {f"{main}.py": source}, "env": {}, "limits": {}}
+
+
+async def _warm_up_worker(code: dict[str, Any], *calls: Callable[[Any], Awaitable[Any]]) -> None:
+    """Load ``code`` into a new ``WorkerRuntime`` over a socket session and make ``calls``."""
+    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = await rpc.connect(worker_end, WorkerRuntime())
+    host = await rpc.connect(host_end)
+    await host.main.load(code)
+    for call in calls:
+        await call(host.main)
+    await host.aclose()
+    await worker.aclose()
 
 
 def _forget_warm_up() -> None:
-    """Remove what loading ``_WARMUP_CODE`` installed (its finder, modules, data)."""
+    """Remove what the warm-up's loads installed (finders, modules, data, ``Execute.body``)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ModuleMap)]
     sys.modules.pop(_WARMUP_MODULE, None)
-    sys.modules.pop(_execute.SNIPPET_MODULE, None)
+    sys.modules.pop(_WARMUP_BODY, None)
+    _execute.Execute.body = None
     workers.modules.clear()
 
 
@@ -322,18 +328,19 @@ async def _warm_up() -> None:
     workers share instead of being redone (and copied) in each. Nothing of the run stays: the
     module, its finder and the session are removed.
     """
-    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    worker = await rpc.connect(worker_end, WorkerRuntime())
-    host = await rpc.connect(host_end)
-    runtime = host.main
-    await runtime.load(_WARMUP_CODE)
-    await runtime.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, {"p": 1})
     request = workers.Request("https://warm.up/", "POST", {"a": "b"}, b"body").to_wire()
-    await runtime.fetch(None, request, None)
-    await runtime.invoke("Snippet", "execute", [], {}, None)  # POST /execute's path
-    await runtime.invoke(None, "nope", [], {}, None)  # the error path too
-    await host.aclose()
-    await worker.aclose()
+    # One worker with a module, one with a function body (POST /execute's path): each process
+    # loads once.
+    await _warm_up_worker(
+        _warm_up_code(_WARMUP_MODULE, _WARMUP_SOURCE),
+        lambda w: w.invoke(None, "ping", [[1, "x", {"k": 2.5}]], {}, {"p": 1}),
+        lambda w: w.fetch(None, request, None),
+        lambda w: w.invoke(None, "nope", [], {}, None),  # the error path too
+    )
+    await _warm_up_worker(
+        _warm_up_code(_WARMUP_BODY, {"body": "return [1, 'x', {'k': 2.5}]"}),
+        lambda w: w.invoke(None, "execute", [], {}, None),
+    )
     _forget_warm_up()
 
 

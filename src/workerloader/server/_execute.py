@@ -12,21 +12,14 @@ from typing import Any
 
 from .. import Limits, Loader, WorkerCode
 from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
-from ..runtime._execute import SNIPPET_MODULE
 
 __all__ = ["ExecuteOutcome", "execute"]
 
 _closing: set[asyncio.Future[None]] = set()  # workers of answered executions, stopping
 
-_WRAPPER = "_workerloader_execute.py"
-_WRAPPER_SOURCE = f"""
-import {SNIPPET_MODULE}  # compiled at load: a syntax error is a load error with its line
-from workerloader.runtime._execute import Execute
-
-
-class Default(Execute):
-    pass
-"""
+_SNIPPET = "execute.py"
+"""The snippet's file name in tracebacks; a function-body main module, which the worker
+compiles at load (a syntax error is a load error with its line) and runs by ``execute()``."""
 
 
 class ExecuteOutcome:
@@ -79,8 +72,8 @@ async def execute(
     it ran out of wall time, 429/… never from here."""
     started = time.perf_counter()
     worker = WorkerCode(
-        main_module=_WRAPPER,
-        modules={_WRAPPER: _WRAPPER_SOURCE, f"{SNIPPET_MODULE}.py": {"body": code}},
+        main_module=_SNIPPET,
+        modules={_SNIPPET: {"body": code}},
         env={"SDK": sdk},
         limits=limits,
     )
