@@ -240,6 +240,50 @@ def test_spin_zero_does_not_spin_until_set_spin_turns_it_on() -> None:
         loop.close()
 
 
+def test_spin_paused_blocks_instead_of_polling_and_nests(monkeypatch: pytest.MonkeyPatch) -> None:
+    polls = 0
+    plain_select = selectors.EpollSelector.select
+
+    def counting_select(
+        self: selectors.EpollSelector, timeout: float | None = None
+    ) -> list[tuple[selectors.SelectorKey, int]]:
+        nonlocal polls
+        polls += timeout == 0
+        return plain_select(self, timeout)
+
+    monkeypatch.setattr(selectors.EpollSelector, "select", counting_select)
+
+    async def polls_during_a_sleep() -> int:
+        before = polls
+        await asyncio.sleep(0.005)
+        return polls - before
+
+    async def main() -> list[int]:
+        spinning = await polls_during_a_sleep()
+        with _loop.spin_paused():
+            with _loop.spin_paused():
+                nested = await polls_during_a_sleep()
+            paused = await polls_during_a_sleep()
+        return [spinning, nested, paused, await polls_during_a_sleep()]
+
+    spinning, nested, paused, after = _loop.run(main(), spin_us=20_000)
+    # Spinning, it polls through the whole sleep; paused, it blocks (a poll of asyncio's own,
+    # for callbacks already due, may remain).
+    assert spinning > 10
+    assert after > 10
+    assert nested <= 1
+    assert paused <= 1
+
+
+def test_spin_paused_is_harmless_on_a_plain_loop() -> None:
+    async def main() -> str:
+        with _loop.spin_paused():
+            await asyncio.sleep(0)
+        return "ok"
+
+    assert asyncio.run(main()) == "ok"
+
+
 def test_spinning_loop_wakes_for_socket_data() -> None:
     async def main() -> bytes:
         loop = asyncio.get_running_loop()

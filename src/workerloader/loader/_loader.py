@@ -40,6 +40,7 @@ from ..bindings import (
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
 from ..bindings._sqlite import call_deadline, open_database
+from ..rpc._loop import spin_paused
 from ..runtime._main import SESSION_LIMITS
 from ..runtime.workers import WorkerEntrypoint
 from ..sandbox import Sandbox, WorkerProcess
@@ -97,12 +98,17 @@ class _Worker:
         promise = getattr(self.session.main, method)(*args)
         if self.load_report is None:  # the common case: a warm worker, one plain round trip
             return await self._watched(promise)
-        return await self._watched(self._answer(promise.send()))
+        # A first call takes ~1 ms: spinning for its answer would take CPU from the worker and
+        # the zygote. Measured, three runs of each: cold POST /execute p50 2.4-2.7 ms and
+        # 276-364/s without the spin, 2.9-3.7 ms and 266-318/s with it; warm calls unchanged.
+        with spin_paused():
+            return await self._watched(self._answer(promise.send()))
 
     async def loaded(self) -> None:
         """Wait until the worker has loaded its code, under its limits; WorkerLoadError if it
         did not."""
-        await self._watched(self._check_load())
+        with spin_paused():  # as for a first call
+            await self._watched(self._check_load())
 
     async def _answer(self, promise: rpc.RpcPromise) -> dict[str, Any]:
         await self._check_load()

@@ -10,12 +10,13 @@ one window, so the cost is at most ``spin_us`` of CPU per burst of activity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import selectors
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run", "set_spin"]
+__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run", "set_spin", "spin_paused"]
 
 DEFAULT_SPIN_US = 200
 """Spin window, measured on this machine: 200 µs catches the reply of a typical worker call
@@ -29,11 +30,13 @@ class _SpinningSelector(selectors.EpollSelector):
         super().__init__()
         self._spin_ns = spin_ns
         self._when: Callable[[], bool] | None = None
+        self.paused = 0  # spin_paused blocks in progress
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if (
             (timeout is not None and timeout <= 0)
             or not self._spin_ns
+            or self.paused
             or (self._when is not None and not self._when())
         ):
             return super().select(timeout)
@@ -63,6 +66,22 @@ def set_spin(spin_us: int, when: Callable[[], bool] | None = None) -> None:
     if isinstance(selector, _SpinningSelector):
         selector._spin_ns = max(spin_us, 0) * 1000
         selector._when = when
+
+
+@contextlib.contextmanager
+def spin_paused() -> Iterator[None]:
+    """While inside, the running loop (if ``new_event_loop`` made it) does not spin: for a wait
+    known to outlast the spin window, such as a worker's first call (~1 ms), where spinning
+    would only take CPU from the processes doing the work. Nests; any number at once."""
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    if not isinstance(selector, _SpinningSelector):
+        yield
+        return
+    selector.paused += 1
+    try:
+        yield
+    finally:
+        selector.paused -= 1
 
 
 def run(main: Coroutine[Any, Any, _T], *, spin_us: int = DEFAULT_SPIN_US) -> _T:
