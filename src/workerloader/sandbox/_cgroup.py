@@ -34,11 +34,11 @@ class WorkerCgroup:
     def _oom_kills(self) -> int:
         name = "memory.events" if self._owner.v2 else "memory.oom_control"
         try:
-            for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
+            for line in _read(self.path / name).splitlines():
+                key, _, value = line.partition(b" ")
+                if key == b"oom_kill":
                     return int(value)
-        except (OSError, ValueError):
+        except ValueError:
             pass
         return 0
 
@@ -69,7 +69,7 @@ class MemoryCgroups:
         name = f"workerloader-{os.getpid()}"
         if (_V1 / "memory.limit_in_bytes").exists():
             root, v2 = _V1 / name, False
-        elif "memory" in _read(_V2 / "cgroup.subtree_control"):
+        elif b"memory" in _read(_V2 / "cgroup.subtree_control"):
             root, v2 = _V2 / name, True
         else:
             return None
@@ -80,7 +80,7 @@ class MemoryCgroups:
             return None
         if v2:
             with contextlib.suppress(OSError):
-                (root / "cgroup.subtree_control").write_text("+memory")
+                _write(root / "cgroup.subtree_control", b"+memory")
         return cls(root, v2)
 
     def attach(self, pid: int, limit_bytes: int) -> WorkerCgroup | None:
@@ -89,18 +89,23 @@ class MemoryCgroups:
             cgroup = self._free.pop() if self._free else None
         if cgroup is None:
             cgroup = WorkerCgroup(self, self.root / f"w{next(self._names)}")
+            fresh = True
+        else:
+            fresh = False
         path = cgroup.path
         try:
-            path.mkdir(exist_ok=True)
+            if fresh:
+                path.mkdir(exist_ok=True)
+                if self.v2:
+                    with contextlib.suppress(OSError):
+                        _write(path / "memory.swap.max", b"0")
             if cgroup._limit != limit_bytes:  # a reused cgroup often has it already
                 limit_file = "memory.max" if self.v2 else "memory.limit_in_bytes"
-                (path / limit_file).write_text(str(limit_bytes))
+                _write(path / limit_file, str(limit_bytes).encode())
                 cgroup._limit = limit_bytes
-            if self.v2:
-                with contextlib.suppress(OSError):
-                    (path / "memory.swap.max").write_text("0")
-            cgroup._oom_base = cgroup._oom_kills()
-            (path / "cgroup.procs").write_text(str(pid))
+            if fresh:  # a reused one had its count read as its last process left
+                cgroup._oom_base = cgroup._oom_kills()
+            _write(path / "cgroup.procs", str(pid).encode())
         except OSError:
             with contextlib.suppress(OSError):
                 path.rmdir()
@@ -108,10 +113,12 @@ class MemoryCgroups:
         return cgroup
 
     def _release(self, cgroup: WorkerCgroup) -> None:
-        with self._lock:
-            if len(self._free) < _KEEP and not _read(cgroup.path / "cgroup.procs").strip():
-                self._free.append(cgroup)
-                return
+        if not _read(cgroup.path / "cgroup.procs").strip():
+            cgroup._oom_base = cgroup._oom_kills()  # final: no process is left to be killed
+            with self._lock:
+                if len(self._free) < _KEEP:
+                    self._free.append(cgroup)
+                    return
         with contextlib.suppress(OSError):
             cgroup.path.rmdir()
 
@@ -140,8 +147,28 @@ def _remove_abandoned(parent: Path) -> None:
             stale.rmdir()
 
 
-def _read(path: Path) -> str:
+# Plain os calls, not pathlib's text files: these run for every worker, and a text file
+# object costs more than the system call it wraps.
+
+
+def _read(path: Path) -> bytes:
+    """The file's content; b"" if it cannot be read."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return ""
+        return b""
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a control file in one call; OSError if the kernel refuses it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
