@@ -313,9 +313,6 @@ class WorkerStub:
     def _begin(self, code: WorkerCode, process: WorkerProcess, session: rpc.RpcSession) -> _Worker:
         """Make ``process`` this stub's worker and send it ``code`` (checked by the first
         call: the code loads while that call is on its way)."""
-        # The cgroup is a backstop above RLIMIT_AS: room for the interpreter's own pages too.
-        limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
-        self._loader._sandbox.limit_memory(process, limit)
         worker = _Worker(process, session, code.limits)
         self._loader._workers.add(worker)
         try:
@@ -324,6 +321,11 @@ class WorkerStub:
             self._loader._forget_soon(worker)
             raise
         self._worker = worker
+        # The cgroup is a backstop above RLIMIT_AS (room for the interpreter's own pages too),
+        # attached by the chores thread. Queued once the first call has gone out too: waking
+        # that thread costs this one a wake-up on another CPU, and the worker loads meanwhile.
+        limit = (code.limits.memory_mb + _CGROUP_HEADROOM_MB) << 20
+        asyncio.get_running_loop().call_soon(self._loader._sandbox.limit_memory, process, limit)
         return worker
 
     async def _call(self, method: str, *args: object) -> Any:
