@@ -246,3 +246,34 @@ async def test_permissions_can_differ_per_store(loader: Loader) -> None:
         await db.create("users", {"name": "ada"})
     with pytest.raises(PermissionDenied):  # not named: no access at all
         await sql.prepare("SELECT 1").all()
+
+
+async def test_equal_callers_share_binding_objects_and_get_their_own_dicts(loader: Loader) -> None:
+    first = loader.sdk("t1", user_id="u1", permissions=("read",))
+    again = loader.sdk("t1", user_id="u1", permissions=["read"])
+    assert first is not again
+    assert first["context"] is not again["context"]
+    assert first == again
+    assert all(first[name] is again[name] for name in ("db", "kv", "sql", "blobs", "ai"))
+    # Any difference in scope gives bindings of their own, with that scope.
+    for other in (
+        loader.sdk("t2", user_id="u1", permissions=("read",)),
+        loader.sdk("t1", user_id="u1", permissions=("read", "write")),
+        loader.sdk("t1", user_id="u1", permissions={"kv": ["read"]}),
+    ):
+        assert all(first[name] is not other[name] for name in ("db", "kv", "sql", "blobs"))
+    writer = loader.sdk("t1", user_id="u1", permissions=("read", "write"))["kv"]
+    assert isinstance(writer, KvNamespace)
+    await writer.put("k", "v")
+    reader = first["kv"]
+    assert isinstance(reader, KvNamespace)
+    assert await reader.get("k") == "v"
+    with pytest.raises(PermissionDenied):
+        await reader.put("k", "w")
+    # Another user in the same namespace and with the same rights sees its own context.
+    assert loader.sdk("t1", user_id="u2", permissions=("read",))["context"] == {
+        "user_id": "u2",
+        "namespace": "t1",
+        "authenticated": False,
+        "permissions": ["read"],
+    }

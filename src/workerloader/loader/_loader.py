@@ -53,6 +53,9 @@ __all__ = ["EntrypointStub", "Loader", "WorkerStub"]
 _E = TypeVar("_E", bound=type[WorkerEntrypoint])
 _CPU_POLL_S = 0.005
 _CGROUP_HEADROOM_MB = 64
+_SDK_CACHE_SIZE = 1024
+"""Binding sets ``Loader.sdk`` keeps (one per distinct caller); all are dropped when full."""
+
 _INSECURE_NOTICE = (
     "[workerloader] insecure mode: this machine has no sandbox and the Loader was started with "
     "insecure=True, so this worker ran unconfined"
@@ -457,6 +460,7 @@ class Loader:
         self.exports = Exports()
         """Bindings for the host entrypoints registered with ``export``."""
         self._sql_dbs: dict[Path, SqlDatabase] = {}
+        self._sdk_cache: dict[tuple[object, ...], dict[str, object]] = {}
 
     async def __aenter__(self) -> Loader:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -617,8 +621,43 @@ class Loader:
 
         ``permissions`` is ``("read", "write")``-style for every store, or per store:
         ``{"db": ["read"], "kv": ["read", "write"]}`` (a store not named gets no access).
-        """
 
+        The binding objects hold nothing but their scope, so calls with the same arguments
+        share them (a service makes one set per caller, not one per request); the dict and its
+        ``context`` are new each time.
+        """
+        key = (
+            namespace,
+            user_id,
+            authenticated,
+            tuple(sorted((k, tuple(v)) for k, v in permissions.items()))
+            if isinstance(permissions, Mapping)
+            else tuple(permissions),
+            id(api),  # the cached bindings hold ``api``: its id stays its own meanwhile
+        )
+        bindings = self._sdk_cache.get(key)
+        if bindings is None:
+            if len(self._sdk_cache) >= _SDK_CACHE_SIZE:
+                self._sdk_cache.clear()
+            bindings = self._sdk_cache[key] = self._new_sdk(namespace, permissions, api)
+        context = {
+            "user_id": user_id,
+            "namespace": namespace,
+            "authenticated": authenticated,
+            "permissions": (
+                {k: list(v) for k, v in permissions.items()}
+                if isinstance(permissions, Mapping)
+                else list(permissions)
+            ),
+        }
+        return {**bindings, "context": context}
+
+    def _new_sdk(
+        self,
+        namespace: str,
+        permissions: Sequence[str] | Mapping[str, Sequence[str]],
+        api: HttpGateway | None,
+    ) -> dict[str, object]:
         def grants(store: str) -> dict[str, bool]:
             given = permissions.get(store, ()) if isinstance(permissions, Mapping) else permissions
             return {"read": "read" in given, "write": "write" in given}
@@ -630,16 +669,6 @@ class Loader:
             "blobs": self.blobs(namespace, **grants("blobs")),
             "ai": self.ai(),
             "api": api,
-            "context": {
-                "user_id": user_id,
-                "namespace": namespace,
-                "authenticated": authenticated,
-                "permissions": (
-                    {k: list(v) for k, v in permissions.items()}
-                    if isinstance(permissions, Mapping)
-                    else list(permissions)
-                ),
-            },
         }
 
     def _stores(self) -> _Stores:
