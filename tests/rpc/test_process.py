@@ -9,6 +9,7 @@ this process, and the parent then runs its side in a loop of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import signal
@@ -282,6 +283,63 @@ def test_spin_paused_is_harmless_on_a_plain_loop() -> None:
         return "ok"
 
     assert asyncio.run(main()) == "ok"
+
+
+def test_a_loop_made_before_a_fork_runs_in_the_child_on_descriptors_of_its_own() -> None:
+    """As the zygote's loop does in each worker: made in the parent, never run there; the child
+    closes what it inherited (a worker keeps only its channel), renews, and runs it."""
+    loop = _loop.new_event_loop(0)
+    selector = _selector_of(loop)
+    assert isinstance(selector, selectors.EpollSelector)
+    parent_epoll = selector.fileno()
+    read_end, write_end = os.pipe()
+    channel, peer = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child reports over the pipe and never returns into pytest
+        code = 1
+        try:
+            for fd in range(3, 256):
+                if fd not in (write_end, channel.fileno()):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            _loop.renew_descriptors(loop)
+            channel.setblocking(False)
+
+            async def echo() -> bytes:
+                data = await asyncio.get_running_loop().sock_recv(channel, 16)
+                loop.call_soon_threadsafe(lambda: None)  # the new self-pipe works
+                await asyncio.sleep(0.001)
+                return data
+
+            got = loop.run_until_complete(echo())
+            os.write(write_end, got)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        peer.send(b"ping")
+        report = os.read(read_end, 64)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(read_end)
+        channel.close()
+        peer.close()
+    # The child closed every descriptor it inherited but its two ends: its loop ran on its own.
+    assert report == b"ping"
+    # The parent's loop still owns its own epoll instance and self-pipe, untouched.
+    assert selector.fileno() == parent_epoll
+    assert loop.run_until_complete(_value_after(0.001, "parent")) == "parent"
+    loop.close()
+
+
+def test_renew_descriptors_refuses_a_plain_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(TypeError):
+            _loop.renew_descriptors(loop)
+    finally:
+        loop.close()
 
 
 def test_spinning_loop_wakes_for_socket_data() -> None:

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import selectors
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_SPIN_US", "new_event_loop", "run", "set_spin", "spin_paused"]
+__all__ = [
+    "DEFAULT_SPIN_US",
+    "new_event_loop",
+    "renew_descriptors",
+    "run",
+    "set_spin",
+    "spin_paused",
+]
 
 DEFAULT_SPIN_US = 200
 """Spin window, measured on this machine: 200 µs catches the reply of a typical worker call
@@ -56,6 +64,33 @@ def new_event_loop(spin_us: int = DEFAULT_SPIN_US) -> asyncio.AbstractEventLoop:
     """A selector event loop that spins ``spin_us`` before blocking (0: not until
     ``set_spin``)."""
     return asyncio.SelectorEventLoop(_SpinningSelector(max(spin_us, 0) * 1000))
+
+
+_retired: list[object] = []  # replaced by renew_descriptors; never closed by this process
+
+
+def renew_descriptors(loop: asyncio.AbstractEventLoop) -> None:
+    """Give ``loop`` (made by ``new_event_loop`` before this process was forked, and not run
+    since) an epoll instance and a self-pipe of its own: a forked child shares its parent's
+    epoll instance, and the child may already have closed the inherited descriptors.
+
+    The replaced objects are kept, never closed here: their descriptor numbers may belong to
+    something else by now.
+    """
+    selector = getattr(loop, "_selector", None)
+    if not isinstance(selector, _SpinningSelector):
+        raise TypeError("not a loop made by new_event_loop")
+    inner = vars(selector)
+    _retired.append(inner["_selector"])
+    inner["_selector"] = select.epoll()
+    inner["_fd_to_key"].clear()  # the self-pipe's registration, in the old instance
+    state = vars(loop)
+    for name in ("_ssock", "_csock"):
+        sock = state[name]
+        sock.detach()  # its number is not ours to close any more
+        _retired.append(sock)
+    state["_internal_fds"] -= 1
+    loop._make_self_pipe()  # type: ignore[attr-defined]
 
 
 def set_spin(spin_us: int, when: Callable[[], bool] | None = None) -> None:

@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from .. import rpc
-from ..rpc._loop import DEFAULT_SPIN_US, new_event_loop, run, set_spin
+from ..rpc._loop import DEFAULT_SPIN_US, new_event_loop, renew_descriptors, run, set_spin
 from . import _execute, workers
 from ._modules import ModuleMap
 
-__all__ = ["SESSION_LIMITS", "WorkerRuntime", "prepare", "serve", "warm_up"]
+__all__ = ["SESSION_LIMITS", "WorkerRuntime", "make_loop", "prepare", "serve", "warm_up"]
 
 _LOG_CAP = 64 * 1024
 
@@ -379,7 +379,25 @@ def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> 
     # A bare loop, not asyncio.run: the process ends with os._exit (or a kill) once the session
     # closes, so a runner's setup (a SIGINT handler, a context copy) and orderly teardown would
     # be work for nothing in every worker.
-    loop = new_event_loop(0)
-    asyncio.set_event_loop(loop)
+    global _loop
+    loop, _loop = _loop, None  # a process runs the zygote's loop once at most
+    if loop is None:
+        loop = new_event_loop(0)
+        asyncio.set_event_loop(loop)
+    else:
+        renew_descriptors(loop)
     loop.run_until_complete(main())
     return 0
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def make_loop() -> None:
+    """Make, in the zygote, the event loop that each worker forked from it runs (``serve``):
+    its objects are then the zygote's, shared, instead of built anew in every worker (~0.3 ms
+    and ~50 pages each, measured). Its descriptors are not shared: ``serve`` gives the worker's
+    copy its own. Call after the zygote's last ``run`` (a runner unsets the current loop)."""
+    global _loop
+    _loop = new_event_loop(0)
+    asyncio.set_event_loop(_loop)

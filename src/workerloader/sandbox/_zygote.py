@@ -129,6 +129,7 @@ class _Zygote:
             self.runtime.warm_up()
         else:
             _warn("the probe of a first call failed: hot code objects were not packed")
+        self.runtime.make_loop()
         # Every worker shares this process's memory until one of them writes to it. Immortal
         # objects (3.12+) take no reference count writes, and frozen ones no collector writes:
         # the pages a worker copies are then mostly the ones it really changes.
