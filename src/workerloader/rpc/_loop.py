@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "DEFAULT_SPIN_US",
+    "SpinPause",
     "new_event_loop",
     "renew_descriptors",
     "run",
@@ -103,20 +104,33 @@ def set_spin(spin_us: int, when: Callable[[], bool] | None = None) -> None:
         selector._when = when
 
 
+class SpinPause:
+    """A pause of the running loop's spin (see ``spin_paused``), which ``end`` may end early."""
+
+    def __init__(self, selector: _SpinningSelector | None) -> None:
+        self._selector = selector
+        if selector is not None:
+            selector.paused += 1
+
+    def end(self) -> None:
+        """Let the loop spin again (unless other pauses hold). Safe twice."""
+        if self._selector is not None:
+            self._selector.paused -= 1
+            self._selector = None
+
+
 @contextlib.contextmanager
-def spin_paused() -> Iterator[None]:
-    """While inside, the running loop (if ``new_event_loop`` made it) does not spin: for a wait
-    known to outlast the spin window, such as a worker's first call (~1 ms), where spinning
-    would only take CPU from the processes doing the work. Nests; any number at once."""
+def spin_paused() -> Iterator[SpinPause]:
+    """While inside (or until the pause's ``end``), the running loop (if ``new_event_loop``
+    made it) does not spin: for a wait known to outlast the spin window, such as a worker's
+    first call (~1 ms), where spinning would only take CPU from the processes doing the work.
+    Nests; any number at once."""
     selector = getattr(asyncio.get_running_loop(), "_selector", None)
-    if not isinstance(selector, _SpinningSelector):
-        yield
-        return
-    selector.paused += 1
+    pause = SpinPause(selector if isinstance(selector, _SpinningSelector) else None)
     try:
-        yield
+        yield pause
     finally:
-        selector.paused -= 1
+        pause.end()
 
 
 def run(main: Coroutine[Any, Any, _T], *, spin_us: int = DEFAULT_SPIN_US) -> _T:
