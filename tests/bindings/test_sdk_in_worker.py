@@ -270,10 +270,27 @@ async def test_equal_callers_share_binding_objects_and_get_their_own_dicts(loade
     assert await reader.get("k") == "v"
     with pytest.raises(PermissionDenied):
         await reader.put("k", "w")
-    # Another user in the same namespace and with the same rights sees its own context.
-    assert loader.sdk("t1", user_id="u2", permissions=("read",))["context"] == {
+    # Another user in the same namespace and with the same rights shares the bindings and
+    # sees a context of its own.
+    other_user = loader.sdk("t1", user_id="u2", permissions=("read",))
+    assert other_user["kv"] is first["kv"]
+    assert other_user["context"] == {
         "user_id": "u2",
         "namespace": "t1",
         "authenticated": False,
         "permissions": ["read"],
     }
+
+
+async def test_permissions_spelled_alike_but_granting_differently_do_not_share(
+    loader: Loader,
+) -> None:
+    # "read" in "read" grants read; "read" in ["r", "e", "a", "d"] grants nothing.
+    as_text = loader.sdk("t1", permissions="read")["kv"]
+    as_letters = loader.sdk("t1", permissions=list("read"))["kv"]
+    assert isinstance(as_text, KvNamespace)
+    assert isinstance(as_letters, KvNamespace)
+    assert as_text is not as_letters
+    assert await as_text.get("k") is None
+    with pytest.raises(PermissionDenied):
+        await as_letters.get("k")

@@ -8,6 +8,7 @@ give the same values and the same line numbers.
 from __future__ import annotations
 
 import asyncio
+import sys
 import traceback
 import types
 import warnings
@@ -59,7 +60,10 @@ BODIES = {
     ),
     "await": ("import asyncio\nawait asyncio.sleep(0)\nreturn 'slept'\n", "slept"),
     "tabs": ("if True:\n\tx = 5\nreturn x\n", 5),
+    "a form feed": ("x = 1\n\fy = x + 1\nreturn y\n", 2),
 }
+if sys.version_info >= (3, 12):  # an f-string's fields may span lines
+    BODIES["an f-string's = over lines"] = ("x = 'a'\nreturn f'{x=\n}'\n", "x=\n'a'")
 
 
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
@@ -67,6 +71,29 @@ def test_both_routes_give_the_same_value(body: tuple[str, object]) -> None:
     source, expected = body
     assert run_here(_compile_body(source, "execute.py")) == expected
     assert run_here(_compile_body_tree(source, "execute.py")) == expected
+
+
+REJECTED = {
+    "tabs and spaces that do not compare": (
+        "if 1:\n\tif 1:\n        y = 2\nreturn y\n",
+        TabError,
+        3,
+    ),
+    "an unclosed bracket": ("x = 1\ny = (\n", SyntaxError, 2),
+    "a stray indent": ("x = 1\n    y = 2\n", IndentationError, 2),
+}
+
+
+@pytest.mark.parametrize("case", REJECTED.values(), ids=REJECTED.keys())
+def test_both_routes_reject_the_same_bodies_at_the_users_line(
+    case: tuple[str, type[SyntaxError], int],
+) -> None:
+    source, error, line = case
+    for compile_body in (_compile_body, _compile_body_tree):
+        with pytest.raises(error) as info:
+            compile_body(source, "execute.py")
+        assert type(info.value) is error
+        assert (info.value.filename, info.value.lineno) == ("execute.py", line)
 
 
 RAISING = {  # the lines of the last two frames: main's, and the function it called if any
@@ -107,7 +134,10 @@ def test_only_bodies_that_need_it_go_through_the_syntax_tree(
             "comments only",
             "nothing",
             "CRLF line ends",
+            "a form feed",
+            "an f-string's = over lines",
         )
+        if name in BODIES
     ]
 
 

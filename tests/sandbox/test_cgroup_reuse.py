@@ -115,6 +115,20 @@ def test_an_empty_cgroup_is_reused_with_the_new_limit(cgroups: MemoryCgroups, sp
     again.release()
 
 
+def test_a_kept_cgroup_removed_meanwhile_is_made_again(
+    cgroups: MemoryCgroups, spawn: Spawn
+) -> None:
+    first = spawn()
+    cgroup = attach(cgroups, first.pid, 64 << 20)
+    kill_and_reap(first)
+    cgroup.release()
+    cgroup.path.rmdir()  # someone else's cleanup
+    second = spawn()
+    again = attach(cgroups, second.pid, 64 << 20)  # the same limit: written again all the same
+    assert again.path == cgroup.path
+    assert not again.oom_killed()
+
+
 def test_a_cgroup_is_reused_once_its_process_has_exited_before_it_is_reaped(
     cgroups: MemoryCgroups, spawn: Spawn
 ) -> None:

@@ -8,7 +8,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -54,7 +54,8 @@ _E = TypeVar("_E", bound=type[WorkerEntrypoint])
 _CPU_POLL_S = 0.005
 _CGROUP_HEADROOM_MB = 64
 _SDK_CACHE_SIZE = 1024
-"""Binding sets ``Loader.sdk`` keeps (one per distinct caller); all are dropped when full."""
+"""Binding sets ``Loader.sdk`` keeps (one per distinct scope); all are dropped when full."""
+_SDK_STORES = ("db", "kv", "sql", "blobs")
 
 _INSECURE_NOTICE = (
     "[workerloader] insecure mode: this machine has no sandbox and the Loader was started with "
@@ -77,17 +78,18 @@ class _Worker:
         self.subrequests = 0  # binding calls since the current call started
         self.deadline: float | None = None  # monotonic end of the current call's wall time
         self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
-        self._spin_pause: SpinPause | None = None  # while a first call holds the loop's spin
+        self._spin_pauses: list[SpinPause] = []  # first calls (or loads) holding the loop's spin
         session.admit = self._admit
 
     def _admit(self, event: object) -> None:
         """Every call the worker makes to the host (a binding call) counts toward
-        ``Limits.subrequests`` of the call in flight."""
+        ``Limits.subrequests`` of the call in flight, and ends the spin pauses of first
+        calls."""
         self.subrequests += 1
-        if self._spin_pause is not None:
-            # Binding calls come in streams, the host's answers to which the spin speeds up
-            # (kv.get from a worker: ~50-80 µs with it, ~150 µs without).
-            self._spin_pause.end()
+        # Binding calls come in streams, the host's answers to which the spin speeds up
+        # (kv.get from a worker: ~50-80 µs with it, ~150 µs without).
+        while self._spin_pauses:
+            self._spin_pauses.pop().end()
         call_deadline.set(self.deadline)  # copied into the task that runs this binding call
         if self.subrequests > self.limits.subrequests:
             raise BindingError(
@@ -110,20 +112,25 @@ class _Worker:
         # the zygote. Measured, three runs of each: cold POST /execute p50 2.4-2.7 ms and
         # 276-364/s without the spin, 2.9-3.7 ms and 266-318/s with it; warm calls unchanged.
         # Once the worker calls the host, the pause ends (see _admit).
-        with spin_paused() as self._spin_pause:
-            try:
-                return await self._watched(self._answer(promise.send()))
-            finally:
-                self._spin_pause = None
+        with self._spin_paused():
+            return await self._watched(self._answer(promise.send()))
 
     async def loaded(self) -> None:
         """Wait until the worker has loaded its code, under its limits; WorkerLoadError if it
         did not."""
-        with spin_paused() as self._spin_pause:  # as for a first call
+        with self._spin_paused():  # as for a first call
+            await self._watched(self._check_load())
+
+    @contextlib.contextmanager
+    def _spin_paused(self) -> Iterator[None]:
+        """``spin_paused`` until the block ends or the worker calls the host (``_admit``)."""
+        with spin_paused() as pause:
+            self._spin_pauses.append(pause)
             try:
-                await self._watched(self._check_load())
+                yield
             finally:
-                self._spin_pause = None
+                if pause in self._spin_pauses:
+                    self._spin_pauses.remove(pause)
 
     async def _answer(self, promise: rpc.RpcPromise) -> dict[str, Any]:
         await self._check_load()
@@ -634,24 +641,24 @@ class Loader:
         ``permissions`` is ``("read", "write")``-style for every store, or per store:
         ``{"db": ["read"], "kv": ["read", "write"]}`` (a store not named gets no access).
 
-        The binding objects hold nothing but their scope, so calls with the same arguments
-        share them (a service makes one set per caller, not one per request); the dict and its
-        ``context`` are new each time.
+        The binding objects hold nothing but their scope, so calls with the same namespace,
+        grants and ``api`` share them (a service makes one set per caller, not one per
+        request); the dict and its ``context`` are new each time.
         """
-        key = (
-            namespace,
-            user_id,
-            authenticated,
-            tuple(sorted((k, tuple(v)) for k, v in permissions.items()))
-            if isinstance(permissions, Mapping)
-            else tuple(permissions),
-            id(api),  # the cached bindings hold ``api``: its id stays its own meanwhile
-        )
+
+        def grants(store: str) -> dict[str, bool]:
+            given = permissions.get(store, ()) if isinstance(permissions, Mapping) else permissions
+            return {"read": "read" in given, "write": "write" in given}
+
+        scope = {store: grants(store) for store in _SDK_STORES}
+        # Keyed by what the bindings are made of: the same grants share them however they
+        # were spelled. The cached bindings hold ``api``, so its id stays its own meanwhile.
+        key = (namespace, tuple(tuple(g.values()) for g in scope.values()), id(api))
         bindings = self._sdk_cache.get(key)
         if bindings is None:
             if len(self._sdk_cache) >= _SDK_CACHE_SIZE:
                 self._sdk_cache.clear()
-            bindings = self._sdk_cache[key] = self._new_sdk(namespace, permissions, api)
+            bindings = self._sdk_cache[key] = self._new_sdk(namespace, scope, api)
         context = {
             "user_id": user_id,
             "namespace": namespace,
@@ -665,20 +672,13 @@ class Loader:
         return {**bindings, "context": context}
 
     def _new_sdk(
-        self,
-        namespace: str,
-        permissions: Sequence[str] | Mapping[str, Sequence[str]],
-        api: HttpGateway | None,
+        self, namespace: str, scope: dict[str, dict[str, bool]], api: HttpGateway | None
     ) -> dict[str, object]:
-        def grants(store: str) -> dict[str, bool]:
-            given = permissions.get(store, ()) if isinstance(permissions, Mapping) else permissions
-            return {"read": "read" in given, "write": "write" in given}
-
         return {
-            "db": self.db(namespace, **grants("db")),
-            "kv": self.kv(namespace, **grants("kv")),
-            "sql": self.sql(namespace, **grants("sql")),
-            "blobs": self.blobs(namespace, **grants("blobs")),
+            "db": self.db(namespace, **scope["db"]),
+            "kv": self.kv(namespace, **scope["kv"]),
+            "sql": self.sql(namespace, **scope["sql"]),
+            "blobs": self.blobs(namespace, **scope["blobs"]),
             "ai": self.ai(),
             "api": api,
         }

@@ -67,7 +67,7 @@ def new_event_loop(spin_us: int = DEFAULT_SPIN_US) -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(_SpinningSelector(max(spin_us, 0) * 1000))
 
 
-_retired: list[object] = []  # replaced by renew_descriptors; never closed by this process
+_retired: list[object] = []  # epoll objects renew_descriptors replaced: never closed
 
 
 def renew_descriptors(loop: asyncio.AbstractEventLoop) -> None:
@@ -75,8 +75,8 @@ def renew_descriptors(loop: asyncio.AbstractEventLoop) -> None:
     since) an epoll instance and a self-pipe of its own: a forked child shares its parent's
     epoll instance, and the child may already have closed the inherited descriptors.
 
-    The replaced objects are kept, never closed here: their descriptor numbers may belong to
-    something else by now.
+    The old epoll object is kept, never closed here: its descriptor number may belong to
+    something else by now (the old sockets are detached, which closes nothing).
     """
     selector = getattr(loop, "_selector", None)
     if not isinstance(selector, _SpinningSelector):
@@ -87,9 +87,7 @@ def renew_descriptors(loop: asyncio.AbstractEventLoop) -> None:
     inner["_fd_to_key"].clear()  # the self-pipe's registration, in the old instance
     state = vars(loop)
     for name in ("_ssock", "_csock"):
-        sock = state[name]
-        sock.detach()  # its number is not ours to close any more
-        _retired.append(sock)
+        state[name].detach()  # its number is not ours to close any more
     state["_internal_fds"] -= 1
     loop._make_self_pipe()  # type: ignore[attr-defined]
 

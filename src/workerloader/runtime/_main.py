@@ -171,7 +171,7 @@ class WorkerRuntime(rpc.RpcTarget):
         finally:
             _calls.set(None)
         if name in self._modules.bodies:  # a function body (POST /execute): run by execute()
-            _execute.Execute.body = module
+            _execute.Execute._body = module
             self._entrypoints[None] = _execute.Execute
             return None
         for attr, value in vars(module).items():
@@ -312,11 +312,11 @@ async def _warm_up_worker(code: dict[str, Any], *calls: Callable[[Any], Awaitabl
 
 
 def _forget_warm_up() -> None:
-    """Remove what the warm-up's loads installed (finders, modules, data, ``Execute.body``)."""
+    """Remove what the warm-up's loads installed (finders, modules, data, ``Execute._body``)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, ModuleMap)]
     sys.modules.pop(_WARMUP_MODULE, None)
     sys.modules.pop(_WARMUP_BODY, None)
-    _execute.Execute.body = None
+    _execute.Execute._body = None
     workers.modules.clear()
 
 
@@ -383,9 +383,9 @@ def serve(channel: socket.socket, ready: Callable[[], object] | None = None) -> 
     loop, _loop = _loop, None  # a process runs the zygote's loop once at most
     if loop is None:
         loop = new_event_loop(0)
-        asyncio.set_event_loop(loop)
     else:
         renew_descriptors(loop)
+    asyncio.set_event_loop(loop)  # (asyncio forgets the current loop in a forked child)
     loop.run_until_complete(main())
     return 0
 
@@ -397,7 +397,6 @@ def make_loop() -> None:
     """Make, in the zygote, the event loop that each worker forked from it runs (``serve``):
     its objects are then the zygote's, shared, instead of built anew in every worker (~0.3 ms
     and ~50 pages each, measured). Its descriptors are not shared: ``serve`` gives the worker's
-    copy its own. Call after the zygote's last ``run`` (a runner unsets the current loop)."""
+    copy its own."""
     global _loop
     _loop = new_event_loop(0)
-    asyncio.set_event_loop(_loop)

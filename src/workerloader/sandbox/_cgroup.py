@@ -89,13 +89,15 @@ class MemoryCgroups:
             cgroup = self._free.pop() if self._free else None
         if cgroup is None:
             cgroup = WorkerCgroup(self, self.root / f"w{next(self._names)}")
-            fresh = True
-        else:
-            fresh = False
         path = cgroup.path
         try:
-            if fresh:
-                path.mkdir(exist_ok=True)
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # kept for reuse: set up already
+                pass
+            else:  # new, or a kept one that someone removed: set up from scratch
+                cgroup._limit = -1
+                cgroup._oom_base = cgroup._oom_kills()  # a kept one had it read as it emptied
                 if self.v2:
                     with contextlib.suppress(OSError):
                         _write(path / "memory.swap.max", b"0")
@@ -103,8 +105,6 @@ class MemoryCgroups:
                 limit_file = "memory.max" if self.v2 else "memory.limit_in_bytes"
                 _write(path / limit_file, str(limit_bytes).encode())
                 cgroup._limit = limit_bytes
-            if fresh:  # a reused one had its count read as its last process left
-                cgroup._oom_base = cgroup._oom_kills()
             _write(path / "cgroup.procs", str(pid).encode())
         except OSError:
             with contextlib.suppress(OSError):

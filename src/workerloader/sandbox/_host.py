@@ -275,7 +275,9 @@ class Sandbox:
 
     def limit_memory(self, process: WorkerProcess, limit_bytes: int) -> None:
         """Put the worker in a memory cgroup of its own capped at ``limit_bytes``, where
-        cgroups are writable. Once per worker, before its code runs."""
+        cgroups are writable. Once per worker, as its code is sent: the move is made by the
+        chores thread, soon after (memory charged before it stays with the host's cgroup;
+        RLIMIT_AS and the scratch size cap hold meanwhile)."""
         cgroups = self._cgroups
         if cgroups is None or process._limited:
             return
