@@ -284,6 +284,21 @@ async def test_a_main_module_inside_a_package_imports_relatively(loader: Loader)
     assert await stub.get_entrypoint().run() == [41, "app.main", "app"]
 
 
+async def test_worker_code_finds_its_event_loop_at_import_and_in_calls(loader: Loader) -> None:
+    source = (
+        "import asyncio\n"
+        "from workers import WorkerEntrypoint\n"
+        "AT_IMPORT = asyncio.get_event_loop()\n"
+        "\n"
+        "class Default(WorkerEntrypoint):\n"
+        "    async def same(self):\n"
+        "        running = asyncio.get_running_loop()\n"
+        "        return running is asyncio.get_event_loop() is AT_IMPORT\n"
+    )
+    stub = loader.get("w", lambda: WorkerCode(main_module="main.py", modules={"main.py": source}))
+    assert await stub.get_entrypoint().same() is True
+
+
 async def test_an_unknown_module_type_is_a_load_error(loader: Loader) -> None:
     code = WorkerCode(
         main_module="main.py", modules={"main.py": MAIN, "mod.wasm": {"wasm": b"\0asm"}}
