@@ -219,7 +219,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             return found
         caller, stub = found
         started = time.perf_counter()
-        query = f"?{request.url.query}" if request.url.query else ""
+        # From the scope as sent: building request.url (an URL object) cost ~3% of the
+        # server's CPU under a stream of warm fetches.
+        raw_query: bytes = request.scope.get("query_string", b"")
+        query = f"?{raw_query.decode('latin-1')}" if raw_query else ""
         forwarded = WorkerRequest(
             f"https://{worker_id}/{path}{query}",
             method=request.method,
