@@ -563,9 +563,6 @@ class Loader:
         self._workers.discard(worker)
         await worker.aclose()
 
-    def _forget_soon(self, worker: _Worker) -> None:
-        self._stop_soon(self._forget(worker))
-
     def _stop_soon(self, stopping: Awaitable[None]) -> None:
         """Stop a worker in the background; ``aclose`` waits for it."""
         _in_background(stopping, self._stopping)

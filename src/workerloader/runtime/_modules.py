@@ -132,7 +132,8 @@ class ModuleMap:
         return sys.modules[name]  # as import does: the module may have replaced itself
 
     def user_files(self) -> set[str]:
-        """The user's module paths (``_workerloader_*`` wrappers the host adds are not)."""
+        """The user's module paths (not those named ``_workerloader_*``, a prefix the runtime
+        keeps for its own modules, such as its warm-up's)."""
         return {p for p, _, _ in self.sources.values() if not p.startswith("_workerloader_")}
 
 
