@@ -93,6 +93,12 @@ class Api(WorkerEntrypoint):
         time.sleep(seconds)
         return "blocked"
 
+    async def burn(self, seconds):
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+        return "burnt"
+
     async def flood_swallowing_everything(self):
         for _ in range(100):
             try:
@@ -368,6 +374,22 @@ async def test_module_state_persists_in_a_warm_worker_and_is_fresh_after_evict(
 
 # ---------------------------------------------------------------------------------------------
 # Logs
+
+
+async def test_the_stub_tells_each_calls_cpu_time_as_the_host_measured_it(
+    loader: Loader,
+) -> None:
+    stub = loader.get("w", api_code)
+    worker = api(stub)
+    assert await worker.count() == 1
+    assert stub.cpu_ms > 0  # this first call's includes loading the code
+    assert await worker.burn(0.08) == "burnt"
+    assert stub.cpu_ms >= 80
+    assert await worker.count() == 2
+    assert 0 < stub.cpu_ms < 80
+    with pytest.raises(ValueError, match=BAD):
+        await worker.print_then_fail()
+    assert 0 < stub.cpu_ms < 80
 
 
 async def test_print_logging_and_warnings_appear_in_the_stubs_logs(loader: Loader) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import httpx
 from click.testing import CliRunner
 
 from workerloader.cli import main as cli
-from workerloader.server._store import ServiceStore
+from workerloader.server._store import Caller, ServiceStore
 
 
 async def test_without_keys_the_service_is_in_dev_mode(
@@ -60,6 +61,7 @@ async def test_every_execute_is_logged_and_logs_are_per_namespace(
         (422, "ValueError", []),
         (200, None, ["hello"]),
     ]
+    assert all(0 < r["cpu_ms"] < r["duration_ms"] for r in logs)
     assert (await client.get("/logs", params={"status": 200})).json()["logs"][0]["logs"] == [
         "hello"
     ]
@@ -117,3 +119,28 @@ async def test_require_auth_refuses_anonymous_callers_before_any_key_exists(
         assert (await client.get("/health")).json()["auth"] == "keys"
         refused = await client.post("/execute", json={"code": "return 1"})
         assert refused.status_code == 401
+
+
+def test_a_request_log_from_before_cpu_ms_is_kept_and_new_records_get_it(
+    tmp_path: Path,
+) -> None:
+    # The table as data dirs made before the column have it.
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")
+    conn.execute(
+        "CREATE TABLE request_logs (id TEXT PRIMARY KEY, time REAL NOT NULL, user_id TEXT, "
+        "namespace TEXT NOT NULL, worker TEXT, kind TEXT NOT NULL, status INTEGER NOT NULL, "
+        "duration_ms REAL NOT NULL, error_type TEXT, logs TEXT NOT NULL)"
+    )
+    conn.execute(
+        "INSERT INTO request_logs VALUES ('old', 1.0, NULL, 'default', NULL, 'execute', 200, "
+        "2.5, NULL, '[\"hi\"]')"
+    )
+    conn.commit()
+    conn.close()
+    store = ServiceStore(tmp_path)
+    store.log(Caller(None, "default", False, ()), "execute", 200, 3.0, cpu_ms=1.25)
+    records = store.logs("default")
+    assert [(r["id"] == "old", r["cpu_ms"], r["logs"]) for r in records] == [
+        (False, 1.25, []),
+        (True, None, ["hi"]),
+    ]

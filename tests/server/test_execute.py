@@ -28,6 +28,7 @@ async def test_the_seed_curl_session_answers_4(client: httpx.AsyncClient) -> Non
     assert body["result"] == 4
     assert body["logs"] == []
     assert body["duration_ms"] > 0
+    assert 0 < body["cpu_ms"] < body["duration_ms"]  # a worker's CPU, and it ran one call
 
 
 async def test_execute_reaches_the_sdk_and_returns_logs(client: httpx.AsyncClient) -> None:
@@ -42,7 +43,23 @@ async def test_execute_reaches_the_sdk_and_returns_logs(client: httpx.AsyncClien
         "result": ["ada"],
         "logs": ["hi"],
         "duration_ms": body["duration_ms"],
+        "cpu_ms": body["cpu_ms"],
     }
+
+
+async def test_cpu_ms_is_the_workers_cpu_time_for_the_call(client: httpx.AsyncClient) -> None:
+    burn = (
+        "import time\nend = time.process_time() + 0.1\nwhile time.process_time() < end:\n    pass"
+    )
+    body = (await client.post("/execute", json={"code": burn})).json()
+    assert body["ok"] is True
+    assert 100 <= body["cpu_ms"] <= body["duration_ms"]
+    sleep = (await client.post("/execute", json={"code": "import time\ntime.sleep(0.1)"})).json()
+    assert sleep["duration_ms"] >= 100
+    assert 0 < sleep["cpu_ms"] < 100  # waiting is not CPU
+    failed = (await client.post("/execute", json={"code": burn + "\nraise ValueError()"})).json()
+    assert failed["error"]["type"] == "ValueError"
+    assert failed["cpu_ms"] >= 100
 
 
 async def test_a_syntax_error_is_422_with_the_users_line(client: httpx.AsyncClient) -> None:

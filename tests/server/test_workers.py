@@ -55,12 +55,21 @@ async def test_store_list_get_call_and_delete_a_worker(
     assert fetched.headers["x-from"] == "worker"
 
     called = await client.post("/workers/notes/rpc/Notes/add", json={"args": ["first"]})
-    assert called.json() == {"ok": True, "result": "first", "logs": []}
+    assert called.json() == {
+        "ok": True,
+        "result": "first",
+        "logs": [],
+        "cpu_ms": called.json()["cpu_ms"],
+    }
+    assert called.json()["cpu_ms"] > 0
     config = await client.post("/workers/notes/rpc/Notes/config", json=[])
     assert config.json()["result"] == {"lang": "en"}
     failed = await client.post("/workers/notes/rpc/Notes/fail")
     assert failed.status_code == 422
     assert failed.json()["error"]["type"] == "ValueError"
+    kinds = [(r["kind"], r["status"]) for r in (await client.get("/logs")).json()["logs"]]
+    assert kinds == [("rpc", 422), ("rpc", 200), ("rpc", 200), ("fetch", 200)]
+    assert all(r["cpu_ms"] > 0 for r in (await client.get("/logs")).json()["logs"])
 
     assert (await client.delete("/workers/notes")).json() == {"ok": True}
     assert (await client.get("/workers/notes")).status_code == 404

@@ -78,6 +78,9 @@ class _Worker:
         self.subrequests = 0  # binding calls since the current call started
         self.deadline: float | None = None  # monotonic end of the current call's wall time
         self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
+        self.cpu_mark_ns = 0  # the process's CPU time when it was handed out or a call ended
+        self.cpu_seen_ns = 0  # the latest reading of it (the watchdog's, if the process died)
+        self.last_call_cpu_ns = 0  # set as each call ends: its CPU (see _watched)
         self._spin_pauses: list[SpinPause] = []  # first calls (or loads) holding the loop's spin
         session.admit = self._admit
 
@@ -165,7 +168,7 @@ class _Worker:
 
         def tick() -> None:
             nonlocal handle
-            cpu_now = self.process.cpu_ns()
+            cpu_now = self.cpu_seen_ns = self.process.cpu_ns()
             if not cpu_base:
                 cpu_base.append(cpu_now - int(_CPU_POLL_S * 1e9))
             if (cpu_now - cpu_base[0]) / 1e6 > limits.cpu_ms:
@@ -200,6 +203,16 @@ class _Worker:
             self.last_used = time.monotonic()
             if handle is not None:
                 handle.cancel()
+            self._count_cpu()
+
+    def _count_cpu(self) -> None:
+        """Set ``last_call_cpu_ns``: the CPU the process used since the previous call ended (or
+        since it was handed out, for a first call, which includes loading its code). Calls in
+        flight at once each count all of it; a process gone meanwhile counts up to the
+        watchdog's last reading."""
+        now = self.process.cpu_ns() or self.cpu_seen_ns
+        self.last_call_cpu_ns = max(now - self.cpu_mark_ns, 0)
+        self.cpu_mark_ns = self.cpu_seen_ns = max(now, self.cpu_mark_ns)
 
     def _kill(self, reason: LimitExceeded) -> None:
         if self.killed_by is None:
@@ -301,6 +314,10 @@ class WorkerStub:
         self._starting: asyncio.Task[_Worker] | None = None
         self.logs: list[str] = []
         """Output of the most recent call through this stub."""
+        self.cpu_ms = 0.0
+        """CPU time of the most recent call through this stub, in milliseconds, measured by the
+        host (``/proc``): what the worker's process used since its previous call ended, so a
+        first call includes loading the code; whatever the call's outcome."""
 
     def get_entrypoint(
         self, name: str | None = None, props: dict[str, object] | None = None
@@ -338,12 +355,15 @@ class WorkerStub:
         # The load goes out first: the worker's wake-up (up to ~0.3 ms on an idle machine)
         # then overlaps with the host's bookkeeping (paced cold p50 lower by 12-58 µs in three
         # alternating runs, the ready queue's refill deferred likewise).
+        # Read first: idle in the pool, it has used only its start's CPU, counted as no call's.
+        cpu_at_start = process.cpu_ns()
         try:
             load_report = session.main.load(code.to_wire()).send()
         except BaseException:
             self._loader._stop_soon(_stop(process, session))
             raise
         worker = _Worker(process, session, code.limits)
+        worker.cpu_mark_ns = worker.cpu_seen_ns = cpu_at_start
         worker.load_report = load_report
         self._loader._workers.add(worker)
         self._worker = worker
@@ -355,9 +375,14 @@ class WorkerStub:
         return worker
 
     async def _call(self, method: str, *args: object) -> Any:
+        self.cpu_ms = 0.0  # if no worker gets the call
         worker = await self._running()
         try:
-            envelope = _check(await worker.call(method, *args), _Envelope, "answer")
+            try:
+                raw = await worker.call(method, *args)
+            finally:
+                self.cpu_ms = worker.last_call_cpu_ns / 1e6
+            envelope = _check(raw, _Envelope, "answer")
             if self._loader._sandbox.insecure:
                 envelope.logs.insert(0, _INSECURE_NOTICE)
             self.logs = envelope.logs

@@ -93,12 +93,18 @@ class WorkerProcess:
         _kill(self.pidfd)
 
     def cpu_ns(self) -> int:
-        """CPU time the worker has used, in nanoseconds (0 once it is gone)."""
+        """CPU time the worker has used, in nanoseconds (0 once it is gone). Read raw: a text
+        file object costs twice the read (~7 µs), and this runs around every call."""
         try:
-            with open(f"/proc/{self.pid}/schedstat") as f:
-                return int(f.read().split()[0])
+            fd = os.open(f"/proc/{self.pid}/schedstat", os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            return int(os.read(fd, 64).split(maxsplit=1)[0])
         except (OSError, ValueError, IndexError):
             return 0
+        finally:
+            os.close(fd)
 
     async def stop(self) -> None:
         """Kill the worker (on the sandbox's chores thread) and wait for it to exit; its

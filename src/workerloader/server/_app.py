@@ -198,7 +198,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def execute_code(request: Request) -> JSONResponse:
         """Run ``code`` as the body of an async function with ``env``, ``sdk``, ``db``, ``kv``,
         ``sql`` and ``context`` in scope; answers ``{"ok", "result" | "error", "logs",
-        "duration_ms"}``."""
+        "duration_ms", "cpu_ms"}``."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
@@ -241,6 +241,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "execute",
             outcome.status,
             outcome.body["duration_ms"],
+            cpu_ms=outcome.body["cpu_ms"],
             error_type=error["type"] if error else None,
             logs=outcome.body["logs"],
         )

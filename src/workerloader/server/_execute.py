@@ -97,4 +97,5 @@ async def execute(
             task.add_done_callback(_closing.discard)
     body["logs"] = logs
     body["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    body["cpu_ms"] = round(stub.cpu_ms, 3) if stub is not None else 0.0
     return ExecuteOutcome(status, body)

@@ -37,7 +37,8 @@ _SCHEMA = (
         status INTEGER NOT NULL,
         duration_ms REAL NOT NULL,
         error_type TEXT,
-        logs TEXT NOT NULL
+        logs TEXT NOT NULL,
+        cpu_ms REAL
     )""",
     "CREATE INDEX IF NOT EXISTS request_logs_by_time ON request_logs (namespace, time)",
     """CREATE TABLE IF NOT EXISTS workers (
@@ -97,6 +98,9 @@ class ServiceStore:
         self._flush_at = 0.0
         for statement in _SCHEMA:
             self._conn.execute(statement)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(request_logs)")}
+        if "cpu_ms" not in columns:  # a data dir from before request logs had it: kept as is
+            self._conn.execute("ALTER TABLE request_logs ADD COLUMN cpu_ms REAL")
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -230,6 +234,7 @@ class ServiceStore:
         status: int,
         duration_ms: float,
         *,
+        cpu_ms: float | None = None,
         worker: str | None = None,
         error_type: str | None = None,
         logs: list[str] | None = None,
@@ -244,6 +249,7 @@ class ServiceStore:
             "kind": kind,
             "status": status,
             "duration_ms": round(duration_ms, 3),
+            "cpu_ms": None if cpu_ms is None else round(cpu_ms, 3),
             "error_type": error_type,
             "logs": (logs or [])[:_LOG_LINES_KEPT],
         }
@@ -268,7 +274,9 @@ class ServiceStore:
         rows, self._pending_logs = self._pending_logs, []
         self._conn.execute("BEGIN")
         self._conn.executemany(
-            "INSERT INTO request_logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            "INSERT INTO request_logs (id, time, user_id, namespace, worker, kind, status, "
+            "duration_ms, cpu_ms, error_type, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
         self._writes += len(rows)
         if self._writes >= 1000:

@@ -233,9 +233,18 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             response = await stub.fetch(forwarded)
         except Exception as exc:
             status, body = _failure(exc)
-            _log(state, caller, "fetch", worker_id, status, started, body)
+            _log(state, caller, "fetch", worker_id, status, started, body, stub.cpu_ms)
             return JSONResponse(body, status)
-        _log(state, caller, "fetch", worker_id, response.status, started, {"logs": stub.logs})
+        _log(
+            state,
+            caller,
+            "fetch",
+            worker_id,
+            response.status,
+            started,
+            {"logs": stub.logs},
+            stub.cpu_ms,
+        )
         return Response(await response.bytes(), response.status, headers=response.headers)
 
     for http_method in FETCH_METHODS:
@@ -272,10 +281,16 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             result = await getattr(stub.get_entrypoint(name), method)(*args, **kwargs)
         except Exception as exc:
             status, body = _failure(exc)
-            _log(state, caller, "rpc", worker_id, status, started, body)
+            body["cpu_ms"] = round(stub.cpu_ms, 3)
+            _log(state, caller, "rpc", worker_id, status, started, body, stub.cpu_ms)
             return JSONResponse(body, status)
-        body = {"ok": True, "result": to_json(result), "logs": stub.logs}
-        _log(state, caller, "rpc", worker_id, 200, started, body)
+        body = {
+            "ok": True,
+            "result": to_json(result),
+            "logs": stub.logs,
+            "cpu_ms": round(stub.cpu_ms, 3),
+        }
+        _log(state, caller, "rpc", worker_id, 200, started, body, stub.cpu_ms)
         return JSONResponse(body)
 
     return router, fetch_worker
@@ -289,6 +304,7 @@ def _log(
     status: int,
     started: float,
     body: dict[str, Any],
+    cpu_ms: float,
 ) -> None:
     error = body.get("error")
     state["store"].log(
@@ -296,6 +312,7 @@ def _log(
         kind,
         status,
         (time.perf_counter() - started) * 1000,
+        cpu_ms=cpu_ms,
         worker=worker_id,
         error_type=error.get("type") if error else None,
         logs=body.get("logs", []),
