@@ -113,3 +113,66 @@ async def test_another_namespaces_worker_is_not_found(
     logs = (await client.get("/logs", headers=alice)).json()["logs"]
     assert logs[0]["kind"] == "fetch"
     assert logs[0]["worker"] == "w"
+
+
+async def test_a_read_only_key_can_neither_store_nor_delete_a_worker(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    writer = {"authorization": f"Bearer {store.create_key('alice', 'a').secret}"}
+    reader = {"authorization": f"Bearer {store.create_key('bob', 'a', ('read',)).secret}"}
+    assert (await client.put("/workers/w", json=DEFINITION, headers=writer)).status_code == 200
+    forbidden = {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}
+    put = await client.put("/workers/w", json=DEFINITION, headers=reader)
+    assert (put.status_code, put.json()) == (403, forbidden)
+    deleted = await client.delete("/workers/w", headers=reader)
+    assert (deleted.status_code, deleted.json()) == (403, forbidden)
+    # Refused before the lookup, as PUT is: a reader learns nothing from a missing worker.
+    missing = await client.delete("/workers/nope", headers=reader)
+    assert (missing.status_code, missing.json()) == (403, forbidden)
+    assert (await client.get("/workers/w", headers=reader)).json()["version"] == 1
+    assert (await client.get("/workers/w/fetch/", headers=reader)).status_code == 200
+    assert (await client.delete("/workers/w", headers=writer)).json() == {"ok": True}
+    assert (await client.get("/workers/w", headers=reader)).status_code == 404
+
+
+NOT_JSON = """
+from workers import WorkerEntrypoint
+
+
+class Numbers(WorkerEntrypoint):
+    async def huge(self):
+        print("computing")
+        return {"x": [1.0, float("inf")]}
+
+    async def fine(self):
+        return 1.5
+"""
+
+
+async def test_a_result_json_cannot_carry_is_a_422_naming_where(
+    client: httpx.AsyncClient,
+) -> None:
+    definition = {"main_module": "main.py", "modules": {"main.py": NOT_JSON}}
+    assert (await client.put("/workers/n", json=definition)).status_code == 200
+    called = await client.post("/workers/n/rpc/Numbers/huge", json=[])
+    assert called.status_code == 422
+    body = called.json()
+    assert body == {
+        "ok": False,
+        "error": {"type": "NotJsonError", "message": body["error"]["message"]},
+        "logs": ["computing"],
+        "cpu_ms": body["cpu_ms"],
+    }
+    assert "result['x'][1]" in body["error"]["message"]
+    assert "inf" in body["error"]["message"]
+    assert body["cpu_ms"] > 0
+    # The worker is still there and still answers.
+    assert (await client.post("/workers/n/rpc/Numbers/fine", json=[])).json()["result"] == 1.5
+    logs = (await client.get("/logs")).json()["logs"]
+    assert [(r["kind"], r["status"], r["error_type"]) for r in logs] == [
+        ("rpc", 200, None),
+        ("rpc", 422, "NotJsonError"),
+    ]
+    assert logs[1]["logs"] == ["computing"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -15,11 +16,18 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
-from ._execute import _error, to_json
+from ._execute import NotJsonError, _error, to_json
 from ._schema import bad_request, json_body
 from ._store import Caller, ServiceStore
 
-__all__ = ["FETCH_METHODS", "FetchHandler", "WorkerDefinition", "workers_router"]
+__all__ = [
+    "FETCH_METHODS",
+    "BadDefinition",
+    "FetchHandler",
+    "WorkerDefinition",
+    "check_definition",
+    "workers_router",
+]
 
 FETCH_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 """The methods ``/workers/{id}/fetch/{path}`` proxies into the worker."""
@@ -56,14 +64,71 @@ class WorkerDefinition(BaseModel):
     limits: WorkerLimits = Field(default_factory=WorkerLimits)
 
 
+class BadDefinition(ValueError):
+    """A definition the service refuses to store; the message says where it is wrong. The
+    client's mistake: a 400, never a 500."""
+
+
 def _modules(modules: dict[str, str | dict[str, Any]]) -> dict[str, object]:
+    """``modules`` as WorkerCode takes them: ``{"data_base64": str}`` decoded to bytes.
+    Raises BadDefinition naming the module whose ``data_base64`` is not base64 text."""
     out: dict[str, object] = {}
     for path, value in modules.items():
         if isinstance(value, dict) and set(value) == {"data_base64"}:
-            out[path] = {"data": base64.b64decode(value["data_base64"])}
+            where = f"modules[{path!r}]['data_base64']"
+            data = value["data_base64"]
+            if not isinstance(data, str):
+                raise BadDefinition(f"{where} must be a base64 string, not {type(data).__name__}")
+            try:
+                # Lenient as before (characters outside the alphabet are skipped): stored
+                # workers with line-wrapped base64 keep loading.
+                out[path] = {"data": base64.b64decode(data)}
+            except ValueError as exc:  # binascii.Error, or a non-ASCII str
+                raise BadDefinition(f"{where} is not valid base64: {exc}") from exc
         else:
             out[path] = value
     return out
+
+
+def _check_finite(value: object, where: str) -> None:
+    """Raise BadDefinition naming ``where`` an infinite or NaN float sits in ``value``.
+
+    JSON has no such numbers, yet the body's parser reads ``1e999`` as inf (and accepts
+    ``NaN``/``Infinity``): stored, such a definition could never be answered as JSON again."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadDefinition(
+            f"{where} is {value!r}, which JSON cannot carry (send it as a string, or null)"
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}[{key!r}]")
+    elif isinstance(value, list):
+        # Nesting is bounded: the JSON parser refuses bodies past its recursion limit.
+        for index, item in enumerate(value):
+            _check_finite(item, f"{where}[{index}]")
+
+
+def check_definition(definition: WorkerDefinition) -> None:
+    """Raise BadDefinition if ``definition`` holds what the service refuses to store (an
+    infinite or NaN float anywhere, named); the service and ``workers put`` both check it."""
+    for field, value in definition.model_dump().items():
+        _check_finite(value, field)
+
+
+def _bad_request(message: str) -> JSONResponse:
+    """400 with ``message``: the request is the client's mistake (422 is kept for user code
+    that failed)."""
+    return JSONResponse({"ok": False, "error": {"type": "BadRequest", "message": message}}, 400)
+
+
+def _read_only(caller: Caller) -> JSONResponse | None:
+    """The 403 answer if ``caller`` may not write, else None. Storing and deleting workers
+    both change the namespace: both need ``write``."""
+    if "write" in caller.permissions:
+        return None
+    return JSONResponse(
+        {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}, 403
+    )
 
 
 def _code(loader: Loader, caller: Caller, definition: WorkerDefinition) -> WorkerCode:
@@ -155,26 +220,29 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         openapi_extra=json_body(WorkerDefinition),
     )
     async def put_worker(worker_id: str, request: Request) -> JSONResponse:
-        """Store (or replace) a worker: code, env data, bindings and limits."""
+        """Store (or replace) a worker: code, env data, bindings and limits. 403 for a
+        read-only key; 400 for a malformed body, a module whose ``data_base64`` is not base64,
+        or an infinite/NaN float anywhere in it (naming where); 422 if the worker fails to
+        load."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
-        if "write" not in caller.permissions:
-            return JSONResponse(
-                {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}, 403
-            )
+        if (forbidden := _read_only(caller)) is not None:
+            return forbidden
         if not _ID.fullmatch(worker_id):
-            return JSONResponse(
-                {"ok": False, "error": {"type": "BadRequest", "message": "invalid worker id"}},
-                400,
-            )
+            return _bad_request("invalid worker id")
         try:
             definition = WorkerDefinition.model_validate_json(await request.body())
         except ValidationError as exc:
             return bad_request(exc)
         loader: Loader = state["loader"]
+        try:
+            check_definition(definition)
+            code = _code(loader, caller, definition)
+        except BadDefinition as exc:
+            return _bad_request(str(exc))
         try:  # validate now: a broken worker is refused, not stored
-            stub = await loader.load(_code(loader, caller, definition))
+            stub = await loader.load(code)
             await stub.aclose()
         except WorkerLoadError as exc:
             return JSONResponse({"ok": False, "error": _error(exc)}, 422)
@@ -201,10 +269,13 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
     @router.delete("/workers/{worker_id}")
     async def delete_worker(worker_id: str, request: Request) -> JSONResponse:
-        """Delete a worker (its warm process is stopped)."""
+        """Delete a worker (its warm process is stopped). 403 for a read-only key, as for
+        PUT, checked before the lookup; 404 if there is no such worker."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
+        if (forbidden := _read_only(caller)) is not None:
+            return forbidden
         store: ServiceStore = state["store"]
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None or not store.delete_worker(caller.namespace, worker_id):
@@ -261,20 +332,27 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         worker_id: str, entrypoint: str, method: str, request: Request
     ) -> JSONResponse:
         """Call an entrypoint's method with JSON ``{"args": [...], "kwargs": {...}}`` (or a
-        bare list of args); ``Default`` names the default entrypoint."""
+        bare list of args); ``Default`` names the default entrypoint. 400 for any other body;
+        422 if the method failed or its result holds a value JSON cannot carry (an infinite
+        or NaN float: ``NotJsonError``, naming where); 502/504 if the worker died or ran out
+        of wall time."""
         found = caller_and_stub(worker_id, request)
         if isinstance(found, JSONResponse):
             return found
         caller, stub = found
+        expected = 'the body must be {"args": [...], "kwargs": {...}} or a list of args'
         try:
             raw = await request.json() if await request.body() else {}
-        except ValueError:
-            return JSONResponse({"ok": False, "error": {"type": "BadRequest"}}, 400)
-        args, kwargs = (
-            (raw, {}) if isinstance(raw, list) else (raw.get("args", []), raw.get("kwargs", {}))
-        )
+        except ValueError as exc:  # not JSON, or not UTF-8
+            return _bad_request(f"{expected}; it is not JSON: {exc}")
+        if isinstance(raw, list):
+            args, kwargs = raw, {}
+        elif isinstance(raw, dict):
+            args, kwargs = raw.get("args", []), raw.get("kwargs", {})
+        else:
+            return _bad_request(f"{expected}, not {type(raw).__name__}")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            return JSONResponse({"ok": False, "error": {"type": "BadRequest"}}, 400)
+            return _bad_request(f'{expected}: "args" must be a list and "kwargs" an object')
         started = time.perf_counter()
         name = None if entrypoint == "Default" else entrypoint
         try:
@@ -284,12 +362,19 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             body["cpu_ms"] = round(stub.cpu_ms, 3)
             _log(state, caller, "rpc", worker_id, status, started, body, stub.cpu_ms)
             return JSONResponse(body, status)
-        body = {
-            "ok": True,
-            "result": to_json(result),
-            "logs": stub.logs,
-            "cpu_ms": round(stub.cpu_ms, 3),
-        }
+        try:
+            answer = to_json(result)
+        except NotJsonError as exc:
+            # The method answered something JSON cannot carry: its code's failure, not ours.
+            body = {
+                "ok": False,
+                "error": {"type": "NotJsonError", "message": str(exc)},
+                "logs": stub.logs,
+                "cpu_ms": round(stub.cpu_ms, 3),
+            }
+            _log(state, caller, "rpc", worker_id, 422, started, body, stub.cpu_ms)
+            return JSONResponse(body, 422)
+        body = {"ok": True, "result": answer, "logs": stub.logs, "cpu_ms": round(stub.cpu_ms, 3)}
         _log(state, caller, "rpc", worker_id, 200, started, body, stub.cpu_ms)
         return JSONResponse(body)
 

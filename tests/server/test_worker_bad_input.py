@@ -1,0 +1,132 @@
+"""Bad input to /workers answers a typed JSON 400 that says what is wrong, never a 500."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+MAIN = """
+from workers import WorkerEntrypoint
+
+
+class Echo(WorkerEntrypoint):
+    async def echo(self, *args, **kwargs):
+        return [list(args), kwargs]
+"""
+
+DEFINITION: dict[str, Any] = {"main_module": "main.py", "modules": {"main.py": MAIN}}
+
+
+def assert_bad_request(answer: httpx.Response, *needles: str) -> str:
+    """``answer`` is the service's 400 with a message holding each of ``needles``; the
+    message."""
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert body["ok"] is False
+    assert body["error"]["type"] == "BadRequest"
+    message = body["error"]["message"]
+    assert isinstance(message, str)
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+def raw_definition(env: str = "{}", more_modules: str = "") -> bytes:
+    """DEFINITION as JSON text with ``env`` and ``more_modules`` (entries) spliced in as
+    sent: httpx's encoder refuses inf and NaN, and ``1e999`` only becomes inf when parsed."""
+    modules = '{"main.py": ' + json.dumps(MAIN) + (", " + more_modules if more_modules else "")
+    return ('{"main_module": "main.py", "modules": ' + modules + '}, "env": ' + env + "}").encode()
+
+
+@pytest.mark.parametrize("data", ["a", "abcde", "é", 5, None, ["YQ=="]])
+async def test_a_module_whose_data_is_not_base64_is_refused_naming_it(
+    client: httpx.AsyncClient, data: object
+) -> None:
+    modules = {**DEFINITION["modules"], "blob.bin": {"data_base64": data}}
+    refused = await client.put("/workers/w", json={**DEFINITION, "modules": modules})
+    assert_bad_request(refused, "modules['blob.bin']", "data_base64")
+    assert (await client.get("/workers/w")).status_code == 404
+
+
+async def test_a_module_of_valid_base64_is_stored(client: httpx.AsyncClient) -> None:
+    modules = {**DEFINITION["modules"], "blob.bin": {"data_base64": "aGk="}}
+    stored = await client.put("/workers/w", json={**DEFINITION, "modules": modules})
+    assert stored.json() == {"ok": True, "id": "w", "version": 1}
+
+
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        ('{"a": 1e999}', "env['a']"),
+        ('{"a": -1e999}', "env['a']"),
+        ('{"a": NaN}', "env['a']"),
+        ('{"a": Infinity}', "env['a']"),
+        ('{"a": {"b": [1, 2.5, -Infinity]}}', "env['a']['b'][2]"),
+    ],
+)
+async def test_a_non_finite_float_in_env_is_refused_naming_where(
+    client: httpx.AsyncClient, env: str, where: str
+) -> None:
+    refused = await client.put("/workers/w", content=raw_definition(env=env))
+    assert_bad_request(refused, where)
+    # Nothing was stored: the worker neither exists nor breaks the listing.
+    assert (await client.get("/workers/w")).status_code == 404
+    assert (await client.get("/workers")).json() == {"workers": []}
+
+
+async def test_a_non_finite_float_in_a_json_module_is_refused_naming_where(
+    client: httpx.AsyncClient,
+) -> None:
+    config = '"config.json": {"json": {"x": [1e999]}}'
+    refused = await client.put("/workers/w", content=raw_definition(more_modules=config))
+    assert_bad_request(refused, "modules['config.json']['json']['x'][0]")
+    assert (await client.get("/workers/w")).status_code == 404
+
+
+async def test_finite_floats_in_env_are_stored_and_served(client: httpx.AsyncClient) -> None:
+    stored = await client.put("/workers/w", json={**DEFINITION, "env": {"a": 1e308, "b": -0.5}})
+    assert stored.status_code == 200
+    got = await client.get("/workers/w")
+    assert got.status_code == 200
+    assert got.json()["env"] == {"a": 1e308, "b": -0.5}
+
+
+@pytest.mark.parametrize("body", [b"5", b'"x"', b"null", b"true", b"2.5"])
+async def test_an_rpc_body_neither_a_list_nor_an_object_is_refused(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    refused = await client.post("/workers/w/rpc/Echo/echo", content=body)
+    assert_bad_request(refused, '{"args": [...], "kwargs": {...}}', "list")
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{", "JSON"),
+        (b'{"args": 5}', '"args"'),
+        (b'{"args": [], "kwargs": [1]}', '"kwargs"'),
+    ],
+)
+async def test_every_rpc_bad_request_carries_a_message(
+    client: httpx.AsyncClient, body: bytes, needle: str
+) -> None:
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    refused = await client.post("/workers/w/rpc/Echo/echo", content=body)
+    assert_bad_request(refused, needle)
+
+
+async def test_good_rpc_bodies_still_call(client: httpx.AsyncClient) -> None:
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    for body, result in [
+        (b"", [[], {}]),
+        (b"[1, 2]", [[1, 2], {}]),
+        (b'{"args": [1], "kwargs": {"k": "v"}}', [[1], {"k": "v"}]),
+        (b"{}", [[], {}]),
+    ]:
+        called = await client.post("/workers/w/rpc/Echo/echo", content=body)
+        assert called.status_code == 200, called.text
+        assert called.json()["result"] == result
