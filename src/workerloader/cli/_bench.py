@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
+from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
 
 from ..bench import (
+    Figure,
     print_figures,
     run_bindings_bench,
     run_http_bench,
     run_loader_bench,
     run_rpc_bench,
 )
+from ._common import option
+
+
+def _measured(what: str, measure: Callable[[], list[Figure]]) -> list[Figure]:
+    """``measure()``, under a status line saying ``what`` runs (a bench takes seconds to
+    minutes and prints nothing until its table), cleared when it ends. It goes to stderr, and
+    only to a terminal (rich draws nothing elsewhere), so stdout holds the table alone.
+
+    Drawn once, not animated: rich animates from a thread, which would wake inside the
+    measured process a dozen times a second and be running when the benches fork."""
+    status = Spinner("dots", f"measuring {what}…")
+    with Live(status, console=Console(stderr=True), auto_refresh=False, transient=True):
+        return measure()
 
 
 @click.group()
@@ -19,27 +38,49 @@ def bench() -> None:
 
 
 @bench.command("rpc")
-@click.option("--calls", default=5000, show_default=True, help="Round trips to time.")
-@click.option("--pipelined", default=20000, show_default=True, help="Pipelined calls to time.")
+@option(
+    "--calls",
+    default=5000,
+    show_default=True,
+    envvar="WORKERLOADER_BENCH_CALLS",
+    help="Round trips to time.",
+)
+@option(
+    "--pipelined",
+    default=20000,
+    show_default=True,
+    envvar="WORKERLOADER_BENCH_PIPELINED",
+    help="Pipelined calls to time.",
+)
 def bench_rpc(calls: int, pipelined: int) -> None:
     """Call round trip and pipelined calls/s between two processes over a socketpair."""
-    print_figures("RPC between two processes (Unix socketpair)", run_rpc_bench(calls, pipelined))
+    figures = _measured("RPC round trips", lambda: run_rpc_bench(calls, pipelined))
+    print_figures("RPC between two processes (Unix socketpair)", figures)
 
 
 @bench.command("loader")
-@click.option("--live", default=1000, show_default=True, help="Live workers for the memory figure.")
+@option(
+    "--live",
+    default=1000,
+    show_default=True,
+    envvar="WORKERLOADER_BENCH_LIVE",
+    help="Live workers for the memory figure.",
+)
 def bench_loader(live: int) -> None:
     """Cold and warm calls, new workers/s and memory per idle worker, in the real sandbox."""
-    print_figures("Loader: sandboxed workers", run_loader_bench(live=live))
+    figures = _measured("sandboxed workers", lambda: run_loader_bench(live=live))
+    print_figures("Loader: sandboxed workers", figures)
 
 
 @bench.command("bindings")
 def bench_bindings() -> None:
     """A binding call from a worker to the host, and document throughput."""
-    print_figures("Bindings: calls from a sandboxed worker", run_bindings_bench())
+    figures = _measured("binding calls", run_bindings_bench)
+    print_figures("Bindings: calls from a sandboxed worker", figures)
 
 
 @bench.command("http")
 def bench_http() -> None:
     """The service end to end beside Cloudflare's workerd (installed from npm on first use)."""
-    print_figures("HTTP: workerloader serve vs workerd serve --experimental", run_http_bench())
+    figures = _measured("the service and workerd over HTTP", run_http_bench)
+    print_figures("HTTP: workerloader serve vs workerd serve --experimental", figures)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option
+from ._common import data_dir_option, insecure_option, option
 
 
 def _snapshot(path: Path) -> dict[str, float]:
@@ -20,12 +20,29 @@ def _snapshot(path: Path) -> dict[str, float]:
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="WORKERLOADER_HOST")
-@click.option("--port", default=8787, show_default=True, envvar="WORKERLOADER_PORT")
+@option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="WORKERLOADER_HOST",
+    help="The address to listen on.",
+)
+@option(
+    "--port",
+    default=8787,
+    show_default=True,
+    envvar="WORKERLOADER_PORT",
+    help="The port to listen on.",
+)
 @data_dir_option
-def dev(path: Path, host: str, port: int, data_dir: Path) -> None:
+@insecure_option
+def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> None:
     """Serve the worker in PATH (main.py and its modules) on HOST:PORT: every request goes to
-    its fetch; editing a file loads the new code on the next request (like ``wrangler dev``)."""
+    its fetch; editing a file loads the new code on the next request (like ``wrangler dev``).
+
+    Answers as the service's fetch proxy does (``/workers/{id}/fetch/...``): the same
+    methods, and a failed call is 422 (the code's error: it failed to load or raised), 504
+    (wall time) or 502 (the worker died), with the service's JSON error body."""
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -33,8 +50,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path) -> None:
     from .. import Loader, WorkerCode
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
-    from ..server._execute import _error
-    from ..server._workers import WorkerDefinition, _modules
+    from ..server._workers import FETCH_METHODS, WorkerDefinition, _failure, _modules
     from ._workers import read_worker_dir
 
     state: dict[str, object] = {"version": 0, "snapshot": {}}
@@ -50,11 +66,11 @@ def dev(path: Path, host: str, port: int, data_dir: Path) -> None:
         )
 
     async def main() -> None:
-        async with Loader(data_dir, pool_size=2) as loader:
+        async with Loader(data_dir, pool_size=2, insecure=insecure) as loader:
             loaders.append(loader)
             app = FastAPI(title="workerloader dev")
 
-            @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+            @app.api_route("/{rest:path}", methods=list(FETCH_METHODS))
             async def forward(rest: str, request: Request) -> Response:
                 snapshot = _snapshot(path)
                 if snapshot != state["snapshot"]:
@@ -72,9 +88,18 @@ def dev(path: Path, host: str, port: int, data_dir: Path) -> None:
                 try:
                     response = await stub.fetch(forwarded)
                 except Exception as exc:
-                    for line in getattr(exc, "logs", []):
+                    status, body = _failure(exc)  # re-raises what is not the worker's doing
+                    for line in body["logs"]:
                         click.echo(f"[log] {line}")
-                    return JSONResponse({"ok": False, "error": _error(exc)}, 500)
+                    error = body["error"]
+                    # A load error's message already reads "file:line: Type: message".
+                    detail = error["traceback"] or (
+                        error["message"]
+                        if "file" in error
+                        else f"{error['type']}: {error['message']}"
+                    )
+                    click.echo(f"[dev] {status} {detail.rstrip()}")
+                    return JSONResponse(body, status)
                 for line in stub.logs:
                     click.echo(f"[log] {line}")
                 return Response(await response.bytes(), response.status, headers=response.headers)

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option
+from ._common import data_dir_option, insecure_option, option
 
 
 @click.command("exec")
 @click.argument("code")
 @data_dir_option
-@click.option("--timeout-ms", default=30_000, show_default=True, help="Wall time.")
-@click.option("--insecure", is_flag=True, envvar="WORKERLOADER_INSECURE")
+@option(
+    "--timeout-ms",
+    default=30_000,
+    show_default=True,
+    envvar="WORKERLOADER_EXEC_TIMEOUT_MS",
+    help="Wall time of the snippet, ms.",
+)
+@insecure_option
 def exec_(code: str, data_dir: Path, timeout_ms: int, insecure: bool) -> None:
     """Run CODE (or standard input, with -) as the body of an async function, with env, sdk,
     db, kv, sql and context in scope; print the result as JSON and the captured logs."""

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..server._store import ServiceStore
 from ._common import data_dir_option as _data_dir
+from ._common import option
 
 
 @click.group()
@@ -18,10 +19,30 @@ def keys() -> None:
     """Create, list and revoke API keys. With no key, the service runs in dev mode."""
 
 
+# A key's namespace is a grant, not the namespace the CLI acts in: its variable is this
+# command's own, so a WORKERLOADER_NAMESPACE exported for `workers`/`logs` never widens or
+# moves what a new key may touch.
 @keys.command("create")
-@click.option("--user", "user_id", required=True, help="The user the key acts as.")
-@click.option("--namespace", default="default", show_default=True, help="Its namespace.")
-@click.option("--read-only", is_flag=True, help="Grant read but not write.")
+@option(
+    "--user",
+    "user_id",
+    required=True,
+    envvar="WORKERLOADER_KEYS_USER",
+    help="The user the key acts as.",
+)
+@option(
+    "--namespace",
+    default="default",
+    show_default=True,
+    envvar="WORKERLOADER_KEYS_NAMESPACE",
+    help="Its namespace.",
+)
+@option(
+    "--read-only",
+    is_flag=True,
+    envvar="WORKERLOADER_KEYS_READ_ONLY",
+    help="Grant read but not write.",
+)
 @_data_dir
 def create(user_id: str, namespace: str, read_only: bool, data_dir: Path) -> None:
     """Create a key; its secret is printed this once."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..server._store import ServiceStore
-from ._common import data_dir_option
+from ._common import data_dir_option, namespace_option, option
 
 
 @click.group()
@@ -18,9 +18,21 @@ def logs() -> None:
 
 
 @logs.command("tail")
-@click.option("--namespace", default="default", show_default=True)
-@click.option("--follow/--no-follow", default=True, show_default=True)
-@click.option("--limit", default=20, show_default=True, help="Records shown at start.")
+@namespace_option
+@option(
+    "--follow/--no-follow",
+    default=True,
+    show_default=True,
+    envvar="WORKERLOADER_LOGS_FOLLOW",
+    help="Keep printing new records.",
+)
+@option(
+    "--limit",
+    default=20,
+    show_default=True,
+    envvar="WORKERLOADER_LOGS_LIMIT",
+    help="Records shown at start.",
+)
 @data_dir_option
 def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
     """Print the latest records of NAMESPACE, then new ones as they come (Ctrl-C stops)."""

@@ -6,41 +6,64 @@ from pathlib import Path
 
 import click
 
+from ._common import option
+
+# Every option defaults to None here: load_config tells a flag given (or its variable set,
+# which click reads into the flag) from one absent, so the config file fills the rest. The
+# variables are the ones load_config reads itself: declaring them here puts them in --help.
+
 
 @click.command()
-@click.option(
+@option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path),
     default=None,
+    envvar="WORKERLOADER_CONFIG",
     help="A workerloader.toml (default: ./workerloader.toml if it exists).",
 )
-@click.option("--host", default=None, help="[default: 127.0.0.1]")
-@click.option("--port", type=int, default=None, help="[default: 8787]")
-@click.option(
+@option("--host", default=None, envvar="WORKERLOADER_HOST", help="[default: 127.0.0.1]")
+@option("--port", type=int, default=None, envvar="WORKERLOADER_PORT", help="[default: 8787]")
+@option(
     "--data-dir",
     type=click.Path(path_type=Path),
     default=None,
+    envvar="WORKERLOADER_DATA_DIR",
     help="Where KV, SQL, documents, blobs, keys, workers and logs live. [default: .workerloader]",
 )
-@click.option(
+@option(
     "--insecure",
     is_flag=True,
     default=None,
+    envvar="WORKERLOADER_INSECURE",
     help="Run workers unconfined where this machine has no sandbox.",
 )
-@click.option("--pool-size", type=int, default=None, help="Pre-forked workers. [default: 8]")
-@click.option(
+@option(
+    "--pool-size",
+    type=int,
+    default=None,
+    envvar="WORKERLOADER_POOL_SIZE",
+    help="Pre-forked workers. [default: 8]",
+)
+@option(
     "--max-concurrent",
     type=int,
     default=None,
+    envvar="WORKERLOADER_MAX_CONCURRENT",
     help="Executions in flight before 429. [default: 64]",
 )
-@click.option("--log-retention-days", type=float, default=None, help="[default: 7]")
-@click.option(
+@option(
+    "--log-retention-days",
+    type=float,
+    default=None,
+    envvar="WORKERLOADER_LOG_RETENTION_DAYS",
+    help="[default: 7]",
+)
+@option(
     "--auth",
     is_flag=True,
     default=None,
+    envvar="WORKERLOADER_AUTH",
     help="Require an API key on every request, even before any key exists.",
 )
 def serve(config_path: Path | None, **flags: object) -> None:

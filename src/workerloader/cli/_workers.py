@@ -5,37 +5,142 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, get_args
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from .._errors import WorkerloaderError, WorkerLoadError
 from ..server._store import ServiceStore
-from ._common import data_dir_option
+from ..server._workers import (
+    _ID,
+    BadDefinition,
+    Binding,
+    WorkerDefinition,
+    WorkerLimits,
+    check_definition,
+)
+from ._common import data_dir_option, insecure_option, namespace_option, option
 
-_namespace = click.option("--namespace", default="default", show_default=True)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_BINDING_TYPES: tuple[str, ...] = get_args(Binding.model_fields["type"].annotation)
 
 
 def read_worker_dir(path: Path) -> dict[str, object]:
     """A worker definition from a directory: ``*.py`` are modules, ``*.json`` JSON modules,
-    ``*.txt`` text, anything else data; ``main.py`` is the main module."""
+    ``*.txt`` text, anything else data; ``main.py`` is the main module. Raises
+    WorkerLoadError (naming the file) for a directory with no ``main.py``, a ``.json`` file
+    that is not JSON, or source or text that is not UTF-8: to ``dev`` that is the code
+    failing to load, like a syntax error."""
     modules: dict[str, object] = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         name = file.relative_to(path).as_posix()
         if "__pycache__" in name or name.startswith("."):
             continue
-        if file.suffix == ".py":
-            modules[name] = file.read_text()
-        elif file.suffix == ".json":
-            modules[name] = {"json": json.loads(file.read_text())}
-        elif file.suffix == ".txt":
-            modules[name] = {"text": file.read_text()}
-        else:
-            modules[name] = {"data_base64": base64.b64encode(file.read_bytes()).decode()}
+        try:
+            if file.suffix == ".py":
+                modules[name] = file.read_text()
+            elif file.suffix == ".json":
+                modules[name] = {"json": json.loads(file.read_text())}
+            elif file.suffix == ".txt":
+                modules[name] = {"text": file.read_text()}
+            else:
+                modules[name] = {"data_base64": base64.b64encode(file.read_bytes()).decode()}
+        except json.JSONDecodeError as exc:
+            raise WorkerLoadError(
+                f"JSONDecodeError: {exc.msg}", name, exc.lineno, "JSONDecodeError"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise WorkerLoadError(
+                f"UnicodeDecodeError: {exc}", name, None, "UnicodeDecodeError"
+            ) from None
     if "main.py" not in modules:
-        raise click.ClickException(f"{path} has no main.py")
+        raise WorkerLoadError(
+            f"FileNotFoundError: {path} has no main.py", "main.py", None, "FileNotFoundError"
+        )
     return {"main_module": "main.py", "modules": modules}
+
+
+def _split_pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict; click.BadParameter for an item with no ``=``, an empty
+    name, or a name given twice (a silent last-one-wins would hide a typo)."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not {what}")
+        if name in pairs:
+            raise click.BadParameter(f"{name} is given twice")
+        pairs[name] = value
+    return pairs
+
+
+def _parse_env(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
+    """``--env KEY=VALUE`` items as the definition's ``env``: VALUE as JSON if it parses
+    (``N=3`` is the number 3, ``ON=true`` a boolean, ``L=[1,2]`` a list), else as the string
+    it is (``NAME=ada``); quote a string that looks like JSON: ``ID='"3"'``. ``NaN`` and
+    ``Infinity`` are not JSON, so strings; a number too large for a float (``1e999``) is
+    refused: stored, it could never be read back as JSON."""
+    env: dict[str, object] = {}
+    for name, text in _split_pairs(items, "KEY=VALUE").items():
+        try:
+            env[name] = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        except OverflowError:
+            raise click.BadParameter(f"{name}: {text} is beyond a float's range") from None
+        except ValueError:
+            env[name] = text
+    return env
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise OverflowError(text)
+    return value
+
+
+def _parse_bindings(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
+    """``--binding NAME=TYPE[:ro]`` items as the definition's ``bindings``: ``SDK=sdk`` is
+    ``{"SDK": {"type": "sdk"}}``, ``DB=db:ro`` is ``{"DB": {"type": "db", "write": false}}``."""
+    bindings: dict[str, dict[str, object]] = {}
+    for name, spec in _split_pairs(items, "NAME=TYPE").items():
+        kind, _, mode = spec.partition(":")
+        if kind not in _BINDING_TYPES:
+            raise click.BadParameter(
+                f"{name}: {kind!r} is not a binding type ({', '.join(_BINDING_TYPES)})"
+            )
+        if mode not in ("", "ro"):
+            raise click.BadParameter(f"{name}: {mode!r} is not a mode (only :ro)")
+        bindings[name] = {"type": kind, **({"write": False} if mode == "ro" else {})}
+    return bindings
+
+
+def _limit(name: str, unit: str) -> Callable[[_F], _F]:
+    """``--NAME`` for the stored limit ``name``; unset, the definition's default applies."""
+    field = WorkerLimits.model_fields[name]
+    return option(
+        f"--{name.replace('_', '-')}",
+        type=int,
+        default=None,
+        envvar=f"WORKERLOADER_WORKERS_{name.upper()}",
+        help=f"{unit} [default: {field.default}]",
+    )
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+    )
 
 
 @click.group()
@@ -44,7 +149,7 @@ def workers() -> None:
 
 
 @workers.command("list")
-@_namespace
+@namespace_option
 @data_dir_option
 def list_workers(namespace: str, data_dir: Path) -> None:
     """The workers of a namespace."""
@@ -57,34 +162,94 @@ def list_workers(namespace: str, data_dir: Path) -> None:
     Console().print(table)
 
 
+# The list options' variables hold several items separated by whitespace (click's rule for
+# `multiple`): WORKERLOADER_WORKERS_BINDING="SDK=sdk KV=kv".
 @workers.command("put")
 @click.argument("worker_id")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_namespace
+@option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_parse_env,
+    envvar="WORKERLOADER_WORKERS_ENV",
+    help="Data in the worker's env, repeatable: VALUE is JSON if it parses, else a string.",
+)
+@option(
+    "--binding",
+    "bindings",
+    multiple=True,
+    metavar="NAME=TYPE[:ro]",
+    callback=_parse_bindings,
+    envvar="WORKERLOADER_WORKERS_BINDING",
+    help=f"A binding in the worker's env, repeatable: TYPE one of {', '.join(_BINDING_TYPES)}"
+    " (SDK=sdk gives `from workers import sdk` its sdk.kv, sdk.db, ...); :ro grants read only.",
+)
+@_limit("cpu_ms", "CPU time per call, ms.")
+@_limit("memory_mb", "Memory, MiB.")
+@_limit("wall_ms", "Wall time per call, ms.")
+@_limit("subrequests", "Binding calls per call.")
+@namespace_option
 @data_dir_option
-def put_worker(worker_id: str, path: Path, namespace: str, data_dir: Path) -> None:
-    """Store the worker in directory PATH as WORKER_ID (checked for load errors first)."""
+@insecure_option
+def put_worker(
+    worker_id: str,
+    path: Path,
+    env: dict[str, object],
+    bindings: dict[str, dict[str, object]],
+    namespace: str,
+    data_dir: Path,
+    insecure: bool,
+    **limits: int | None,
+) -> None:
+    """Store the worker in directory PATH as WORKER_ID, with its env data, bindings and
+    limits (the definition ``PUT /workers/{id}`` takes). It is loaded first: a worker that
+    fails to load is not stored, and its error is printed on one line."""
     from .. import Loader
     from ..rpc._loop import run
     from ..server._store import Caller
-    from ..server._workers import WorkerDefinition, _code
+    from ..server._workers import _code
 
-    definition = WorkerDefinition.model_validate(read_worker_dir(path))
+    if not _ID.fullmatch(worker_id):  # the service's rule: any other id is unreachable
+        raise click.BadParameter(f"{worker_id!r} is not a worker id", param_hint="WORKER_ID")
+    both = sorted(set(env) & set(bindings))
+    if both:  # a binding would silently replace the data
+        raise click.UsageError(f"{', '.join(both)}: given as both --env and --binding")
+    try:
+        definition = WorkerDefinition.model_validate(
+            {
+                **read_worker_dir(path),
+                "env": env,
+                "bindings": bindings,
+                "limits": {name: value for name, value in limits.items() if value is not None},
+            }
+        )
+        check_definition(definition)  # what the service refuses, this refuses too
+    except ValidationError as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    except (WorkerLoadError, BadDefinition) as exc:
+        raise click.ClickException(f"{worker_id} not stored: {exc}") from None
 
     async def check() -> None:
-        async with Loader(data_dir, pool_size=1) as loader:
+        async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
             caller = Caller(None, namespace, False)
             stub = await loader.load(_code(loader, caller, definition))
             await stub.aclose()
 
-    run(check())
+    try:
+        run(check())
+    except WorkerLoadError as exc:  # its text is "file:line: Type: message"
+        raise click.ClickException(f"{worker_id} not stored: {exc}") from None
+    except WorkerloaderError as exc:  # a limit while loading, no sandbox, ...
+        raise click.ClickException(f"{worker_id} not stored: {type(exc).__name__}: {exc}") from None
     version = ServiceStore(data_dir).put_worker(namespace, worker_id, definition.model_dump())
     click.echo(f"stored {worker_id} version {version}")
 
 
 @workers.command("delete")
 @click.argument("worker_id")
-@_namespace
+@namespace_option
 @data_dir_option
 def delete_worker(worker_id: str, namespace: str, data_dir: Path) -> None:
     """Delete a stored worker."""

@@ -1,0 +1,56 @@
+"""``workerloader dev`` answers as the service's fetch proxy does: its methods, its statuses
+and its JSON error body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.cli._running import running_cli
+from workerloader.server._workers import FETCH_METHODS
+
+WORKER = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        print("got", request.method)
+        if request.url.endswith("/fail"):
+            raise ValueError("no such page")
+        return Response("body", headers={"x-method": request.method})
+"""
+
+
+def test_dev_passes_every_method_and_answers_failures_like_the_service(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.py").write_text(WORKER)
+    with running_cli("dev", str(source), "--data-dir", str(tmp_path / "data")) as dev:
+        for method in FETCH_METHODS:
+            answer = httpx.request(method, f"{dev.url}/page", timeout=30)
+            assert answer.status_code == 200, (method, answer.text)
+            assert answer.headers["x-method"] == method
+            assert answer.text == ("" if method == "HEAD" else "body")
+
+        failed = httpx.get(f"{dev.url}/fail", timeout=30)
+        assert failed.status_code == 422
+        assert failed.json() == {
+            "ok": False,
+            "error": {
+                "type": "ValueError",
+                "message": "no such page",
+                "traceback": 'Traceback (most recent call last):\n  File "main.py", line 9,'
+                " in fetch\nValueError: no such page\n",
+            },
+            "logs": ["got GET"],
+        }
+
+        (source / "main.py").write_text("def broken(:\n")
+        broken = httpx.get(f"{dev.url}/page", timeout=30)
+        assert broken.status_code == 422
+        assert broken.json()["error"]["type"] == "SyntaxError"
+        assert (broken.json()["error"]["file"], broken.json()["error"]["line"]) == ("main.py", 1)
+    assert "[dev] 422 Traceback (most recent call last):" in dev.output
+    assert "[dev] 422 main.py:1: SyntaxError: invalid syntax" in dev.output
