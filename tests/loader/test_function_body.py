@@ -1,5 +1,5 @@
 """A main module given as a function body (``{"body": code}``), as ``POST /execute`` runs a
-snippet: the body of ``async def main(env, sdk, db, kv, sql, context)`` with the user's lines.
+snippet: the body of ``async def main(*BODY_PARAMETERS)`` with the user's lines.
 
 Most bodies are compiled as indented text, the rest through the syntax tree; both routes must
 give the same values and the same line numbers.
@@ -19,7 +19,7 @@ import pytest
 
 from workerloader import Loader, WorkerCode, WorkerLoadError
 from workerloader.runtime import _modules
-from workerloader.runtime._modules import _compile_body, _compile_body_tree
+from workerloader.runtime._modules import BODY_PARAMETERS, _compile_body, _compile_body_tree
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def run_here(compiled: types.CodeType) -> object:
     exec(compiled, namespace)
     main = namespace["main"]
     assert callable(main)
-    return asyncio.run(main(*[None] * 6))
+    return asyncio.run(main(*[None] * len(BODY_PARAMETERS)))
 
 
 BODIES = {

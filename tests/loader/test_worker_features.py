@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from workerloader import (
+    DataCloneError,
     Limits,
     Loader,
     OutputLimitExceeded,
@@ -92,6 +93,14 @@ class Api(WorkerEntrypoint):
     async def block(self, seconds):
         time.sleep(seconds)
         return "blocked"
+
+    async def burn_and_lie(self, seconds):
+        import workerloader.runtime._main as runtime
+        runtime._process_time_ns = lambda: 0  # what the worker tells the host of its CPU
+        return await self.burn(seconds)
+
+    async def unclonable(self):
+        return {"ok": [1, (x for x in "ab")]}
 
     async def burn(self, seconds):
         end = time.process_time() + seconds
@@ -390,6 +399,17 @@ async def test_the_stub_tells_each_calls_cpu_time_as_the_host_measured_it(
     with pytest.raises(ValueError, match=BAD):
         await worker.print_then_fail()
     assert 0 < stub.cpu_ms < 80
+    # A worker that under-reports is held to the host's own reading, which lags a running
+    # process by at most a scheduler tick (4 ms at 250 Hz).
+    assert await worker.burn_and_lie(0.08) == "burnt"
+    assert stub.cpu_ms >= 70
+
+
+async def test_a_result_that_cannot_cross_names_where_it_sits_in_the_result(
+    loader: Loader,
+) -> None:
+    with pytest.raises(DataCloneError, match=r"^result\['ok'\]\[1\]: cannot clone a generator"):
+        await api(loader.get("w", api_code)).unclonable()
 
 
 async def test_print_logging_and_warnings_appear_in_the_stubs_logs(loader: Loader) -> None:

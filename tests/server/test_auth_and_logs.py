@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -132,8 +133,9 @@ def test_a_request_log_from_before_cpu_ms_is_kept_and_new_records_get_it(
         "duration_ms REAL NOT NULL, error_type TEXT, logs TEXT NOT NULL)"
     )
     conn.execute(
-        "INSERT INTO request_logs VALUES ('old', 1.0, NULL, 'default', NULL, 'execute', 200, "
-        "2.5, NULL, '[\"hi\"]')"
+        "INSERT INTO request_logs VALUES ('old', ?, NULL, 'default', NULL, 'execute', 200, "
+        "2.5, NULL, '[\"hi\"]')",
+        (time.time() - 1,),
     )
     conn.commit()
     conn.close()
@@ -144,3 +146,21 @@ def test_a_request_log_from_before_cpu_ms_is_kept_and_new_records_get_it(
         (False, 1.25, []),
         (True, None, ["hi"]),
     ]
+
+
+def test_records_past_the_retention_are_pruned_without_waiting_for_traffic(
+    tmp_path: Path,
+) -> None:
+    store = ServiceStore(tmp_path, retention_s=60)
+    anonymous = Caller(None, "default", False, ())
+    store.log(anonymous, "execute", 200, 1.0)
+    store.flush()
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")
+    conn.execute("UPDATE request_logs SET time = time - 3600")  # an hour old now
+    conn.commit()
+    conn.close()
+    reopened = ServiceStore(tmp_path, retention_s=60)
+    reopened.flush()  # the service's periodic flush, with nothing new to write
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")
+    assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (0,)
+    conn.close()

@@ -114,3 +114,29 @@ async def test_openapi_is_served(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert "/execute" in spec["paths"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_the_sdks_bindings_are_in_scope_by_name(client: httpx.AsyncClient) -> None:
+    code = "return [x is getattr(sdk, n) for n, x in zip(NAMES, [db, kv, sql, blobs, ai, api])]"
+    names = "NAMES = ['db', 'kv', 'sql', 'blobs', 'ai', 'api']\n"
+    body = (await client.post("/execute", json={"code": names + code})).json()
+    assert body["result"] == [True] * 6
+    body = (await client.post("/execute", json={"code": "return context.namespace"})).json()
+    assert body["result"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("code", "where"),
+    [
+        ("return float('inf')", "result"),
+        ("return {'a': [1, float('nan')]}", "result['a'][1]"),
+    ],
+)
+async def test_a_result_json_cannot_carry_is_422_naming_where(
+    client: httpx.AsyncClient, code: str, where: str
+) -> None:
+    response = await client.post("/execute", json={"code": code})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "NotJsonError"
+    assert error["message"].startswith(f"{where} is ")

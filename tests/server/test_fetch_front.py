@@ -8,6 +8,7 @@ reached it, and keeps a list of every request it saw so a test can tell one neve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,20 @@ async def test_the_openapi_document_still_lists_the_fetch_operations(
     }
     parameters = {p["name"]: p["in"] for p in operations["get"]["parameters"]}
     assert parameters == {"worker_id": "path", "path": "path"}
+
+
+@pytest.mark.parametrize("path", ["/workers/echo/fetch/big", "/execute", "/workers/other"])
+async def test_a_chunked_body_over_1_mib_is_413_wherever_it_goes(
+    echo: httpx.AsyncClient, path: str
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no length declared: sent chunked
+        for _ in range(3):
+            yield b"x" * (MAX_BODY // 2)
+
+    method = "PUT" if path == "/workers/other" else "POST"
+    sent = await echo.request(method, path, content=chunks())
+    assert sent.request.headers.get("transfer-encoding") == "chunked"
+    assert sent.status_code == 413
+    assert sent.json()["error"]["type"] == "PayloadTooLarge"
+    assert await seen(echo) == []
+    assert (await echo.get("/workers/other")).status_code == 404  # nothing was stored

@@ -19,6 +19,7 @@ from .. import rpc
 from .._errors import (
     BindingError,
     CpuLimitExceeded,
+    DataCloneError,
     LimitExceeded,
     MemoryLimitExceeded,
     OutputLimitExceeded,
@@ -80,7 +81,6 @@ class _Worker:
         self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
         self.cpu_mark_ns = 0  # the process's CPU time when it was handed out or a call ended
         self.cpu_seen_ns = 0  # the latest reading of it (the watchdog's, if the process died)
-        self.last_call_cpu_ns = 0  # set as each call ends: its CPU (see _watched)
         self._spin_pauses: list[SpinPause] = []  # first calls (or loads) holding the loop's spin
         session.admit = self._admit
 
@@ -203,16 +203,23 @@ class _Worker:
             self.last_used = time.monotonic()
             if handle is not None:
                 handle.cancel()
-            self._count_cpu()
 
-    def _count_cpu(self) -> None:
-        """Set ``last_call_cpu_ns``: the CPU the process used since the previous call ended (or
-        since it was handed out, for a first call, which includes loading its code). Calls in
-        flight at once each count all of it; a process gone meanwhile counts up to the
-        watchdog's last reading."""
-        now = self.process.cpu_ns() or self.cpu_seen_ns
-        self.last_call_cpu_ns = max(now - self.cpu_mark_ns, 0)
-        self.cpu_mark_ns = self.cpu_seen_ns = max(now, self.cpu_mark_ns)
+    def count_cpu(self, reported: object) -> int:
+        """The CPU time (ns) of a call that has just ended: what the process used since the
+        previous call ended (or since it was handed out, for a first call, which includes
+        loading its code). Calls in flight at once each count all of it.
+
+        ``reported`` is the process's own CPU clock as the worker read it when it answered
+        (None if it did not answer). The host's reading of that clock lags while the worker
+        still runs (see ``WorkerProcess.cpu_ns``), so the worker's is taken, but never below
+        the host's: a worker that lies can hide at most a scheduler tick of CPU per call. A
+        process gone meanwhile counts up to the watchdog's last reading."""
+        now = max(self.process.cpu_ns(), self.cpu_seen_ns, self.cpu_mark_ns)
+        if isinstance(reported, int) and not isinstance(reported, bool):
+            now = max(now, reported)
+        used = now - self.cpu_mark_ns
+        self.cpu_mark_ns = self.cpu_seen_ns = now
+        return used
 
     def _kill(self, reason: LimitExceeded) -> None:
         if self.killed_by is None:
@@ -252,6 +259,7 @@ class _Envelope(msgspec.Struct, frozen=True):
     value: Any = None
     error: _WireError | None = None
     logs: list[str] = msgspec.field(default_factory=list)
+    cpu_ns: int = 0  # the worker's CPU clock as it answered (see _Worker.count_cpu)
 
 
 class _LoadFailure(msgspec.Struct, frozen=True):
@@ -303,6 +311,18 @@ def _unwrap(envelope: _Envelope) -> Any:
     raise exc
 
 
+_ENVELOPE_PATH = "result['value']"
+
+
+def _as_the_callers(exc: DataCloneError) -> DataCloneError:
+    """A worker's answer that could not be sent names its value as the caller sees it: the
+    worker wraps each result in an envelope (``{"value": ...}``), the caller gets ``result``."""
+    message = str(exc)
+    if message.startswith(_ENVELOPE_PATH):
+        return DataCloneError("result" + message[len(_ENVELOPE_PATH) :])
+    return exc
+
+
 class WorkerStub:
     """A handle on a worker by id. Returned at once; the worker starts on the first call."""
 
@@ -315,9 +335,9 @@ class WorkerStub:
         self.logs: list[str] = []
         """Output of the most recent call through this stub."""
         self.cpu_ms = 0.0
-        """CPU time of the most recent call through this stub, in milliseconds, measured by the
-        host (``/proc``): what the worker's process used since its previous call ended, so a
-        first call includes loading the code; whatever the call's outcome."""
+        """CPU time of the most recent call through this stub, in milliseconds, whatever its
+        outcome: what the worker's process used since its previous call ended, so a first call
+        includes loading the code (see ``_Worker.count_cpu`` for how it is measured)."""
 
     def get_entrypoint(
         self, name: str | None = None, props: dict[str, object] | None = None
@@ -378,10 +398,14 @@ class WorkerStub:
         self.cpu_ms = 0.0  # if no worker gets the call
         worker = await self._running()
         try:
+            raw: Any = None
             try:
                 raw = await worker.call(method, *args)
+            except DataCloneError as exc:
+                raise _as_the_callers(exc) from None
             finally:
-                self.cpu_ms = worker.last_call_cpu_ns / 1e6
+                reported = raw.get("cpu_ns") if isinstance(raw, dict) else None
+                self.cpu_ms = worker.count_cpu(reported) / 1e6
             envelope = _check(raw, _Envelope, "answer")
             if self._loader._sandbox.insecure:
                 envelope.logs.insert(0, _INSECURE_NOTICE)

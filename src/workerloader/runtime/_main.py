@@ -15,6 +15,7 @@ import logging
 import resource
 import socket
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +34,7 @@ SESSION_LIMITS = rpc.RpcLimits(max_frame_bytes=4 << 20)
 """The host ↔ worker session's limits (both ends): frames carry whole request and response
 bodies, which the service caps at 1 MiB, plus their framing."""
 
+_process_time_ns = time.process_time_ns  # bound here: worker code may replace time's
 _background: set[asyncio.Future[object]] = set()  # ctx.wait_until work still running
 
 base_vm_bytes = 0
@@ -232,6 +234,9 @@ class WorkerRuntime(rpc.RpcTarget):
             # The limit error was swallowed (``except BaseException``): the call still failed.
             envelope = {"error": _error_dict(OutputLimitExceeded(log.overflow_message()), set())}
         envelope["logs"] = log.finish()
+        # The process's CPU clock, exact here (the host's reading lags while this process runs):
+        # the host takes the call's CPU time from it (never below its own reading).
+        envelope["cpu_ns"] = _process_time_ns()
         self.answered += 1
         for awaitable in ctx._waiting:
             task = asyncio.ensure_future(awaitable)

@@ -137,7 +137,7 @@ class ModuleMap:
         return {p for p, _, _ in self.sources.values() if not p.startswith("_workerloader_")}
 
 
-BODY_PARAMETERS = ("env", "sdk", "db", "kv", "sql", "context")
+BODY_PARAMETERS = ("env", "sdk", "db", "kv", "sql", "blobs", "ai", "api", "context")
 """The names a function-body module's code sees (``POST /execute``)."""
 
 
@@ -151,8 +151,8 @@ span lines since 3.12). Over-matching only costs the slower route."""
 
 
 def _compile_body(source: str, path: str) -> types.CodeType:
-    """Compile ``source`` as the body of ``async def main(env, sdk, db, kv, sql, context)``,
-    keeping the user's line numbers; ``await`` and ``return`` work at its top level.
+    """Compile ``source`` as the body of ``async def main(*BODY_PARAMETERS)``, keeping the
+    user's line numbers; ``await`` and ``return`` work at its top level.
 
     Most bodies are compiled as text: a header line, every line of the body indented by a tab,
     and line numbers shifted back by the header. A leading tab moves every line by the same

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from .._errors import SandboxUnavailable
@@ -61,6 +62,13 @@ class WorkerProcess:
     _limited = False  # limit_memory has queued the cgroup attach
     _exited: asyncio.Future[None] | None = None
 
+    @property
+    def _cpu_clock(self) -> int:
+        # The process-wide CPU-time clock of a pid (the kernel's CPUCLOCK_SCHED encoding, as
+        # glibc's clock_getcpuclockid makes it). Another process's per-thread clocks cannot be
+        # read (EINVAL).
+        return ((~self.pid) << 3) | 2
+
     def oom_killed(self) -> bool:
         """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
         return self.cgroup is not None and self.cgroup.oom_killed()
@@ -93,18 +101,15 @@ class WorkerProcess:
         _kill(self.pidfd)
 
     def cpu_ns(self) -> int:
-        """CPU time the worker has used, in nanoseconds (0 once it is gone). Read raw: a text
-        file object costs twice the read (~7 µs), and this runs around every call."""
+        """CPU time the worker's process (all its threads) has used, in nanoseconds; 0 once it
+        is gone (reaped). Read from the process's CPU-time clock: one system call (~1 µs,
+        against ~7 µs to read ``/proc``). Like ``/proc``'s figures, it counts a thread that is
+        running on another CPU only as of its last switch or scheduler tick: a lower bound that
+        lags by at most a tick, exact for a worker that waits."""
         try:
-            fd = os.open(f"/proc/{self.pid}/schedstat", os.O_RDONLY)
+            return time.clock_gettime_ns(self._cpu_clock)
         except OSError:
             return 0
-        try:
-            return int(os.read(fd, 64).split(maxsplit=1)[0])
-        except (OSError, ValueError, IndexError):
-            return 0
-        finally:
-            os.close(fd)
 
     async def stop(self) -> None:
         """Kill the worker (on the sandbox's chores thread) and wait for it to exit; its

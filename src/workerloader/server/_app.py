@@ -60,12 +60,33 @@ class ExecuteRequest(BaseModel):
     language: str = Field(default="python", pattern="^python$")
 
 
+class _BodyTooLarge(Exception):
+    """A request's body grew past ``MAX_BODY_BYTES`` while it was read (no length declared)."""
+
+
+def _too_large() -> JSONResponse:
+    return JSONResponse(
+        {
+            "ok": False,
+            "error": {
+                "type": "PayloadTooLarge",
+                "message": f"bodies are limited to {MAX_BODY_BYTES} bytes",
+            },
+        },
+        413,
+    )
+
+
 class _Front:
     """Plain ASGI in front of FastAPI (Starlette's ``BaseHTTPMiddleware`` costs ~0.3 ms a
-    request): 413 for a body whose declared length is over ``MAX_BODY_BYTES``, and the busy
-    endpoints (the worker fetch proxy, ``POST /execute``) routed straight to their handlers.
-    FastAPI's router and parameter resolution would add ~0.1 ms to each of their requests;
-    their FastAPI routes stay for the OpenAPI document and call the same handlers."""
+    request): 413 for a body over ``MAX_BODY_BYTES``, and the busy endpoints (the worker
+    fetch proxy, ``POST /execute``) routed straight to their handlers. FastAPI's router and
+    parameter resolution would add ~0.1 ms to each of their requests; their FastAPI routes
+    stay for the OpenAPI document and call the same handlers.
+
+    The cap holds for every route and however the body comes: a declared length over it is
+    refused before the body is read, and a body sent without one (chunked) is counted as it
+    arrives and refused once it passes the cap, if no response has started by then."""
 
     def __init__(
         self,
@@ -78,37 +99,55 @@ class _Front:
         self.execute = execute
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
-                    response = JSONResponse(
-                        {
-                            "ok": False,
-                            "error": {
-                                "type": "PayloadTooLarge",
-                                "message": f"bodies are limited to {MAX_BODY_BYTES} bytes",
-                            },
-                        },
-                        413,
-                    )
-                    await response(scope, receive, send)
-                    return
-            # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it
-            parts = scope["path"].split("/", 4)
-            if (
-                len(parts) == 5
-                and parts[1] == "workers"
-                and parts[2]
-                and parts[3] == "fetch"
-                and scope["method"] in FETCH_METHODS
-            ):
-                proxied = await self.fetch(parts[2], parts[4], Request(scope, receive))
-                await proxied(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
+                await _too_large()(scope, receive, send)
                 return
-            if scope["path"] == "/execute" and scope["method"] == "POST":
-                answer = await self.execute(Request(scope, receive))
-                await answer(scope, receive, send)
-                return
+        received = 0
+        started = False
+
+        async def capped_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        async def watched_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self._route(scope, capped_receive, watched_send)
+        except _BodyTooLarge:
+            if started:  # too late for a status: the connection ends without the rest
+                raise
+            await _too_large()(scope, receive, send)
+
+    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+        # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it
+        parts = scope["path"].split("/", 4)
+        if (
+            len(parts) == 5
+            and parts[1] == "workers"
+            and parts[2]
+            and parts[3] == "fetch"
+            and scope["method"] in FETCH_METHODS
+        ):
+            proxied = await self.fetch(parts[2], parts[4], Request(scope, receive))
+            await proxied(scope, receive, send)
+            return
+        if scope["path"] == "/execute" and scope["method"] == "POST":
+            answer = await self.execute(Request(scope, receive))
+            await answer(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -197,8 +236,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     )
     async def execute_code(request: Request) -> JSONResponse:
         """Run ``code`` as the body of an async function with ``env``, ``sdk``, ``db``, ``kv``,
-        ``sql`` and ``context`` in scope; answers ``{"ok", "result" | "error", "logs",
-        "duration_ms", "cpu_ms"}``."""
+        ``sql``, ``blobs``, ``ai``, ``api`` and ``context`` in scope; answers ``{"ok",
+        "result" | "error", "logs", "duration_ms", "cpu_ms"}``."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller

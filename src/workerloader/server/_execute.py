@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import decimal
+import math
 import time
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from .. import Limits, Loader, WorkerCode
 from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
 
-__all__ = ["ExecuteOutcome", "execute"]
+__all__ = ["ExecuteOutcome", "NotJsonError", "execute", "to_json"]
 
 _closing: set[asyncio.Future[None]] = set()  # workers of answered executions, stopping
 
@@ -30,14 +31,26 @@ class ExecuteOutcome:
         self.body = body
 
 
-def to_json(value: object) -> Any:
-    """``value`` as JSON data: tuples and sets as lists, bytes as base64, dates as ISO text."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+class NotJsonError(ValueError):
+    """A result holds a value JSON cannot carry (an infinite or NaN float); the message says
+    where. The caller's code failed to give an answer: 422, never a 500."""
+
+
+def to_json(value: object, where: str = "result") -> Any:
+    """``value`` as JSON data: tuples and sets as lists, bytes as base64, dates as ISO text.
+    Raises NotJsonError, naming ``where`` the value sits, for an infinite or NaN float."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotJsonError(
+                f"{where} is {value!r}, which JSON cannot carry (return it as a string, or None)"
+            )
         return value
     if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
+        return {str(k): to_json(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_json(v) for v in value]
+        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, (dt.datetime, dt.date, dt.time)):

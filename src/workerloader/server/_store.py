@@ -17,6 +17,10 @@ from ..bindings._sqlite import open_database
 
 __all__ = ["ApiKey", "Caller", "ServiceStore"]
 
+_PRUNE_EVERY_S = 60.0
+"""How often request logs older than the retention are deleted (and once at the first flush,
+which the service's periodic flush makes right after it starts)."""
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS api_keys (
         id TEXT PRIMARY KEY,
@@ -88,7 +92,7 @@ class ServiceStore:
         self._conn: sqlite3.Connection = open_database(data_dir / "service.sqlite3")
         self._lock = threading.Lock()
         self.retention_s = retention_s
-        self._writes = 0
+        self._prune_at = 0.0  # monotonic time of the next pruning: the first flush prunes
         # What requests ask on every call, kept until SQLite's data_version says another
         # connection (the CLI) wrote, or this one writes it: a warm fetch then costs a pragma.
         self._seen_version = -1
@@ -268,7 +272,13 @@ class ServiceStore:
 
     def _flush_logs(self) -> None:
         # One transaction for many records: a commit per request cost more than the request.
-        self._flush_at = time.monotonic() + 0.2
+        now = time.monotonic()
+        self._flush_at = now + 0.2
+        if now >= self._prune_at:  # by the clock, so that a quiet service prunes too
+            self._prune_at = now + _PRUNE_EVERY_S
+            self._conn.execute(
+                "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
+            )
         if not self._pending_logs:
             return
         rows, self._pending_logs = self._pending_logs, []
@@ -278,12 +288,6 @@ class ServiceStore:
             "duration_ms, cpu_ms, error_type, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        self._writes += len(rows)
-        if self._writes >= 1000:
-            self._writes = 0
-            self._conn.execute(
-                "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
-            )
         self._conn.execute("COMMIT")
 
     def logs(
