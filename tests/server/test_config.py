@@ -3,11 +3,16 @@ file."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from tests.server.conftest import running
+from workerloader.bindings import HttpGateway
+from workerloader.server import ServerConfig
+from workerloader.server._app import ExecuteLimits
 from workerloader.server._config import load_config
 
 
@@ -51,3 +56,77 @@ def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--config", str(file)])
     assert result.exit_code != 0
     assert "unknown [server] options ['prot']" in result.output
+
+
+def test_limits_and_the_http_gateway_come_from_the_file_and_environment(tmp_path: Path) -> None:
+    file = tmp_path / "workerloader.toml"
+    file.write_text(
+        "[limits]\ncpu_ms = 250\nwall_ms = 9000\n"
+        '[bindings.api]\nallow = ["api.example.com", "*.example.org"]\n'
+    )
+    config, _, _ = load_config(file, {}, environ={"WORKERLOADER_LIMITS_WALL_MS": "4000"})
+    limits = config.execute_limits
+    assert (limits.cpu_ms, limits.memory_mb, limits.wall_ms) == (250, 128, 4000)
+    assert config.api is not None
+    assert config.api._allowed_host("x.example.org")
+    assert not config.api._allowed_host("example.net")
+    env = {"WORKERLOADER_API_ALLOW": "127.0.0.1, localhost"}
+    config, _, _ = load_config(None, {}, environ=env)
+    assert config.api is not None
+    assert config.api._allowed_host("localhost")
+    assert load_config(None, {}, environ={})[0].api is None  # no gateway unless configured
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limit]\ncpu_ms = 1\n", r"unknown sections \['limit'\]"),
+        ("[limits]\ncpu = 1\n", r"unknown \[limits\] options \['cpu'\]"),
+        ("[limits]\ncpu_ms = 0\n", r"^\[limits\] cpu_ms: Input should be greater than"),
+        ("[bindings.api]\nallow = 'x'\n", r"^\[bindings.api\] allow: a list of host patterns$"),
+        ("[bindings.kv]\n", r"unknown \[bindings\] options \['kv'\]"),
+        ("[ai]\nkey = 'sk'\n", r"unknown \[ai\] options \['key'\]"),
+    ],
+)
+def test_a_mistake_in_the_file_is_an_error_naming_it(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    file = tmp_path / "workerloader.toml"
+    file.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(file, {}, environ={})
+
+
+async def test_execute_uses_the_configured_limits_and_gateway(tmp_path: Path) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"from": "loopback"}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    config = ServerConfig(
+        data_dir=tmp_path / "data",
+        pool_size=1,
+        execute_limits=ExecuteLimits(cpu_ms=30),
+        api=HttpGateway(["127.0.0.1"], allow_private=True),
+    )
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end:\n  pass"
+    try:
+        async with running(config) as client:
+            fetched = await client.post(
+                "/execute", json={"code": f"return await api.get('http://127.0.0.1:{port}/')"}
+            )
+            assert fetched.json()["result"] == {"from": "loopback"}
+            limited = await client.post("/execute", json={"code": burn})
+            assert limited.json()["error"]["type"] == "CpuLimitExceeded"
+            allowed = {"code": burn, "limits": {"cpu_ms": 5000}}  # the request's own limit
+            assert (await client.post("/execute", json=allowed)).json()["ok"] is True
+        async with running(ServerConfig(data_dir=tmp_path / "data", pool_size=1)) as client:
+            none = await client.post("/execute", json={"code": "return api is None"})
+            assert none.json()["result"] is True
+    finally:
+        upstream.close()
+        await upstream.wait_closed()

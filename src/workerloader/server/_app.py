@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import Limits, Loader, __version__
-from ..bindings import AiConfig
+from ..bindings import AiConfig, HttpGateway
 from ._execute import execute
 from ._schema import bad_request, json_body
 from ._store import Caller, ServiceStore
@@ -27,6 +27,15 @@ from ._workers import FETCH_METHODS, FetchHandler, workers_router
 __all__ = ["ServerConfig", "create_app"]
 
 MAX_BODY_BYTES = 1 << 20
+
+
+class ExecuteLimits(BaseModel):
+    """Limits of a ``POST /execute`` worker: a request's ``limits`` (and ``timeout_ms``), the
+    rest from the service's defaults (``[limits]`` in its config file)."""
+
+    cpu_ms: int = Field(default=1000, ge=1, le=60_000)
+    memory_mb: int = Field(default=128, ge=16, le=4096)
+    wall_ms: int = Field(default=30_000, ge=1000, le=300_000)
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,11 @@ class ServerConfig:
     ai: AiConfig | None = None
     require_auth: bool = False
     """Refuse anonymous requests even while no API key exists (no dev mode)."""
-
-
-class ExecuteLimits(BaseModel):
-    cpu_ms: int = Field(default=1000, ge=1, le=60_000)
-    memory_mb: int = Field(default=128, ge=16, le=4096)
-    wall_ms: int = Field(default=30_000, ge=1000, le=300_000)
+    execute_limits: ExecuteLimits = field(default_factory=ExecuteLimits)
+    """The limits of ``POST /execute`` workers where a request does not set them."""
+    api: HttpGateway | None = None
+    """The HTTP gateway ``/execute`` code gets as ``api`` (and ``sdk.api``), as do stored
+    workers' ``sdk`` and ``api`` bindings; None: no outbound HTTP."""
 
 
 class ExecuteRequest(BaseModel):
@@ -166,6 +174,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 config.data_dir, retention_s=config.log_retention_s
             )
             state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
+            state["api"] = config.api
 
             async def flush_logs() -> None:  # request logs are written in batches
                 while True:
@@ -260,7 +269,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 },
                 429,
             )
-        requested = body.limits or ExecuteLimits()
+        requested = config.execute_limits
+        if body.limits is not None:  # what the request sets; the service's defaults the rest
+            requested = requested.model_copy(update=body.limits.model_dump(exclude_unset=True))
         limits = Limits(
             cpu_ms=requested.cpu_ms,
             memory_mb=requested.memory_mb,
@@ -271,6 +282,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             user_id=caller.user_id,
             authenticated=caller.authenticated,
             permissions=caller.permissions,
+            api=config.api,
         )
         async with slots:
             outcome = await execute(loader, body.code, limits, sdk)

@@ -17,6 +17,16 @@ beats the default. Every option has one name in each source::
     [ai] embedding_model         WORKERLOADER_AI_EMBEDDING_MODEL
     [ai] api_key_env             (names the variable holding the key: the key itself is never
                                  written in the file)
+    [limits] cpu_ms              WORKERLOADER_LIMITS_CPU_MS        (file or env only)
+    [limits] memory_mb           WORKERLOADER_LIMITS_MEMORY_MB
+    [limits] wall_ms             WORKERLOADER_LIMITS_WALL_MS
+    [bindings.api] allow         WORKERLOADER_API_ALLOW (comma-separated host patterns)
+    [bindings.api] allow_private WORKERLOADER_API_ALLOW_PRIVATE
+
+``[limits]`` are the defaults of ``POST /execute`` workers (a request's ``limits`` and
+``timeout_ms`` override them). ``[bindings.api]`` makes the HTTP gateway that ``/execute`` code
+gets as ``api`` (``sdk.api``) and stored workers get through ``sdk`` and ``api`` bindings; without
+it they have no outbound HTTP. An unknown section or option is an error, not ignored.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..bindings import AiConfig
-from ._app import ServerConfig
+from pydantic import ValidationError
+
+from ..bindings import AiConfig, HttpGateway
+from ._app import ExecuteLimits, ServerConfig
 
 __all__ = ["load_config"]
 
@@ -64,10 +76,9 @@ def load_config(
     if path is not None:
         with open(path, "rb") as f:
             file = tomllib.load(f)
+    _known(path, "", file, {"server", "ai", "limits", "bindings"})
     server = dict(file.get("server", {}))
-    unknown = set(server) - set(_SERVER_OPTIONS)
-    if unknown:
-        raise ValueError(f"{path}: unknown [server] options {sorted(unknown)}")
+    _known(path, "server", server, set(_SERVER_OPTIONS))
     values: dict[str, Any] = {"host": "127.0.0.1", "port": 8787, **server}
     for name, kind in _SERVER_OPTIONS.items():
         variable = f"WORKERLOADER_{name.upper()}"
@@ -90,6 +101,7 @@ def load_config(
             embedding_model=ai.get("embedding_model"),
             api_key=environ.get(key_variable),
         )
+    _known(path, "ai", ai, {"base_url", "model", "embedding_model", "api_key_env"})
     config = ServerConfig(
         data_dir=Path(values.get("data_dir", ".workerloader")),
         insecure=bool(values.get("insecure", False)),
@@ -98,5 +110,51 @@ def load_config(
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
         ai=ai_config,
         require_auth=bool(values.get("auth", False)),
+        execute_limits=_limits(path, dict(file.get("limits", {})), environ),
+        api=_gateway(path, dict(file.get("bindings", {})), environ),
     )
     return config, str(values["host"]), int(values["port"])
+
+
+def _known(path: Path | None, section: str, table: Mapping[str, object], names: set[str]) -> None:
+    unknown = set(table) - names
+    if unknown:
+        where = f"[{section}] options" if section else "sections"
+        raise ValueError(f"{path}: unknown {where} {sorted(unknown)}")
+
+
+def _limits(path: Path | None, table: dict[str, Any], environ: Mapping[str, str]) -> ExecuteLimits:
+    """``POST /execute``'s default limits: the file's ``[limits]``, then the environment."""
+    _known(path, "limits", table, set(ExecuteLimits.model_fields))
+    for name in ExecuteLimits.model_fields:
+        variable = f"WORKERLOADER_LIMITS_{name.upper()}"
+        if variable in environ:
+            table[name] = environ[variable]
+    try:
+        return ExecuteLimits.model_validate(table)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise ValueError(f"[limits] {where}: {problem['msg']}") from None
+
+
+def _gateway(
+    path: Path | None, bindings: dict[str, Any], environ: Mapping[str, str]
+) -> HttpGateway | None:
+    """The HTTP gateway from ``[bindings.api]`` and the environment; None if neither gives
+    hosts to allow."""
+    _known(path, "bindings", bindings, {"api"})
+    api = dict(bindings.get("api", {}))
+    _known(path, "bindings.api", api, {"allow", "allow_private"})
+    if "WORKERLOADER_API_ALLOW" in environ:
+        api["allow"] = [
+            p.strip() for p in environ["WORKERLOADER_API_ALLOW"].split(",") if p.strip()
+        ]
+    if "WORKERLOADER_API_ALLOW_PRIVATE" in environ:
+        api["allow_private"] = _boolean(environ["WORKERLOADER_API_ALLOW_PRIVATE"])
+    allow = api.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(p, str) for p in allow):
+        raise ValueError("[bindings.api] allow: a list of host patterns")
+    if not allow:
+        return None
+    return HttpGateway(allow, allow_private=bool(api.get("allow_private", False)))

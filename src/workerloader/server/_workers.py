@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
+from ..bindings import HttpGateway
 from ._execute import NotJsonError, _error, to_json
 from ._schema import bad_request, json_body
 from ._store import Caller, ServiceStore
@@ -47,7 +48,7 @@ class WorkerLimits(BaseModel):
 class Binding(BaseModel):
     """A binding the worker's ``env`` gets, in the caller's namespace."""
 
-    type: Literal["kv", "sql", "db", "blobs", "sdk", "ai"]
+    type: Literal["kv", "sql", "db", "blobs", "sdk", "ai", "api"]
     read: bool = True
     write: bool = True
 
@@ -131,7 +132,12 @@ def _read_only(caller: Caller) -> JSONResponse | None:
     )
 
 
-def _code(loader: Loader, caller: Caller, definition: WorkerDefinition) -> WorkerCode:
+def _code(
+    loader: Loader,
+    caller: Caller,
+    definition: WorkerDefinition,
+    api: HttpGateway | None = None,
+) -> WorkerCode:
     env: dict[str, object] = dict(definition.env)
     ns = caller.namespace
     can_write = "write" in caller.permissions
@@ -148,12 +154,20 @@ def _code(loader: Loader, caller: Caller, definition: WorkerDefinition) -> Worke
                 env[name] = loader.blobs(ns, read=read, write=write)
             case "ai":
                 env[name] = loader.ai()
+            case "api":
+                if api is None:
+                    raise BadDefinition(
+                        f"bindings[{name!r}] is an HTTP gateway, and this service has none "
+                        "(configure [bindings.api] in its config file)"
+                    )
+                env[name] = api
             case "sdk":
                 env[name] = loader.sdk(
                     ns,
                     user_id=caller.user_id,
                     authenticated=caller.authenticated,
                     permissions=caller.permissions,
+                    api=api,
                 )
     limits = definition.limits
     return WorkerCode(
@@ -212,7 +226,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         # and two namespaces' workers of the same name never share a process.
         key = f"{caller.namespace}/{worker_id}@{stored['version']}"
         return loader.get(
-            key, lambda: _code(loader, caller, WorkerDefinition.model_validate(stored))
+            key,
+            lambda: _code(
+                loader, caller, WorkerDefinition.model_validate(stored), state.get("api")
+            ),
         )
 
     @router.put(
@@ -238,7 +255,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         loader: Loader = state["loader"]
         try:
             check_definition(definition)
-            code = _code(loader, caller, definition)
+            code = _code(loader, caller, definition, state.get("api"))
         except BadDefinition as exc:
             return _bad_request(str(exc))
         try:  # validate now: a broken worker is refused, not stored
