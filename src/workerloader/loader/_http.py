@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json as _json
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 from ..rpc import RpcTarget
@@ -33,13 +33,45 @@ class Request:
 
 class Response(RpcTarget):
     """What a worker's ``fetch`` answered: ``status``, ``headers``, and the body through
-    ``await text()``, ``await json()`` or ``await bytes()``. It crosses to a worker by
-    reference (worker-to-worker fetch), where its properties are read with ``await``."""
+    ``await text()``, ``await json()`` or ``await bytes()``, or chunk by chunk as the worker
+    streams it (``async for chunk in response.chunks()``). It crosses to a worker by reference
+    (worker-to-worker fetch), where its properties are read with ``await``."""
 
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        read: Callable[[], Awaitable[bytes]] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """``read`` (a streamed body) gives its next bytes, ``b""`` at the end; ``release`` is
+        called once the stream is done with, read to the end or not."""
         self._status = status
         self._headers = dict(headers)
         self.body = body
+        self._read = read
+        self._release = release
+
+    @property
+    def streaming(self) -> bool:
+        """True while the body is a stream not yet read (``chunks()`` reads it)."""
+        return self._read is not None
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body's bytes as the worker produces them (all at once if it sent them so).
+        Reads the stream once; leaving early releases it (the worker's generator closes)."""
+        read, self._read = self._read, None
+        if read is None:
+            if self.body:
+                yield self.body
+            return
+        try:
+            while chunk := await read():
+                yield chunk
+        finally:
+            if self._release is not None:
+                self._release()
 
     @property
     def status(self) -> int:
@@ -50,13 +82,15 @@ class Response(RpcTarget):
         return dict(self._headers)
 
     async def bytes(self) -> bytes:
+        if self._read is not None:
+            self.body = b"".join([chunk async for chunk in self.chunks()])
         return self.body
 
     async def text(self) -> str:
-        return self.body.decode()
+        return (await self.bytes()).decode()
 
     async def json(self) -> Any:
-        return _json.loads(self.body)
+        return _json.loads(await self.bytes())
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"

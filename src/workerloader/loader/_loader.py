@@ -273,6 +273,7 @@ class _WireResponse(msgspec.Struct, frozen=True):
     status: int
     headers: dict[str, str]
     body: bytes
+    stream: Any = None  # a streamed body: the worker's stream, read by ``read()``
 
 
 _T = TypeVar("_T")
@@ -456,7 +457,22 @@ class EntrypointStub(rpc.RpcForwarder):
         if not isinstance(value, dict) or "__response__" not in value:
             raise TypeError(f"fetch() must return a workers.Response, not {type(value).__name__}")
         wire = _check(value["__response__"], _WireResponse, "response")
-        return Response(wire.status, wire.headers, wire.body)
+        if wire.stream is None:
+            return Response(wire.status, wire.headers, wire.body)
+        stream = wire.stream
+        if not isinstance(stream, rpc.RpcStub):
+            raise WorkerCrashed("the worker sent a malformed response: its stream is not one")
+        worker = self._stub._worker  # the one that answered: no await since
+
+        async def read() -> bytes:
+            # Each read runs the worker's code (its generator) under the worker's limits.
+            work = stream.read()
+            chunk = await (work if worker is None else worker._watched(work))
+            if not isinstance(chunk, bytes):
+                raise WorkerCrashed("the worker sent a malformed response: a chunk not bytes")
+            return chunk
+
+        return Response(wire.status, wire.headers, b"", read, stream.dispose)
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):

@@ -7,8 +7,10 @@ Mirrors Cloudflare's Python Workers: ``WorkerEntrypoint(ctx, env)`` with a new i
 from __future__ import annotations
 
 import json as _json
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any
+
+from ..rpc import RpcTarget
 
 __all__ = [
     "Context",
@@ -109,11 +111,15 @@ class Request:
 
 
 class Response:
-    """An HTTP response: ``Response(body, status=200, headers=None)``; ``Response.json(data)``."""
+    """An HTTP response: ``Response(body, status=200, headers=None)``; ``Response.json(data)``.
+
+    ``body`` is bytes, text, or an async iterable of either (an async generator, say): then the
+    body streams, each chunk sent to the caller as it is produced, and the caller may read the
+    first chunks before the last one exists."""
 
     def __init__(
         self,
-        body: bytes | str | None = None,
+        body: bytes | str | AsyncIterable[bytes | str] | None = None,
         status: int = 200,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
@@ -121,7 +127,17 @@ class Response:
         self.headers = _headers(headers)
         if isinstance(body, str):
             self.headers.setdefault("content-type", "text/plain;charset=UTF-8")
-        self._body = body.encode() if isinstance(body, str) else (body or b"")
+        self._stream: AsyncIterable[bytes | str] | None = None
+        if body is None or isinstance(body, (bytes, bytearray, str)):
+            pass  # the usual case first: an ABC check costs more
+        elif isinstance(body, AsyncIterable):
+            self._stream, body = body, None
+        else:
+            raise TypeError(
+                "Response body must be bytes, str, or an async iterable of them, "
+                f"not {type(body).__name__}"
+            )
+        self._body = body.encode() if isinstance(body, str) else bytes(body or b"")
 
     @classmethod
     def json(
@@ -131,13 +147,54 @@ class Response:
         return cls(_json.dumps(data), status=status, headers=merged)
 
     async def bytes(self) -> bytes:
+        if self._stream is not None:  # read to its end, once
+            stream, self._stream = _BodyStream(self._stream), None
+            parts = []
+            while chunk := await stream.read():
+                parts.append(chunk)
+            self._body = b"".join(parts)
         return self._body
 
     async def text(self) -> str:
-        return self._body.decode()
+        return (await self.bytes()).decode()
 
     def to_wire(self) -> dict[str, object]:
-        return {"status": self.status, "headers": self.headers, "body": self._body}
+        wire: dict[str, object] = {"status": self.status, "headers": self.headers}
+        if self._stream is not None:  # the caller pulls it: a capability, read chunk by chunk
+            wire["body"] = b""
+            wire["stream"] = _BodyStream(self._stream)
+        else:
+            wire["body"] = self._body
+        return wire
+
+
+class _BodyStream(RpcTarget):
+    """A streamed body as the caller reads it: ``await read()`` gives the next bytes, at most
+    ``_CHUNK_MAX`` at a time (so each fits a message), and ``b""`` at the end. The caller
+    dropping it closes the iterable (an async generator's ``finally`` runs)."""
+
+    def __init__(self, chunks: AsyncIterable[bytes | str]) -> None:
+        self._chunks: AsyncIterator[bytes | str] = aiter(chunks)
+        self._pending = b""
+
+    async def read(self) -> bytes:
+        while not self._pending:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                return b""
+            if isinstance(chunk, str):
+                chunk = chunk.encode()
+            elif not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    f"a streamed body must yield bytes or str, not {type(chunk).__name__}"
+                )
+            self._pending = bytes(chunk)
+        data, self._pending = self._pending[:_CHUNK_MAX], self._pending[_CHUNK_MAX:]
+        return data
+
+
+_CHUNK_MAX = 256 * 1024
 
 
 _outbound: Any = None  # the worker's global_outbound capability, set by the runtime at load

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import Limits, Loader, WorkerCode
@@ -333,6 +333,11 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             {"logs": stub.logs},
             stub.cpu_ms,
         )
+        if response.streaming:
+            # Each chunk goes out as the worker makes it. If the worker fails midway, the
+            # status has gone out already: the connection ends without the body's last chunk,
+            # which is how HTTP tells a client that a body is incomplete.
+            return StreamingResponse(response.chunks(), response.status, headers=response.headers)
         return Response(await response.bytes(), response.status, headers=response.headers)
 
     for http_method in FETCH_METHODS:

@@ -1,0 +1,143 @@
+"""Streamed response bodies: a worker's ``Response`` over an async generator reaches the host
+(``Response.chunks()``) and an HTTP client (the fetch proxy) chunk by chunk, as it is made."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from workerloader import Loader, WorkerCode
+
+MAIN = """
+import asyncio
+from workers import WorkerEntrypoint, Response
+
+released = asyncio.Event()
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        path = request.url.rsplit("/", 1)[1]
+        if path == "count":
+            async def count():
+                for i in range(3):
+                    await asyncio.sleep(0.05)  # each chunk is made later than the last
+                    yield f"{i},"
+            return Response(count(), headers={"content-type": "text/plain"})
+        if path == "big":
+            async def big():
+                for _ in range(12):
+                    yield b"x" * (256 * 1024)
+            return Response(big())
+        if path == "gate":  # one chunk, then waits until the next request opens the gate
+            async def gated():
+                yield b"first,"
+                await gate.wait()
+                yield b"second"
+            return Response(gated())
+        if path == "open":
+            gate.set()
+            return Response("opened")
+        if path == "broken":
+            async def broken():
+                yield b"partial"
+                raise ValueError("the stream broke")
+            return Response(broken())
+        if path == "endless":
+            async def endless():
+                try:
+                    while True:
+                        yield b"."
+                        await asyncio.sleep(0.01)
+                finally:
+                    released.set()
+            return Response(endless())
+        if path == "released":
+            await asyncio.wait_for(released.wait(), 5)
+            return Response("released")
+        if path == "number":
+            return Response(42)
+        return Response("plain")
+
+
+gate = asyncio.Event()
+"""
+
+
+def code() -> WorkerCode:
+    return WorkerCode(main_module="main.py", modules={"main.py": MAIN})
+
+
+@pytest.fixture
+async def loader(tmp_path: Path) -> AsyncIterator[Loader]:
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        yield loader
+
+
+async def test_a_streamed_body_arrives_chunk_by_chunk_as_the_worker_makes_it(
+    loader: Loader,
+) -> None:
+    stub = loader.get("s", code)
+    response = await stub.fetch("https://s/gate")
+    assert response.streaming
+    chunks = response.chunks()
+    assert await anext(chunks) == b"first,"  # while the worker still waits for the gate
+    assert await (await stub.fetch("https://s/open")).text() == "opened"
+    assert [chunk async for chunk in chunks] == [b"second"]
+    counted = await stub.fetch("https://s/count")
+    assert counted.headers["content-type"] == "text/plain"
+    assert await counted.text() == "0,1,2,"
+    assert not counted.streaming
+    big = await (await stub.fetch("https://s/big")).bytes()
+    assert big == b"x" * (12 * 256 * 1024)
+    assert await (await stub.fetch("https://s/plain")).text() == "plain"
+
+
+async def test_a_stream_that_fails_midway_raises_on_the_read(loader: Loader) -> None:
+    response = await loader.get("s", code).fetch("https://s/broken")
+    chunks = response.chunks()
+    assert await anext(chunks) == b"partial"
+    with pytest.raises(ValueError, match="the stream broke"):  # a builtin arrives as itself
+        await anext(chunks)
+
+
+async def test_a_body_of_another_type_is_a_type_error_naming_it(loader: Loader) -> None:
+    with pytest.raises(TypeError, match="not int"):
+        await loader.get("s", code).fetch("https://s/number")
+
+
+async def test_leaving_a_stream_early_closes_the_workers_generator(loader: Loader) -> None:
+    stub = loader.get("s", code)
+    chunks = (await stub.fetch("https://s/endless")).chunks()
+    assert await anext(chunks) == b"."
+    await chunks.aclose()  # the host is done: the worker's generator runs its finally
+    released = await asyncio.wait_for(stub.fetch("https://s/released"), 10)
+    assert await released.text() == "released"
+
+
+async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    stored = await client.put(
+        "/workers/s", json={"main_module": "main.py", "modules": {"main.py": MAIN}}
+    )
+    assert stored.status_code == 200, stored.text
+    async with client.stream("GET", "/workers/s/fetch/gate") as response:
+        assert response.status_code == 200
+        assert response.headers["transfer-encoding"] == "chunked"
+        chunks = response.aiter_raw()
+        assert await anext(chunks) == b"first,"  # sent before the worker made the rest
+        assert (await client.get("/workers/s/fetch/open")).text == "opened"
+        assert b"".join([chunk async for chunk in chunks]) == b"second"
+    big = await client.get("/workers/s/fetch/big")  # bigger than a request body may be
+    assert len(big.content) == 12 * 256 * 1024
+    async with client.stream("GET", "/workers/s/fetch/broken") as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its end
+            await response.aread()
+    assert (await client.get("/workers/s/fetch/plain")).text == "plain"  # all still serve
