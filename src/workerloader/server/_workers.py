@@ -132,6 +132,18 @@ def _read_only(caller: Caller) -> JSONResponse | None:
     )
 
 
+_RPC_BODY = {
+    "anyOf": [
+        {"type": "array", "description": "the arguments"},
+        {
+            "type": "object",
+            "properties": {"args": {"type": "array"}, "kwargs": {"type": "object"}},
+        },
+    ]
+}
+"""The body of ``POST /workers/{id}/rpc/{entrypoint}/{method}``, for the OpenAPI document."""
+
+
 def _code(
     loader: Loader,
     caller: Caller,
@@ -349,7 +361,15 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             operation_id=f"fetch_worker_{http_method.lower()}",
         )
 
-    @router.post("/workers/{worker_id}/rpc/{entrypoint}/{method}")
+    @router.post(
+        "/workers/{worker_id}/rpc/{entrypoint}/{method}",
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": _RPC_BODY}},
+            }
+        },
+    )
     async def rpc_worker(
         worker_id: str, entrypoint: str, method: str, request: Request
     ) -> JSONResponse:
