@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workerloader import Loader, WorkerCode
+from workerloader import Loader, OutputLimitExceeded, WorkerCode
+from workerloader.loader import _http
 
 MAIN = """
 import asyncio
@@ -59,6 +60,14 @@ class Default(WorkerEntrypoint):
         if path == "released":
             await asyncio.wait_for(released.wait(), 5)
             return Response("released")
+        if path == "flood":
+            async def flood():
+                try:
+                    while True:
+                        yield b"y" * 65536
+                finally:
+                    released.set()
+            return Response(flood())
         if path == "number":
             return Response(42)
         return Response("plain")
@@ -108,6 +117,17 @@ async def test_a_stream_that_fails_midway_raises_on_the_read(loader: Loader) -> 
 async def test_a_body_of_another_type_is_a_type_error_naming_it(loader: Loader) -> None:
     with pytest.raises(TypeError, match="not int"):
         await loader.get("s", code).fetch("https://s/number")
+
+
+async def test_reading_an_endless_stream_whole_stops_at_the_cap(
+    loader: Loader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_http, "STREAM_BYTES_MAX", 1 << 20)
+    stub = loader.get("s", code)
+    with pytest.raises(OutputLimitExceeded, match="read it with chunks"):
+        await (await stub.fetch("https://s/flood")).bytes()
+    released = await asyncio.wait_for(stub.fetch("https://s/released"), 10)
+    assert await released.text() == "released"  # the worker's generator was closed
 
 
 async def test_leaving_a_stream_early_closes_the_workers_generator(loader: Loader) -> None:

@@ -6,9 +6,13 @@ import json as _json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
+from .._errors import OutputLimitExceeded
 from ..rpc import RpcTarget
 
-__all__ = ["Request", "Response"]
+__all__ = ["STREAM_BYTES_MAX", "Request", "Response"]
+
+STREAM_BYTES_MAX = 64 << 20
+"""The most of a streamed body ``Response.bytes()`` (and ``text()``, ``json()``) holds."""
 
 
 class Request:
@@ -82,8 +86,24 @@ class Response(RpcTarget):
         return dict(self._headers)
 
     async def bytes(self) -> bytes:
+        """The whole body. A streamed one is read to its end, up to ``STREAM_BYTES_MAX``
+        (OutputLimitExceeded past it: a worker may stream without end, and this holds it
+        all in memory; ``chunks()`` has no such bound)."""
         if self._read is not None:
-            self.body = b"".join([chunk async for chunk in self.chunks()])
+            parts, size = [], 0
+            chunks = self.chunks()
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > STREAM_BYTES_MAX:
+                        raise OutputLimitExceeded(
+                            f"the streamed body is over {STREAM_BYTES_MAX} bytes; read it "
+                            "with chunks() to take more"
+                        )
+                    parts.append(chunk)
+            finally:
+                await chunks.aclose()  # releases the worker's stream now, not when collected
+            self.body = b"".join(parts)
         return self.body
 
     async def text(self) -> str:
