@@ -141,3 +141,16 @@ def test_env_values_are_json_when_they_parse_and_strings_otherwise(tmp_path: Pat
     huge = CliRunner().invoke(cli, [*put, "--env", "BIG=1e999"])
     assert huge.exit_code == 2
     assert "BIG: 1e999 is beyond a float's range" in huge.stderr
+
+
+def test_workers_put_stores_an_api_binding_the_service_will_fill(tmp_path: Path) -> None:
+    source = tmp_path / "site"
+    source.mkdir()
+    (source / "main.py").write_text("async def fetch(request, env, ctx):\n    pass\n")
+    data = tmp_path / "data"
+    put = ["workers", "put", "site", str(source), "--data-dir", str(data), "--binding", "API=api"]
+    result = CliRunner().invoke(cli, put)
+    assert result.exit_code == 0, result.output
+    stored = ServiceStore(data).get_worker("default", "site")
+    assert stored is not None
+    assert stored["bindings"] == {"API": {"type": "api", "read": True, "write": True}}

@@ -94,9 +94,9 @@ class Api(WorkerEntrypoint):
         time.sleep(seconds)
         return "blocked"
 
-    async def burn_and_lie(self, seconds):
+    async def burn_and_lie(self, seconds, claim=0):
         import workerloader.runtime._main as runtime
-        runtime._process_time_ns = lambda: 0  # what the worker tells the host of its CPU
+        runtime._process_time_ns = lambda: claim  # what the worker tells the host of its CPU
         return await self.burn(seconds)
 
     async def unclonable(self):
@@ -402,6 +402,11 @@ async def test_the_stub_tells_each_calls_cpu_time_as_the_host_measured_it(
     # A worker that under-reports is held to the host's own reading, which lags a running
     # process by at most a scheduler tick (4 ms at 250 Hz).
     assert await worker.burn_and_lie(0.08) == "burnt"
+    assert stub.cpu_ms >= 70
+    # Nor can it claim a huge figure to make its later calls look free.
+    assert await worker.burn_and_lie(0.01, 2**62) == "burnt"
+    assert stub.cpu_ms < 40
+    assert await worker.burn_and_lie(0.08, 2**62) == "burnt"
     assert stub.cpu_ms >= 70
 
 

@@ -85,6 +85,10 @@ def test_limits_and_the_http_gateway_come_from_the_file_and_environment(tmp_path
         ("[limits]\ncpu_ms = 0\n", r"^\[limits\] cpu_ms: Input should be greater than"),
         ("[bindings.api]\nallow = 'x'\n", r"^\[bindings.api\] allow: a list of host patterns$"),
         ("[bindings.kv]\n", r"unknown \[bindings\] options \['kv'\]"),
+        (
+            "[bindings.api]\nallow = ['a.com']\nallow_private = 'false'\n",
+            r"^\[bindings.api\] allow_private: true or false",
+        ),
         ("[ai]\nkey = 'sk'\n", r"unknown \[ai\] options \['key'\]"),
     ],
 )
@@ -124,9 +128,22 @@ async def test_execute_uses_the_configured_limits_and_gateway(tmp_path: Path) ->
             assert limited.json()["error"]["type"] == "CpuLimitExceeded"
             allowed = {"code": burn, "limits": {"cpu_ms": 5000}}  # the request's own limit
             assert (await client.post("/execute", json=allowed)).json()["ok"] is True
+            with_api = {
+                "main_module": "main.py",
+                "modules": {"main.py": "async def fetch(request, env, ctx):\n    pass\n"},
+                "bindings": {"API": {"type": "api"}},
+            }
+            assert (await client.put("/workers/w", json=with_api)).status_code == 200
         async with running(ServerConfig(data_dir=tmp_path / "data", pool_size=1)) as client:
             none = await client.post("/execute", json={"code": "return api is None"})
             assert none.json()["result"] is True
+            # Stored while the service had a gateway; it has none now: a 422 that says so.
+            fetched = await client.get("/workers/w/fetch/")
+            assert fetched.status_code == 422
+            assert fetched.json()["error"]["type"] == "BadDefinition"
+            refused = await client.put("/workers/w2", json=with_api)
+            assert refused.status_code == 400
+            assert "[bindings.api]" in refused.json()["error"]["message"]
     finally:
         upstream.close()
         await upstream.wait_closed()

@@ -10,14 +10,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workerloader import Loader, OutputLimitExceeded, WorkerCode
+from workerloader import (
+    CpuLimitExceeded,
+    Limits,
+    Loader,
+    OutputLimitExceeded,
+    WallTimeExceeded,
+    WorkerCode,
+)
 from workerloader.loader import _http
 
 MAIN = """
-import asyncio
+import asyncio, time
 from workers import WorkerEntrypoint, Response
 
 released = asyncio.Event()
+made = 0  # chunks the endless stream has made
 
 
 class Default(WorkerEntrypoint):
@@ -50,13 +58,17 @@ class Default(WorkerEntrypoint):
             return Response(broken())
         if path == "endless":
             async def endless():
+                global made
                 try:
                     while True:
+                        made += 1
                         yield b"."
                         await asyncio.sleep(0.01)
                 finally:
                     released.set()
             return Response(endless())
+        if path == "made":
+            return Response(str(made))
         if path == "released":
             await asyncio.wait_for(released.wait(), 5)
             return Response("released")
@@ -68,6 +80,20 @@ class Default(WorkerEntrypoint):
                 finally:
                     released.set()
             return Response(flood())
+        if path == "burn":  # each chunk takes 0.1 s of CPU
+            async def burn():
+                for _ in range(20):
+                    end = time.process_time() + 0.1
+                    while time.process_time() < end:
+                        pass
+                    yield b"b"
+            return Response(burn())
+        if path == "slow":  # each chunk takes 0.3 s
+            async def slow():
+                for _ in range(20):
+                    await asyncio.sleep(0.3)
+                    yield b"s"
+            return Response(slow())
         if path == "number":
             return Response(42)
         return Response("plain")
@@ -77,8 +103,8 @@ gate = asyncio.Event()
 """
 
 
-def code() -> WorkerCode:
-    return WorkerCode(main_module="main.py", modules={"main.py": MAIN})
+def code(limits: Limits | None = None) -> WorkerCode:
+    return WorkerCode(main_module="main.py", modules={"main.py": MAIN}, limits=limits or Limits())
 
 
 @pytest.fixture
@@ -112,6 +138,35 @@ async def test_a_stream_that_fails_midway_raises_on_the_read(loader: Loader) -> 
     assert await anext(chunks) == b"partial"
     with pytest.raises(ValueError, match="the stream broke"):  # a builtin arrives as itself
         await anext(chunks)
+
+
+@pytest.mark.parametrize(
+    ("path", "error"), [("burn", CpuLimitExceeded), ("slow", WallTimeExceeded)]
+)
+async def test_a_stream_is_held_to_the_limits_of_the_fetch_that_answered_it(
+    loader: Loader, path: str, error: type[Exception]
+) -> None:
+    # 20 chunks of 0.1 s CPU (or 0.3 s of waiting) each: within limits one by one, not in all
+    stub = loader.get("s", lambda: code(Limits(cpu_ms=500, wall_ms=1500)))
+    response = await stub.fetch(f"https://s/{path}")
+    got = []
+
+    async def read_all() -> None:
+        async for chunk in response.chunks():
+            got.append(chunk)
+
+    with pytest.raises(error):
+        await read_all()
+    assert 2 <= len(got) < 10
+
+
+async def test_a_streams_cpu_is_the_responses_not_the_next_calls(loader: Loader) -> None:
+    stub = loader.get("s", lambda: code(Limits(cpu_ms=5000)))
+    response = await stub.fetch("https://s/burn")
+    assert await response.text() == "b" * 20
+    assert response.cpu_ms >= 1900
+    await stub.fetch("https://s/plain")
+    assert stub.cpu_ms < 100
 
 
 async def test_a_body_of_another_type_is_a_type_error_naming_it(loader: Loader) -> None:
@@ -161,3 +216,9 @@ async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
         with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its end
             await response.aread()
     assert (await client.get("/workers/s/fetch/plain")).text == "plain"  # all still serve
+    head = await client.head("/workers/s/fetch/endless")  # no body goes out, none is made
+    assert head.status_code == 200
+    await asyncio.sleep(0.2)
+    assert (await client.get("/workers/s/fetch/made")).text == "0"
+    logged = [(r["status"], r["cpu_ms"] > 0) for r in (await client.get("/logs")).json()["logs"]]
+    assert (200, True) in logged

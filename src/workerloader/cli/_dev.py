@@ -87,6 +87,10 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                 )
                 try:
                     response = await stub.fetch(forwarded)
+                    # A streamed body is read here, whole (a dev server need not stream): a
+                    # worker that fails midway is then answered like any other failure.
+                    body_bytes = b"" if request.method == "HEAD" else await response.bytes()
+                    response.discard()
                 except Exception as exc:
                     status, body = _failure(exc)  # re-raises what is not the worker's doing
                     for line in body["logs"]:
@@ -102,7 +106,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                     return JSONResponse(body, status)
                 for line in stub.logs:
                     click.echo(f"[log] {line}")
-                return Response(await response.bytes(), response.status, headers=response.headers)
+                return Response(body_bytes, response.status, headers=response.headers)
 
             server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
             await server.serve()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._errors import WorkerloaderError, WorkerLoadError
+from ..bindings import HttpGateway
 from ..server._store import ServiceStore
 from ..server._workers import (
     _ID,
@@ -234,7 +235,10 @@ def put_worker(
     async def check() -> None:
         async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
             caller = Caller(None, namespace, False)
-            stub = await loader.load(_code(loader, caller, definition))
+            # An "api" binding is the serving service's HTTP gateway, which its config makes:
+            # a gateway that allows nothing stands in, so that the code loads as it will there.
+            code = _code(loader, caller, definition, HttpGateway([]))
+            stub = await loader.load(code)
             await stub.aclose()
 
     try:

@@ -8,11 +8,14 @@ from typing import Any
 
 from .._errors import OutputLimitExceeded
 from ..rpc import RpcTarget
+from ..runtime._main import SESSION_LIMITS
 
 __all__ = ["STREAM_BYTES_MAX", "Request", "Response"]
 
-STREAM_BYTES_MAX = 64 << 20
-"""The most of a streamed body ``Response.bytes()`` (and ``text()``, ``json()``) holds."""
+STREAM_BYTES_MAX = SESSION_LIMITS.max_frame_bytes - (64 << 10)
+"""The most of a streamed body ``Response.bytes()`` (and ``text()``, ``json()``) holds: what one
+message carries, as for a body sent whole, so that a worker reading another's body this way
+gets OutputLimitExceeded rather than an oversized message."""
 
 
 class Request:
@@ -56,11 +59,21 @@ class Response(RpcTarget):
         self.body = body
         self._read = read
         self._release = release
+        self.cpu_ms = 0.0
+        """CPU time the worker used making this response: its fetch call's, and, once a
+        streamed body has been read (or discarded), the stream's as well."""
 
     @property
     def streaming(self) -> bool:
         """True while the body is a stream not yet read (``chunks()`` reads it)."""
         return self._read is not None
+
+    def discard(self) -> None:
+        """Release a streamed body without reading it (the worker's generator closes)."""
+        self._read = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body's bytes as the worker produces them (all at once if it sent them so).
@@ -74,8 +87,7 @@ class Response(RpcTarget):
             while chunk := await read():
                 yield chunk
         finally:
-            if self._release is not None:
-                self._release()
+            self.discard()
 
     @property
     def status(self) -> int:
@@ -88,7 +100,7 @@ class Response(RpcTarget):
     async def bytes(self) -> bytes:
         """The whole body. A streamed one is read to its end, up to ``STREAM_BYTES_MAX``
         (OutputLimitExceeded past it: a worker may stream without end, and this holds it
-        all in memory; ``chunks()`` has no such bound)."""
+        all in memory; ``chunks()`` reads any length, within the fetch's limits)."""
         if self._read is not None:
             parts, size = [], 0
             chunks = self.chunks()

@@ -64,6 +64,22 @@ _INSECURE_NOTICE = (
 )
 
 
+class _Budget:
+    """What a call has used of its limits: when it started, and the CPU clock reading its CPU
+    is counted from (set at the watchdog's first tick)."""
+
+    __slots__ = ("cpu_base", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.cpu_base: list[int] = []
+
+
+_CPU_SLACK_NS = 10_000_000
+"""How far above the host's reading of a worker's CPU clock the worker's own may be taken: a
+scheduler tick at 100 Hz, the slowest common one (this machine's is 250 Hz)."""
+
+
 class _Worker:
     """A running worker: its process, its session, and what killed it (if something did)."""
 
@@ -80,6 +96,7 @@ class _Worker:
         self.deadline: float | None = None  # monotonic end of the current call's wall time
         self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
         self.cpu_mark_ns = 0  # the process's CPU time when it was handed out or a call ended
+        self.last_budget: _Budget | None = None  # the limits' state of the latest call
         self.cpu_seen_ns = 0  # the latest reading of it (the watchdog's, if the process died)
         self._spin_pauses: list[SpinPause] = []  # first calls (or loads) holding the loop's spin
         session.admit = self._admit
@@ -152,18 +169,25 @@ class _Worker:
             )
         self.load_report = None
 
-    async def _watched(self, work: Awaitable[_T]) -> _T:
+    async def _watched(self, work: Awaitable[_T], budget: _Budget | None = None) -> _T:
         """Run ``work`` (waiting on the worker) under the cpu and wall limits.
 
         A watchdog wakes every 5 ms while the call runs: calls shorter than that cost no
-        /proc reads. CPU is counted from the first tick, plus the tick interval itself (the
-        most the call can have used before it), so a limit can trip at most 5 ms early.
+        CPU clock reads. CPU is counted from the first tick, plus the tick interval itself
+        (the most the call can have used before it), so a limit can trip at most 5 ms early.
+
+        ``budget`` continues the limits of an earlier call (a streamed response's reads share
+        the one of the fetch that answered it: its wall time, CPU and binding calls); without
+        one, the call gets a fresh budget, left in ``last_budget``.
         """
         self.last_used = time.monotonic()
         limits = self.limits
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        cpu_base: list[int] = []
+        fresh = budget is None
+        if budget is None:
+            budget = self.last_budget = _Budget(loop.time())
+        started = budget.started
+        cpu_base = budget.cpu_base
         handle: asyncio.TimerHandle | None = None
 
         def tick() -> None:
@@ -179,9 +203,9 @@ class _Worker:
                 handle = loop.call_later(_CPU_POLL_S, tick)
 
         handle = loop.call_later(_CPU_POLL_S, tick)
-        if not self.active_calls:
+        if fresh and not self.active_calls:
             self.subrequests = 0
-        self.deadline = time.monotonic() + limits.wall_ms / 1000
+        self.deadline = time.monotonic() + limits.wall_ms / 1000 - (loop.time() - started)
         self.active_calls += 1
         self.idle.clear()
         try:
@@ -210,13 +234,15 @@ class _Worker:
         loading its code). Calls in flight at once each count all of it.
 
         ``reported`` is the process's own CPU clock as the worker read it when it answered
-        (None if it did not answer). The host's reading of that clock lags while the worker
-        still runs (see ``WorkerProcess.cpu_ns``), so the worker's is taken, but never below
-        the host's: a worker that lies can hide at most a scheduler tick of CPU per call. A
-        process gone meanwhile counts up to the watchdog's last reading."""
-        now = max(self.process.cpu_ns(), self.cpu_seen_ns, self.cpu_mark_ns)
+        (None if it did not answer). The host's reading of that clock lags a worker that still
+        runs by up to a scheduler tick (see ``WorkerProcess.cpu_ns``), so the worker's figure
+        is taken, held between the host's reading and a tick above it: a worker that lies
+        moves at most ``_CPU_SLACK_NS`` of CPU per call from one call to the next. A process
+        gone meanwhile counts up to the watchdog's last reading."""
+        host = max(self.process.cpu_ns(), self.cpu_seen_ns, self.cpu_mark_ns)
+        now = host
         if isinstance(reported, int) and not isinstance(reported, bool):
-            now = max(now, reported)
+            now = min(max(host, reported), host + _CPU_SLACK_NS)
         used = now - self.cpu_mark_ns
         self.cpu_mark_ns = self.cpu_seen_ns = now
         return used
@@ -458,21 +484,32 @@ class EntrypointStub(rpc.RpcForwarder):
             raise TypeError(f"fetch() must return a workers.Response, not {type(value).__name__}")
         wire = _check(value["__response__"], _WireResponse, "response")
         if wire.stream is None:
-            return Response(wire.status, wire.headers, wire.body)
+            plain = Response(wire.status, wire.headers, wire.body)
+            plain.cpu_ms = self._stub.cpu_ms
+            return plain
         stream = wire.stream
         if not isinstance(stream, rpc.RpcStub):
             raise WorkerCrashed("the worker sent a malformed response: its stream is not one")
-        worker = self._stub._worker  # the one that answered: no await since
+        # The worker that answered, and the fetch's budget (no await since): the reads run the
+        # worker's code (its generator) under what is left of the fetch's limits.
+        worker = self._stub._worker
+        budget = worker.last_budget if worker is not None else None
 
         async def read() -> bytes:
-            # Each read runs the worker's code (its generator) under the worker's limits.
             work = stream.read()
-            chunk = await (work if worker is None else worker._watched(work))
+            chunk = await (work if worker is None else worker._watched(work, budget))
             if not isinstance(chunk, bytes):
                 raise WorkerCrashed("the worker sent a malformed response: a chunk not bytes")
             return chunk
 
-        return Response(wire.status, wire.headers, b"", read, stream.dispose)
+        def release() -> None:
+            stream.dispose()
+            if worker is not None:  # the stream's CPU is this response's, not the next call's
+                response.cpu_ms += worker.count_cpu(None) / 1e6
+
+        response = Response(wire.status, wire.headers, b"", read, release)
+        response.cpu_ms = self._stub.cpu_ms
+        return response
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):

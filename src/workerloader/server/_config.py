@@ -155,6 +155,9 @@ def _gateway(
     allow = api.get("allow", [])
     if not isinstance(allow, list) or not all(isinstance(p, str) for p in allow):
         raise ValueError("[bindings.api] allow: a list of host patterns")
+    allow_private = api.get("allow_private", False)
+    if not isinstance(allow_private, bool):  # "false" would be true
+        raise ValueError("[bindings.api] allow_private: true or false (a TOML boolean)")
     if not allow:
         return None
-    return HttpGateway(allow, allow_private=bool(api.get("allow_private", False)))
+    return HttpGateway(allow, allow_private=allow_private)

@@ -6,7 +6,7 @@ import base64
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -203,8 +203,8 @@ def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
         return 504, body
     if isinstance(exc, WorkerCrashed):
         return 502, body
-    if isinstance(exc, WorkerloaderError) or type(exc).__module__ == "builtins":
-        return 422, body
+    if isinstance(exc, (WorkerloaderError, BadDefinition)) or type(exc).__module__ == "builtins":
+        return 422, body  # BadDefinition: a stored binding this service cannot give (any more)
     raise exc
 
 
@@ -335,21 +335,33 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             status, body = _failure(exc)
             _log(state, caller, "fetch", worker_id, status, started, body, stub.cpu_ms)
             return JSONResponse(body, status)
-        _log(
-            state,
-            caller,
-            "fetch",
-            worker_id,
-            response.status,
-            started,
-            {"logs": stub.logs},
-            stub.cpu_ms,
-        )
+        logs = {"logs": stub.logs}
+        if response.streaming and request.method == "HEAD":
+            response.discard()  # no body goes out: the worker need not make one
         if response.streaming:
-            # Each chunk goes out as the worker makes it. If the worker fails midway, the
-            # status has gone out already: the connection ends without the body's last chunk,
-            # which is how HTTP tells a client that a body is incomplete.
-            return StreamingResponse(response.chunks(), response.status, headers=response.headers)
+
+            async def streamed() -> AsyncIterator[bytes]:
+                # Each chunk goes out as the worker makes it, within the fetch's limits. If the
+                # worker fails midway, the status has gone out: the connection ends without
+                # the body's last chunk, which is how HTTP tells a client that a body is
+                # incomplete. Logged once the stream is done, with its CPU.
+                try:
+                    async for chunk in response.chunks():
+                        yield chunk
+                finally:
+                    _log(
+                        state,
+                        caller,
+                        "fetch",
+                        worker_id,
+                        response.status,
+                        started,
+                        logs,
+                        response.cpu_ms,
+                    )
+
+            return StreamingResponse(streamed(), response.status, headers=response.headers)
+        _log(state, caller, "fetch", worker_id, response.status, started, logs, response.cpu_ms)
         return Response(await response.bytes(), response.status, headers=response.headers)
 
     for http_method in FETCH_METHODS:
