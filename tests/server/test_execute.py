@@ -140,3 +140,16 @@ async def test_a_result_json_cannot_carry_is_422_naming_where(
     error = response.json()["error"]
     assert error["type"] == "NotJsonError"
     assert error["message"].startswith(f"{where} is ")
+
+
+async def test_the_callers_context_is_data_the_code_may_return(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/execute", json={"code": "return context"})).json()
+    assert body["result"] == {
+        "user_id": None,
+        "namespace": "default",
+        "authenticated": False,
+        "permissions": ["read", "write"],
+    }
+    code = "return [context.namespace, context['namespace'], context.permissions]"
+    body = (await client.post("/execute", json={"code": code})).json()
+    assert body["result"] == ["default", "default", ["read", "write"]]

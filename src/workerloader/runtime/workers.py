@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json as _json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..rpc import RpcTarget
 
@@ -219,26 +219,43 @@ async def fetch(
     return Response(wire["body"], status=wire["status"], headers=wire["headers"])
 
 
-class CallerContext:
-    """``sdk.context``: who the caller is, as the host bound it (read-only)."""
+class CallerContext(dict[str, Any]):
+    """``sdk.context``: who the caller is, as the host bound it: ``context.namespace`` (or
+    ``context["namespace"]``), ``user_id``, ``authenticated`` and ``permissions``. A dict, so
+    it is data: ``return context`` answers it. Changing it changes nothing the host checks."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
-        self.user_id: str | None = data.get("user_id")
-        self.namespace: str = data.get("namespace", "default")
-        self.authenticated: bool = bool(data.get("authenticated", False))
         permissions = data.get("permissions", ())
-        self.permissions: tuple[str, ...] | dict[str, tuple[str, ...]] = (
-            {k: tuple(v) for k, v in permissions.items()}
-            if isinstance(permissions, Mapping)
-            else tuple(permissions)
+        super().__init__(
+            user_id=data.get("user_id"),
+            namespace=data.get("namespace", "default"),
+            authenticated=bool(data.get("authenticated", False)),
+            permissions=(
+                {k: tuple(v) for k, v in permissions.items()}
+                if isinstance(permissions, Mapping)
+                else tuple(permissions)
+            ),
         )
+
+    @property
+    def user_id(self) -> str | None:
+        return cast("str | None", self["user_id"])
+
+    @property
+    def namespace(self) -> str:
+        return cast(str, self["namespace"])
+
+    @property
+    def authenticated(self) -> bool:
+        return cast(bool, self["authenticated"])
+
+    @property
+    def permissions(self) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
         """("read", "write")-style for every store, or per store."""
+        return cast("tuple[str, ...] | dict[str, tuple[str, ...]]", self["permissions"])
 
     def __repr__(self) -> str:
-        return (
-            f"CallerContext(user_id={self.user_id!r}, namespace={self.namespace!r}, "
-            f"authenticated={self.authenticated}, permissions={self.permissions})"
-        )
+        return f"CallerContext({dict.__repr__(self)})"
 
 
 class Api:
