@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -242,7 +242,9 @@ def test_spin_zero_does_not_spin_until_set_spin_turns_it_on() -> None:
         loop.close()
 
 
-def test_spin_paused_blocks_instead_of_polling_and_nests(monkeypatch: pytest.MonkeyPatch) -> None:
+def count_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Awaitable[int]]:
+    """Count the loop's non-blocking selects (its spin); the returned coroutine function
+    sleeps 5 ms and says how many happened meanwhile."""
     polls = 0
     plain_select = selectors.EpollSelector.select
 
@@ -260,6 +262,12 @@ def test_spin_paused_blocks_instead_of_polling_and_nests(monkeypatch: pytest.Mon
         await asyncio.sleep(0.005)
         return polls - before
 
+    return polls_during_a_sleep
+
+
+def test_spin_paused_blocks_instead_of_polling_and_nests(monkeypatch: pytest.MonkeyPatch) -> None:
+    polls_during_a_sleep = count_polls(monkeypatch)
+
     async def main() -> list[int]:
         spinning = await polls_during_a_sleep()
         with _loop.spin_paused():
@@ -275,6 +283,28 @@ def test_spin_paused_blocks_instead_of_polling_and_nests(monkeypatch: pytest.Mon
     assert after > 10
     assert nested <= 1
     assert paused <= 1
+
+
+def test_spin_unless_blocks_while_busy_and_undo_restores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    polls_during_a_sleep = count_polls(monkeypatch)
+
+    async def main() -> list[int]:
+        busy = True
+        undo = _loop.spin_unless(lambda: busy)
+        while_busy = await polls_during_a_sleep()
+        busy = False
+        while_idle = await polls_during_a_sleep()
+        busy = True
+        undo()
+        undone = await polls_during_a_sleep()
+        return [while_busy, while_idle, undone]
+
+    while_busy, while_idle, undone = _loop.run(main(), spin_us=20_000)
+    assert while_busy <= 1
+    assert while_idle > 10
+    assert undone > 10
 
 
 def test_spin_paused_is_harmless_on_a_plain_loop() -> None:

@@ -41,7 +41,7 @@ from ..bindings import (
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
 from ..bindings._sqlite import call_deadline, open_database
-from ..rpc._loop import SpinPause, spin_paused
+from ..rpc._loop import SpinPause, spin_paused, spin_unless
 from ..runtime._main import SESSION_LIMITS
 from ..runtime.workers import WorkerEntrypoint
 from ..sandbox import Sandbox, WorkerProcess
@@ -581,6 +581,8 @@ class Loader:
         self._reaper: asyncio.Task[None] | None = None
         self._evicting: set[asyncio.Task[None]] = set()  # LRU evictions waiting for calls
         self._stopping: set[asyncio.Task[None]] = set()  # workers being stopped
+        self._forgetting = 0  # workers being stopped by _forget
+        self._unspin: Callable[[], None] = lambda: None
         self._workers: set[_Worker] = set()  # every running worker, cached or not
         self._stores_cache: _Stores | None = None
         self.exports = Exports()
@@ -594,7 +596,18 @@ class Loader:
         await self._sandbox.start()
         self._reaper = asyncio.ensure_future(self._reap_idle())
         self._refill_soon()
+        # The host's loop spins only while no worker is being started or stopped: that work
+        # needs the CPU a spin would take (on a service's warm traffic it is idle, and the spin
+        # catches the next request). Measured in the service, alternating a 600 µs spin under
+        # this condition with an unconditional 200 µs one (three rounds each): cold POST
+        # /execute p50 2.22 against 2.25 ms from one client, 370 against 357/s on four.
+        self._unspin = spin_unless(self._busy_in_background)
         return self
+
+    def _busy_in_background(self) -> bool:
+        """True while workers are being started (the ready queue refills) or stopped."""
+        refilling = self._refilling is not None and not self._refilling.done()
+        return refilling or bool(self._stopping) or self._forgetting > 0
 
     def _take_ready(self) -> tuple[WorkerProcess, rpc.RpcSession] | None:
         """A fresh worker with its session open, from the ready queue (None if it is empty);
@@ -642,6 +655,7 @@ class Loader:
     async def aclose(self) -> None:
         """Stop every worker and the sandbox. Safe to call twice."""
         self._closing = True
+        self._unspin()
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
@@ -663,7 +677,11 @@ class Loader:
 
     async def _forget(self, worker: _Worker) -> None:
         self._workers.discard(worker)
-        await worker.aclose()
+        self._forgetting += 1
+        try:
+            await worker.aclose()
+        finally:
+            self._forgetting -= 1
 
     def _stop_soon(self, stopping: Awaitable[None]) -> None:
         """Stop a worker in the background; ``aclose`` waits for it."""

@@ -25,6 +25,7 @@ __all__ = [
     "run",
     "set_spin",
     "spin_paused",
+    "spin_unless",
 ]
 
 DEFAULT_SPIN_US = 200
@@ -100,6 +101,21 @@ def set_spin(spin_us: int, when: Callable[[], bool] | None = None) -> None:
     if isinstance(selector, _SpinningSelector):
         selector._spin_ns = max(spin_us, 0) * 1000
         selector._when = when
+
+
+def spin_unless(busy: Callable[[], bool]) -> Callable[[], None]:
+    """Make the running loop (if ``new_event_loop`` made it, with no condition of its own yet)
+    not spin while ``busy()`` is true: for a process whose background work (starting and
+    stopping workers) needs the CPU a spin would take. Returns the undo."""
+    selector = getattr(asyncio.get_running_loop(), "_selector", None)
+    if not isinstance(selector, _SpinningSelector) or selector._when is not None:
+        return lambda: None
+    selector._when = lambda: not busy()
+
+    def undo() -> None:
+        selector._when = None
+
+    return undo
 
 
 class SpinPause:
