@@ -155,7 +155,6 @@ class WorkerRuntime(rpc.RpcTarget):
                 "file": None,
                 "line": None,
             }
-        self.streaming = _monotonic() - self._answered_at < _STREAM_GAP_S
         log = _CallLog(self._log_cap)
         _calls.set(log)
         try:
@@ -222,6 +221,7 @@ class WorkerRuntime(rpc.RpcTarget):
         kwargs: dict[str, Any],
         props: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
+        self.streaming = _monotonic() - self._answered_at < _STREAM_GAP_S
         log = _CallLog(self._log_cap)
         # Set, not reset by token: the first step of this coroutine runs in the RPC driver's
         # context and the rest, if it suspends, in a task's copy of it.
