@@ -30,11 +30,16 @@ class WorkerCgroup:
         self._owner = owner
         self._oom_base = 0
         self._limit = -1  # the limit last written
+        # Its control files' names, made once: a cgroup serves many workers, and joining
+        # pathlib paths for every one of them costs more than the system calls.
+        v2 = owner.v2
+        self._procs = str(path / "cgroup.procs")
+        self._limit_file = str(path / ("memory.max" if v2 else "memory.limit_in_bytes"))
+        self._events = str(path / ("memory.events" if v2 else "memory.oom_control"))
 
     def _oom_kills(self) -> int:
-        name = "memory.events" if self._owner.v2 else "memory.oom_control"
         try:
-            for line in _read(self.path / name).splitlines():
+            for line in _read(self._events).splitlines():
                 key, _, value = line.partition(b" ")
                 if key == b"oom_kill":
                     return int(value)
@@ -102,10 +107,9 @@ class MemoryCgroups:
                     with contextlib.suppress(OSError):
                         _write(path / "memory.swap.max", b"0")
             if cgroup._limit != limit_bytes:  # a reused cgroup often has it already
-                limit_file = "memory.max" if self.v2 else "memory.limit_in_bytes"
-                _write(path / limit_file, str(limit_bytes).encode())
+                _write(cgroup._limit_file, str(limit_bytes).encode())
                 cgroup._limit = limit_bytes
-            _write(path / "cgroup.procs", str(pid).encode())
+            _write(cgroup._procs, str(pid).encode())
         except OSError:
             with contextlib.suppress(OSError):
                 path.rmdir()
@@ -113,7 +117,7 @@ class MemoryCgroups:
         return cgroup
 
     def _release(self, cgroup: WorkerCgroup) -> None:
-        if not _read(cgroup.path / "cgroup.procs").strip():
+        if not _read(cgroup._procs).strip():
             cgroup._oom_base = cgroup._oom_kills()  # final: no process is left to be killed
             with self._lock:
                 if len(self._free) < _KEEP:
@@ -151,7 +155,7 @@ def _remove_abandoned(parent: Path) -> None:
 # object costs more than the system call it wraps.
 
 
-def _read(path: Path) -> bytes:
+def _read(path: str | Path) -> bytes:
     """The file's content; b"" if it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -165,7 +169,7 @@ def _read(path: Path) -> bytes:
         os.close(fd)
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a control file in one call; OSError if the kernel refuses it."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:

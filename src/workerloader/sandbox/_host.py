@@ -261,11 +261,13 @@ class Sandbox:
                         if not waiter.done():  # may fire again, or after a cancellation
                             waiter.set_result(None)
 
-                    loop.add_reader(ctrl, readable)
+                    # By number: the selector's lookup of a socket object formats its repr
+                    # (several system calls) whenever it is not registered yet.
+                    loop.add_reader(ctrl.fileno(), readable)
                     try:
                         await waiter
                     finally:
-                        loop.remove_reader(ctrl)
+                        loop.remove_reader(ctrl.fileno())
         if not msg:
             raise SandboxUnavailable("the zygote has exited")
         for level, kind, data in ancdata:
