@@ -20,6 +20,7 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RpcError as RpcError
 from ._errors import SandboxUnavailable as SandboxUnavailable
 from ._errors import SessionClosed as SessionClosed
+from ._errors import SubrequestLimitExceeded as SubrequestLimitExceeded
 from ._errors import WallTimeExceeded as WallTimeExceeded
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WorkerError as WorkerError
@@ -95,6 +96,7 @@ __all__ = [
     "RpcTarget",
     "SandboxUnavailable",
     "SessionClosed",
+    "SubrequestLimitExceeded",
     "WallTimeExceeded",
     "WorkerCode",
     "WorkerCrashed",

@@ -23,7 +23,8 @@
     │   ├── CpuLimitExceeded
     │   ├── MemoryLimitExceeded
     │   ├── WallTimeExceeded
-    │   └── OutputLimitExceeded
+    │   ├── OutputLimitExceeded
+    │   └── SubrequestLimitExceeded
     └── RpcError                           the session itself is in trouble
         ├── ProtocolError                  the peer broke the protocol; the session is aborted
         ├── SessionClosed                  the session ended (peer gone, aborted, closed);
@@ -51,6 +52,7 @@ __all__ = [
     "RpcError",
     "SandboxUnavailable",
     "SessionClosed",
+    "SubrequestLimitExceeded",
     "WallTimeExceeded",
     "WorkerCrashed",
     "WorkerError",
@@ -166,6 +168,10 @@ class WallTimeExceeded(LimitExceeded):
 
 class OutputLimitExceeded(LimitExceeded):
     """The call wrote more output than ``Limits.output_bytes``."""
+
+
+class SubrequestLimitExceeded(LimitExceeded):
+    """The call made more binding calls to the host than ``Limits.subrequests``."""
 
 
 class FrameTooLarge(RpcError):

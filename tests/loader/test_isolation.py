@@ -134,6 +134,9 @@ class Tenant(WorkerEntrypoint):
         b = bytearray(2 * 1024**3)
         return len(b)
 
+    async def big_answer(self):
+        return "x" * (40 * 1024**2)  # fits in memory, its encoded copies do not
+
     async def keep_allocating(self):
         while True:
             try:
@@ -327,6 +330,7 @@ async def test_a_fork_bomb_fails_at_the_first_fork_and_the_worker_lives_on(
 
 LIMIT_CASES = [
     pytest.param("memory_bomb", {"memory_mb": 64}, MemoryLimitExceeded, id="memory-bomb"),
+    pytest.param("big_answer", {"memory_mb": 64}, MemoryLimitExceeded, id="answer-too-big"),
     pytest.param(
         "keep_allocating", {"cpu_ms": 200, "memory_mb": 64}, LimitExceeded, id="memoryerror-loop"
     ),

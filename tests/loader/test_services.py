@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from workerloader import Limits, Loader, WorkerCode, WorkerEntrypoint
+from workerloader import (
+    LimitExceeded,
+    Limits,
+    Loader,
+    SubrequestLimitExceeded,
+    WorkerCode,
+    WorkerEntrypoint,
+)
 
 MAIN = """
 from workers import WorkerEntrypoint, Response, sdk
@@ -55,6 +62,16 @@ class Api(WorkerEntrypoint):
         for _ in range(n):
             await sdk.kv.get("k")
         return n
+
+    async def kv_gets_swallowing(self, n, catch):
+        caught = []
+        for _ in range(n):
+            try:
+                await sdk.kv.get("k")
+            except (BaseException if catch == "BaseException" else Exception) as exc:
+                caught.append(type(exc).__name__)
+        print("caught", caught)
+        return caught
 """
 
 
@@ -124,8 +141,27 @@ async def test_binding_calls_count_toward_the_subrequest_limit(loader: Loader) -
     stub = api(loader, "w", {"SDK": sdk}, subrequests=10)
     assert await stub.many_kv_gets(10) == 10  # the limit is per call: each call starts at 0
     assert await stub.many_kv_gets(10) == 10
-    with pytest.raises(Exception, match=r"more than 10 binding calls \(Limits.subrequests\)"):
+    with pytest.raises(
+        SubrequestLimitExceeded, match=r"more than 10 binding calls \(Limits.subrequests\)"
+    ) as info:
         await stub.many_kv_gets(11)
+    assert isinstance(info.value, LimitExceeded)
+    assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("catch", ["Exception", "BaseException"])
+async def test_the_subrequest_limit_fails_the_call_whatever_the_code_catches(
+    loader: Loader, catch: str
+) -> None:
+    stub = api(loader, "w", {"SDK": loader.sdk("t")}, subrequests=3)
+    with pytest.raises(SubrequestLimitExceeded) as info:
+        await stub.kv_gets_swallowing(5, catch)
+    if catch == "BaseException":  # the code went on, and what it printed reaches the caller
+        assert info.value.logs == [  # type: ignore[attr-defined]
+            "caught ['SubrequestLimitExceeded', 'SubrequestLimitExceeded']"
+        ]
+    # The worker that went over is gone: a fresh one answers the next call.
+    assert await stub.kv_gets_swallowing(3, catch) == []
 
 
 async def test_a_long_query_ends_at_the_calling_workers_deadline(loader: Loader) -> None:

@@ -115,6 +115,38 @@ class Api(WorkerEntrypoint):
             except BaseException:
                 pass
         return "survived"
+
+    async def warn_again(self):
+        warnings.warn("again")
+        return "warned"
+
+    async def exit(self, how):
+        print("leaving")
+        if how == "sys.exit":
+            import sys
+            sys.exit(3)
+        raise KeyboardInterrupt
+
+    async def leave_running(self, how):
+        async def spin():
+            await asyncio.sleep(0.05)
+            end = time.process_time() + 60
+            while time.process_time() < end:
+                pass
+        if how == "wait_until":
+            self.ctx.wait_until(spin())
+        else:
+            asyncio.get_running_loop().create_task(spin())
+        return "answered"
+
+    async def leave_briefly(self):
+        async def work():
+            await asyncio.sleep(0.05)
+            end = time.process_time() + 0.02
+            while time.process_time() < end:
+                pass
+        self.ctx.wait_until(work())
+        return "answered"
 """
 
 
@@ -428,6 +460,29 @@ async def test_print_logging_and_warnings_appear_in_the_stubs_logs(loader: Loade
     ]
 
 
+async def test_each_call_shows_its_own_warnings(loader: Loader) -> None:
+    stub = loader.get("w", api_code)
+    line = MAIN.splitlines().index('        warnings.warn("again")') + 1
+    for _ in range(3):  # Python's "default" action alone would show it on the first call only
+        assert await api(stub).warn_again() == "warned"
+        assert stub.logs == [f"main.py:{line}: UserWarning: again"]
+
+
+@pytest.mark.parametrize(
+    ("how", "error"), [("sys.exit", "SystemExit: 3"), ("raise", "KeyboardInterrupt: ")]
+)
+async def test_sys_exit_in_a_call_fails_the_call_not_the_worker(
+    loader: Loader, how: str, error: str
+) -> None:
+    stub = loader.get("w", api_code)
+    assert await api(stub).count() == 1
+    with pytest.raises(WorkerError, match=exact(error)) as info:
+        await api(stub).exit(how)
+    assert info.value.logs == ["leaving"]
+    assert "in exit" in info.value.traceback
+    assert await api(stub).count() == 2  # the same warm worker
+
+
 async def test_an_exception_carries_what_was_printed_before_it(loader: Loader) -> None:
     stub = loader.get("w", api_code)
     with pytest.raises(ValueError, match=BAD) as builtin:
@@ -522,6 +577,37 @@ async def test_a_worker_busy_in_a_call_is_not_idle(tmp_path: Path) -> None:
         assert await api(loader.get("w", api_code)).block(1.0) == "blocked"
 
 
+async def test_entrypoints_imported_into_the_main_module_are_exported(loader: Loader) -> None:
+    app = (
+        "from workers import WorkerEntrypoint\n"
+        "class Default(WorkerEntrypoint):\n"
+        "    async def hello(self):\n"
+        "        return 'default'\n"
+        "class Calculator(WorkerEntrypoint):\n"
+        "    async def add(self, a, b):\n"
+        "        return a + b\n"
+    )
+    main = "from app import Default, Calculator\nfrom app import Calculator as _Hidden\n"
+    stub = await loader.load(
+        WorkerCode(main_module="main.py", modules={"main.py": main, "app.py": app})
+    )
+    assert await stub.get_entrypoint().hello() == "default"
+    assert await stub.get_entrypoint("Calculator").add(2, 3) == 5
+    with pytest.raises(
+        LookupError, match=r"no entrypoint '_Hidden' \(it exports \['Default', 'Calculator'\]\)"
+    ):
+        await stub.get_entrypoint("_Hidden").add(2, 3)
+
+
+async def test_a_main_module_without_an_entrypoint_is_a_load_error(loader: Loader) -> None:
+    with pytest.raises(
+        WorkerLoadError,
+        match=r"^main.py: ValueError: the main module exports no entrypoint: define class "
+        r"Default\(WorkerEntrypoint\)",
+    ):
+        await loader.load(WorkerCode(main_module="main.py", modules={"main.py": "x = 1\n"}))
+
+
 async def test_load_raises_load_errors_eagerly_and_returns_a_working_stub(loader: Loader) -> None:
     with pytest.raises(WorkerLoadError, match=exact("main.py:2: SyntaxError: invalid syntax")):
         await loader.load(WorkerCode(main_module="main.py", modules={"main.py": "x = 1\ndef (\n"}))
@@ -563,6 +649,65 @@ async def test_output_over_the_limit_fails_the_call_even_if_base_exception_is_sw
     stub = loader.get("w", lambda: api_code(output_bytes=1000))
     with pytest.raises(OutputLimitExceeded):
         await api(stub).flood_swallowing_everything()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["wait_until", "create_task"])
+async def test_work_left_running_after_a_call_is_held_to_cpu_ms(loader: Loader, how: str) -> None:
+    stub = loader.get("w", lambda: api_code(cpu_ms=100))
+    assert await api(stub).count() == 1
+    assert await api(stub).leave_running(how) == "answered"
+    worker = stub._worker
+    assert worker is not None
+    await _until(lambda: not _alive(worker.process.pid))
+    assert await api(stub).count() == 1  # a fresh worker, which says why
+    assert stub.logs == [
+        "[workerloader] a fresh worker: the last one was stopped: work left running after a "
+        "call (ctx.wait_until, a task) used more than 100 ms of CPU"
+    ]
+
+
+async def test_work_left_running_within_cpu_ms_is_left_alone(loader: Loader) -> None:
+    stub = loader.get("w", lambda: api_code(cpu_ms=100))
+    for _ in range(3):  # 20 ms of CPU after each call
+        assert await api(stub).leave_briefly() == "answered"
+        await asyncio.sleep(0.3)
+    assert await api(stub).count() == 1
+    assert stub.logs == []
+
+
+async def test_an_uncached_worker_stops_when_its_stub_is_dropped(loader: Loader) -> None:
+    stub = loader.get(None, api_code)
+    assert await api(stub).count() == 1
+    assert stub._worker is not None
+    pid = stub._worker.process.pid
+    del stub
+    gc.collect()
+    await _until(lambda: not _alive(pid) and not loader._workers)
+
+
+async def test_an_uncached_worker_is_stopped_after_the_idle_ttl(tmp_path: Path) -> None:
+    async with Loader(tmp_path / "data", pool_size=2, idle_ttl_s=0.3) as loader:
+        stub = await loader.load(api_code())
+        assert await api(stub).count() == 1
+        assert stub._worker is not None
+        pid = stub._worker.process.pid
+        await _until(lambda: not _alive(pid))
+        assert await api(stub).count() == 1  # held, the stub starts a fresh one
 
 
 async def test_lru_eviction_lets_a_call_in_flight_finish(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import re
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,13 +18,13 @@ import msgspec
 
 from .. import rpc
 from .._errors import (
-    BindingError,
     CpuLimitExceeded,
     DataCloneError,
     LimitExceeded,
     MemoryLimitExceeded,
     OutputLimitExceeded,
     SessionClosed,
+    SubrequestLimitExceeded,
     WallTimeExceeded,
     WorkerCrashed,
     WorkerError,
@@ -76,6 +77,12 @@ class _Budget:
 
 
 _CPU_SLACK_NS = 10_000_000
+_BETWEEN_CALLS_POLL_S = 0.1
+_BETWEEN_CALLS_RECENT_S = 10.0
+_BETWEEN_CALLS_ALL_EVERY = 10
+"""CPU a worker uses between calls is read every ``_BETWEEN_CALLS_POLL_S`` for
+``_BETWEEN_CALLS_RECENT_S`` after its last call, and every ``_BETWEEN_CALLS_ALL_EVERY`` polls
+after that (one clock read per worker: ~1 ms per poll with 1,000 live workers)."""
 """How far above the host's reading of a worker's CPU clock the worker's own may be taken: a
 scheduler tick at 100 Hz, the slowest common one (this machine's is 250 Hz)."""
 
@@ -99,6 +106,9 @@ class _Worker:
         self.last_budget: _Budget | None = None  # the limits' state of the latest call
         self.cpu_seen_ns = 0  # the latest reading of it (the watchdog's, if the process died)
         self._spin_pauses: list[SpinPause] = []  # first calls (or loads) holding the loop's spin
+        self.limit_hit: LimitExceeded | None = None  # a limit the host refused a call over
+        self.uncached = False  # made by get(None, ...) or load(): no id, no LRU slot
+        self.loaded_cpu_ns = 0  # the process's CPU time once load() saw its code loaded
         session.admit = self._admit
 
     def _admit(self, event: object) -> None:
@@ -112,10 +122,15 @@ class _Worker:
             self._spin_pauses.pop().end()
         call_deadline.set(self.deadline)  # copied into the task that runs this binding call
         if self.subrequests > self.limits.subrequests:
-            raise BindingError(
-                f"this call made more than {self.limits.subrequests} binding calls "
+            # Raised in the worker (where ``except Exception`` does not catch it); the call
+            # fails with it whatever the code does then (see WorkerStub._call).
+            hit = SubrequestLimitExceeded(
+                f"the call made more than {self.limits.subrequests} binding calls "
                 "(Limits.subrequests)"
             )
+            if self.limit_hit is None:
+                self.limit_hit = hit
+            raise hit
 
     @property
     def busy(self) -> bool:
@@ -140,6 +155,7 @@ class _Worker:
         did not."""
         with self._spin_paused():  # as for a first call
             await self._watched(self._check_load())
+        self.loaded_cpu_ns = self.process.cpu_ns()  # loading is no work left running
 
     @contextlib.contextmanager
     def _spin_paused(self) -> Iterator[None]:
@@ -205,6 +221,7 @@ class _Worker:
         handle = loop.call_later(_CPU_POLL_S, tick)
         if fresh and not self.active_calls:
             self.subrequests = 0
+            self.limit_hit = None
         self.deadline = time.monotonic() + limits.wall_ms / 1000 - (loop.time() - started)
         self.active_calls += 1
         self.idle.clear()
@@ -246,6 +263,16 @@ class _Worker:
         used = now - self.cpu_mark_ns
         self.cpu_mark_ns = self.cpu_seen_ns = now
         return used
+
+    def raise_limit_hit(self, logs: list[str]) -> None:
+        """If the host refused something of the call over a limit (``limit_hit``), fail the
+        call with it, with its ``logs``, and stop the worker (calls in flight on it too)."""
+        hit = self.limit_hit
+        if hit is not None:
+            self._kill(hit)
+            exc = type(hit)(*hit.args)
+            exc.logs = logs  # type: ignore[attr-defined]
+            raise exc
 
     def _kill(self, reason: LimitExceeded) -> None:
         if self.killed_by is None:
@@ -361,6 +388,7 @@ class WorkerStub:
         self._starting: asyncio.Task[_Worker] | None = None
         self.logs: list[str] = []
         """Output of the most recent call through this stub."""
+        self._notice: str | None = None  # for the next call's logs
         self.cpu_ms = 0.0
         """CPU time of the most recent call through this stub, in milliseconds, whatever its
         outcome: what the worker's process used since its previous call ended, so a first call
@@ -378,8 +406,14 @@ class WorkerStub:
 
     async def _running(self) -> _Worker:
         worker = self._worker
-        if worker is not None and not worker.session.closed:
+        if worker is not None and not worker.session.closed and worker.killed_by is None:
             return worker
+        if worker is not None and worker.killed_by is not None and not worker.busy:
+            # Stopped between calls (see Loader._watch_between_calls): the next call says so.
+            self._notice = (
+                f"[workerloader] a fresh worker: the last one was stopped: {worker.killed_by}"
+            )
+            self._worker = None
         if self._starting is None or self._starting.done():
             code = self._factory()
             ready = self._loader._take_ready()
@@ -414,6 +448,10 @@ class WorkerStub:
         worker.load_report = load_report
         self._loader._workers.add(worker)
         self._worker = worker
+        if self._id is None:
+            # No id holds it: it ends with this stub (or its idle TTL, or the loader).
+            worker.uncached = True
+            weakref.finalize(self, self._loader._drop_soon, worker)
         # The cgroup is a backstop above RLIMIT_AS (room for the interpreter's own pages too),
         # attached by the chores thread. Queued once the first call has gone out too: waking
         # that thread costs this one a wake-up on another CPU, and the worker loads meanwhile.
@@ -430,13 +468,22 @@ class WorkerStub:
                 raw = await worker.call(method, *args)
             except DataCloneError as exc:
                 raise _as_the_callers(exc) from None
+            except MemoryError:  # the worker's process ran out as it encoded its answer
+                raise MemoryLimitExceeded(
+                    f"the worker ran out of its {worker.limits.memory_mb} MB of memory "
+                    "sending its answer"
+                ) from None
             finally:
                 reported = raw.get("cpu_ns") if isinstance(raw, dict) else None
                 self.cpu_ms = worker.count_cpu(reported) / 1e6
             envelope = _check(raw, _Envelope, "answer")
+            if self._notice is not None:
+                envelope.logs.insert(0, self._notice)
+                self._notice = None
             if self._loader._sandbox.insecure:
                 envelope.logs.insert(0, _INSECURE_NOTICE)
             self.logs = envelope.logs
+            worker.raise_limit_hit(envelope.logs)
             return _unwrap(envelope)
         except (LimitExceeded, WorkerCrashed, WorkerLoadError):
             # Whatever ended the call, the worker does not serve another: the next call starts
@@ -497,7 +544,13 @@ class EntrypointStub(rpc.RpcForwarder):
 
         async def read() -> bytes:
             work = stream.read()
-            chunk = await (work if worker is None else worker._watched(work, budget))
+            if worker is None:
+                chunk = await work
+            else:
+                try:
+                    chunk = await worker._watched(work, budget)
+                finally:
+                    worker.raise_limit_hit([])
             if not isinstance(chunk, bytes):
                 raise WorkerCrashed("the worker sent a malformed response: a chunk not bytes")
             return chunk
@@ -509,6 +562,8 @@ class EntrypointStub(rpc.RpcForwarder):
 
         response = Response(wire.status, wire.headers, b"", read, release)
         response.cpu_ms = self._stub.cpu_ms
+        # While its stream can be read, the stub (so an uncached worker) lives on.
+        response._stub = self._stub  # type: ignore[attr-defined]
         return response
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
@@ -579,6 +634,8 @@ class Loader:
         self._closing = False
         self._stubs: OrderedDict[str, WorkerStub] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._evicting: set[asyncio.Task[None]] = set()  # LRU evictions waiting for calls
         self._stopping: set[asyncio.Task[None]] = set()  # workers being stopped
         self._forgetting = 0  # workers being stopped by _forget
@@ -594,7 +651,9 @@ class Loader:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._closing = False
         await self._sandbox.start()
+        self._loop = asyncio.get_running_loop()
         self._reaper = asyncio.ensure_future(self._reap_idle())
+        self._watcher = asyncio.ensure_future(self._watch_between_calls())
         self._refill_soon()
         # The host's loop spins only while no worker is being started or stopped: that work
         # needs the CPU a spin would take (on a service's warm traffic it is idle, and the spin
@@ -656,9 +715,10 @@ class Loader:
         """Stop every worker and the sandbox. Safe to call twice."""
         self._closing = True
         self._unspin()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
+        for task in (self._reaper, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._reaper = self._watcher = None
         if self._refilling is not None:
             self._refilling.cancel()
             with contextlib.suppress(BaseException):
@@ -816,10 +876,53 @@ class Loader:
             self._stores_cache = _Stores(self.data_dir)
         return self._stores_cache
 
+    def _drop_soon(self, worker: _Worker) -> None:
+        """Stop an uncached worker whose stub is gone (the garbage collector calls this, in
+        whatever thread collected the stub)."""
+        loop = self._loop
+        if loop is None or self._closing:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(self._drop, worker)
+
+    def _drop(self, worker: _Worker) -> None:
+        if worker in self._workers and not self._closing:
+            self._stop_soon(self._forget(worker))
+
+    async def _watch_between_calls(self) -> None:
+        """Hold work a worker leaves running after its calls (``ctx.wait_until``, a task) to
+        its ``cpu_ms`` too: CPU used since its last call ended past that (and the slack of a
+        call's CPU figure, for the runtime's own) stops the worker, and the stub's next call
+        gets a fresh one, with a log line saying why."""
+        polls = 0
+        while True:
+            await asyncio.sleep(_BETWEEN_CALLS_POLL_S)
+            polls += 1
+            every = polls % _BETWEEN_CALLS_ALL_EVERY == 0
+            recent = time.monotonic() - _BETWEEN_CALLS_RECENT_S
+            for worker in list(self._workers):
+                if worker.busy or worker.killed_by is not None:
+                    continue
+                if not every and worker.last_used < recent:
+                    continue
+                since = max(worker.cpu_mark_ns, worker.loaded_cpu_ns)
+                used_ns = worker.process.cpu_ns() - since
+                if used_ns > worker.limits.cpu_ms * 1_000_000 + _CPU_SLACK_NS:
+                    worker._kill(
+                        CpuLimitExceeded(
+                            "work left running after a call (ctx.wait_until, a task) used "
+                            f"more than {worker.limits.cpu_ms} ms of CPU"
+                        )
+                    )
+                    self._stop_soon(self._forget(worker))
+
     async def _reap_idle(self) -> None:
         while True:
             await asyncio.sleep(min(self.idle_ttl_s, 10.0))
             now = time.monotonic()
+            for uncached in [w for w in self._workers if w.uncached]:  # in no stub of _stubs
+                if not uncached.busy and now - uncached.last_used > self.idle_ttl_s:
+                    await self._forget(uncached)
             for worker_id, stub in list(self._stubs.items()):
                 worker = stub._worker
                 if (

@@ -22,6 +22,7 @@ from .._errors import (
     ProtocolError,
     RemoteError,
     SessionClosed,
+    SubrequestLimitExceeded,
     WorkerloaderError,
 )
 from . import _wire
@@ -113,7 +114,22 @@ _CROSSABLE: Final[dict[str, type[BaseException]]] = {
     "workerloader.FrameTooLarge": FrameTooLarge,
     "workerloader.PermissionDenied": PermissionDenied,
     "workerloader.BindingError": BindingError,
+    "workerloader.SubrequestLimitExceeded": SubrequestLimitExceeded,
 }
+_RECEIVED_AS: dict[str, type[BaseException]] = {}
+
+
+def receive_error_as(name: str, cls: type[BaseException]) -> None:
+    """In this process, raise a received error of type ``name`` as ``cls``: the worker
+    runtime's limit errors are ``BaseException`` there, which user code's ``except Exception``
+    does not swallow."""
+    _RECEIVED_AS[name] = cls
+
+
+def answered_errors() -> tuple[type[BaseException], ...]:
+    """What a call may raise for its caller to be told (a ``Reject``): any ``Exception``, and
+    the errors ``receive_error_as`` made, passing back through the call that received them."""
+    return (Exception, *_RECEIVED_AS.values())
 
 
 def error_to_wire(exc: BaseException, debug: bool) -> tuple[str, str, str | None]:
@@ -138,7 +154,7 @@ def error_to_wire(exc: BaseException, debug: bool) -> tuple[str, str, str | None
 def error_from_wire(error: tuple[str, str, str | None]) -> BaseException:
     """The local exception for a received ``[type, message, traceback]`` triple."""
     name, message, tb = error
-    cls = _CROSSABLE.get(name)
+    cls = _RECEIVED_AS.get(name) or _CROSSABLE.get(name)
     if cls is None and "." not in name:
         candidate = getattr(builtins, name, None)
         if isinstance(candidate, type) and issubclass(candidate, Exception):
@@ -477,8 +493,10 @@ class Session:
         if answer.pulled and not answer.released and self._state != _CLOSED:
             try:
                 self._send_resolve(answer_id, value)
-            except (DataCloneError, FrameTooLarge) as exc:
-                self._fail_answer(answer, answer_id, exc)
+            except Exception as exc:
+                # It cannot cross, is too large, or ran this process out of memory as it was
+                # encoded: the caller learns which (an unsent answer would leave it waiting).
+                self._fail_answer(answer, answer_id, exc.with_traceback(None))
                 self._pump()
                 return
         answer.done = True
@@ -776,8 +794,8 @@ class Session:
             return
         try:
             self._send_resolve(answer_id, answer.value)
-        except (DataCloneError, FrameTooLarge) as exc:
-            self._send(Reject(answer_id, error_to_wire(exc, self.debug)))
+        except Exception as exc:  # as in resolve
+            self._send(Reject(answer_id, error_to_wire(exc.with_traceback(None), self.debug)))
 
     def _on_release(self, cap_id: int, count: int) -> None:
         if cap_id > 0:

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Final, cast
 
 from .._errors import DataCloneError, SessionClosed
-from ._core import Closed, Evaluate, Raised, Returned, Session
+from ._core import Closed, Evaluate, Raised, Returned, Session, answered_errors
 from ._dispatch import evaluate
 from ._limits import RpcLimits
 from ._stubs import RpcPromise, RpcStub
@@ -305,7 +305,7 @@ class RpcSession(asyncio.BufferedProtocol):
             if inspect.isawaitable(result):
                 self._spawn(answer_id, result)
                 return
-        except Exception as exc:
+        except answered_errors() as exc:
             self._session.reject(answer_id, exc)
             return
         if self._may_send():
@@ -336,7 +336,7 @@ class RpcSession(asyncio.BufferedProtocol):
                 yielded = coro.send(None)
             except StopIteration as stop:
                 self._session.resolve(answer_id, stop.value)
-            except Exception as exc:
+            except answered_errors() as exc:
                 self._session.reject(answer_id, exc)
             else:  # cannot happen for such code; handled all the same
                 self._spawn(answer_id, _resume(coro, yielded))
@@ -353,7 +353,7 @@ class RpcSession(asyncio.BufferedProtocol):
         except StopIteration as stop:
             self._session.resolve(answer_id, stop.value)
             return
-        except Exception as exc:
+        except answered_errors() as exc:
             self._session.reject(answer_id, exc)
             return
         finally:
@@ -383,7 +383,7 @@ class RpcSession(asyncio.BufferedProtocol):
                 self._session.reject(answer_id, RuntimeError("the call was cancelled"))
                 self._after_answer()
             raise
-        except Exception as exc:
+        except answered_errors() as exc:
             self._session.reject(answer_id, exc)
         else:
             await self._writable()

@@ -85,9 +85,16 @@ _decoder: Final = msgspec.msgpack.Decoder(Message, ext_hook=_no_extensions)
 
 
 def encode_frame(message: Message) -> bytes:
-    """Encode one message as a length-prefixed frame (the caller checks the size limit)."""
-    body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
+    """Encode one message as a length-prefixed frame (the caller checks the size limit).
+
+    Raises MemoryError if the process runs out of memory meanwhile. Encoded into a buffer:
+    msgspec's ``encode`` crashed the process (SIGSEGV) when growing its output failed under
+    RLIMIT_AS (a 30 MB string, 64 MB allowed), where ``encode_into`` raises MemoryError.
+    """
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(message, frame, HEADER.size)
+    HEADER.pack_into(frame, 0, len(frame) - HEADER.size)
+    return bytes(frame)  # one copy, as the header's concatenation took before
 
 
 def decode_message(body: bytes | memoryview) -> Message:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from .. import rpc
+from ..rpc._core import receive_error_as
 from ..rpc._loop import new_event_loop, renew_descriptors, run, set_spin
 from . import _execute, workers
 from ._modules import ModuleMap
@@ -60,6 +61,15 @@ _calls: contextvars.ContextVar[_CallLog | None] = contextvars.ContextVar("worker
 class OutputLimitExceeded(BaseException):
     """Raised inside the worker when a call prints more than its cap; ``except Exception`` in
     user code cannot swallow it."""
+
+
+class SubrequestLimitExceeded(BaseException):
+    """Raised inside the worker by a binding call over the call's ``Limits.subrequests`` (the
+    host refused it); ``except Exception`` in user code cannot swallow it, and the host fails
+    the call whatever the code does with it."""
+
+
+_LIMIT_ERRORS = (OutputLimitExceeded, SubrequestLimitExceeded)
 
 
 class _CallLog:
@@ -182,17 +192,28 @@ class WorkerRuntime(rpc.RpcTarget):
             _execute.Execute._body = module
             self._entrypoints[None] = _execute.Execute
             return None
+        # The main module's public names are its exports, wherever the class was defined
+        # (``from app import Calculator`` exports Calculator, as a re-export does in JS).
         for attr, value in vars(module).items():
             if (
-                inspect.isclass(value)
+                not attr.startswith("_")
+                and inspect.isclass(value)
                 and issubclass(value, workers.WorkerEntrypoint)
                 and value is not workers.WorkerEntrypoint
-                and value.__module__ == name
             ):
                 self._entrypoints[None if attr == "Default" else attr] = value
         fetch = getattr(module, "fetch", None)
         if None not in self._entrypoints and inspect.iscoroutinefunction(fetch):
             self._entrypoints[None] = fetch
+        if not self._entrypoints:
+            return {
+                "type": "ValueError",
+                "message": "the main module exports no entrypoint: define class "
+                "Default(WorkerEntrypoint), a module-level async def fetch(request, env, ctx), "
+                "or named WorkerEntrypoint classes",
+                "file": main,
+                "line": None,
+            }
         return None
 
     async def invoke(
@@ -222,6 +243,10 @@ class WorkerRuntime(rpc.RpcTarget):
         props: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         self.streaming = _monotonic() - self._answered_at < _STREAM_GAP_S
+        # Each call shows its own warnings (the "default" action prints one per place once per
+        # process): the marks of what was shown expire when the filters change, and re-adding
+        # the runtime's own filter in place (no change at all) tells the module so.
+        warnings.simplefilter("default", append=True)
         log = _CallLog(self._log_cap)
         # Set, not reset by token: the first step of this coroutine runs in the RPC driver's
         # context and the rest, if it suspends, in a task's copy of it.
@@ -232,7 +257,8 @@ class WorkerRuntime(rpc.RpcTarget):
             if isinstance(value, workers.Response):
                 value = {"__response__": value.to_wire()}
             envelope: dict[str, Any] = {"value": value}
-        except (Exception, OutputLimitExceeded) as exc:
+        except (Exception, *_LIMIT_ERRORS, SystemExit, KeyboardInterrupt) as exc:
+            # sys.exit() in a call ends the call, not the worker: its caller gets the error.
             user_files = self._modules.user_files() if self._modules else set()
             envelope = {"error": _error_dict(exc, user_files)}
         finally:
@@ -367,6 +393,7 @@ def prepare() -> None:
     and the per-call output streams, and run the warm-up once here, so that every worker
     inherits its effects (imports done, code specialized) instead of repeating them."""
     sys.modules["workers"] = workers
+    receive_error_as("workerloader.SubrequestLimitExceeded", SubrequestLimitExceeded)
     _install_streams()
     warm_up()
 
