@@ -41,6 +41,7 @@ from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
 from ._pack import pack_hot_code  # noqa: E402
 from ._prefault import Runs, learn_first_call, populate  # noqa: E402
+from ._uids import next_free_uid  # noqa: E402
 
 POOL_SIZE = int(os.environ.get("WORKERLOADER_POOL", "8"))
 INSECURE = os.environ.get("WORKERLOADER_INSECURE") == "1"
@@ -51,7 +52,6 @@ NICE = int(os.environ.get("WORKERLOADER_NICE", "0"))
 worker the host's own priority as it hands it out."""
 os.environ.clear()  # read once; workers inherit an empty environment
 _LOW_WATER = POOL_SIZE // 2  # refill in batches from here (see prefork)
-_UID_FIRST, _UID_COUNT = 1000, 60000
 _NAMESPACES = (
     sc.CLONE_NEWUSER
     | sc.CLONE_NEWNET
@@ -78,6 +78,8 @@ class _Zygote:
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pool: deque[tuple[socket.socket, int]] = deque()
         self.next_uid = 0
+        self.worker_uids: dict[int, int] = {}  # pid -> uid of each worker not yet reaped
+        self.uids_in_use: set[int] = set()  # their values
         self.first_call_pages: Runs = []  # copied by each worker (see _prefault)
 
     def prefork(self, count: int = 1) -> None:
@@ -91,8 +93,7 @@ class _Zygote:
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
         pids = []
         for _, worker_end in pairs:
-            uid = _UID_FIRST + self.next_uid
-            self.next_uid = (self.next_uid + 1) % _UID_COUNT
+            uid, self.next_uid = next_free_uid(self.next_uid, self.uids_in_use)
             if not INSECURE:
                 sc.unshare(sc.CLONE_NEWPID)
             pid = os.fork()
@@ -101,6 +102,8 @@ class _Zygote:
             if not INSECURE:
                 sc.setns(self.own_pidns, sc.CLONE_NEWPID)
             pids.append(pid)
+            self.worker_uids[pid] = uid
+            self.uids_in_use.add(uid)
         for (host_end, worker_end), pid in zip(pairs, pids, strict=True):
             worker_end.close()
             self.pool.append((host_end, os.pidfd_open(pid)))
@@ -181,6 +184,7 @@ class _Zygote:
                 return
             if pid == 0:
                 return
+            self.uids_in_use.discard(self.worker_uids.pop(pid, -1))
 
 
 def _warn(message: str) -> None:
