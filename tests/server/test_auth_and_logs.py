@@ -164,3 +164,36 @@ def test_records_past_the_retention_are_pruned_without_waiting_for_traffic(
     conn = sqlite3.connect(tmp_path / "service.sqlite3")
     assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (0,)
     conn.close()
+
+
+async def test_a_warm_stored_worker_never_serves_one_caller_with_anothers_grants(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    writer = {"authorization": f"Bearer {store.create_key('ada', 'team-a').secret}"}
+    reader = {"authorization": f"Bearer {store.create_key('rob', 'team-a', ('read',)).secret}"}
+    main = (
+        "from workers import WorkerEntrypoint, sdk\n"
+        "class Info(WorkerEntrypoint):\n"
+        "    async def put(self, value):\n"
+        "        await self.env.KV.put('k', value)\n"
+        "        return value\n"
+        "    async def who(self):\n"
+        "        return [sdk.context.user_id, sdk.context.permissions]\n"
+    )
+    definition = {
+        "main_module": "main.py",
+        "modules": {"main.py": main},
+        "bindings": {"KV": {"type": "kv"}, "SDK": {"type": "sdk"}},
+    }
+    assert (await client.put("/workers/w", json=definition, headers=writer)).status_code == 200
+    for first, second in ((writer, reader), (reader, writer)):  # whoever warms it up first
+        await client.post("/workers/w/rpc/Info/who", json=[], headers=first)
+        who = await client.post("/workers/w/rpc/Info/who", json=[], headers=second)
+        expected = ["ada", ["read", "write"]] if second is writer else ["rob", ["read"]]
+        assert who.json()["result"] == expected
+    put = await client.post("/workers/w/rpc/Info/put", json=["by-reader"], headers=reader)
+    assert put.json()["error"]["type"] == "PermissionDenied"
+    put = await client.post("/workers/w/rpc/Info/put", json=["by-writer"], headers=writer)
+    assert put.json()["result"] == "by-writer"

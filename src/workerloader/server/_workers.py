@@ -144,6 +144,16 @@ _RPC_BODY = {
 """The body of ``POST /workers/{id}/rpc/{entrypoint}/{method}``, for the OpenAPI document."""
 
 
+def _cache_key(caller: Caller, worker_id: str, version: int) -> str:
+    """The Loader id of a stored worker as ``caller`` runs it. It carries the version, so an
+    update never serves old code; the namespace, so two namespaces' workers of one name never
+    share a process; and the caller's identity and grants, which its bindings and
+    ``sdk.context`` are made of, so a warm worker never serves one caller with another's."""
+    grants = ",".join(sorted(caller.permissions))
+    who = f"{caller.user_id}|{int(caller.authenticated)}|{grants}"
+    return f"{caller.namespace}/{worker_id}@{version}#{who}"
+
+
 def _code(
     loader: Loader,
     caller: Caller,
@@ -234,11 +244,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None:
             return None
-        # The cache key carries the namespace and version: an update never serves old code,
-        # and two namespaces' workers of the same name never share a process.
-        key = f"{caller.namespace}/{worker_id}@{stored['version']}"
         return loader.get(
-            key,
+            _cache_key(caller, worker_id, stored["version"]),
             lambda: _code(
                 loader, caller, WorkerDefinition.model_validate(stored), state.get("api")
             ),
@@ -309,7 +316,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None or not store.delete_worker(caller.namespace, worker_id):
             return not_found(worker_id)
-        await state["loader"].evict(f"{caller.namespace}/{worker_id}@{stored['version']}")
+        await state["loader"].evict(_cache_key(caller, worker_id, stored["version"]))
         return JSONResponse({"ok": True})
 
     async def fetch_worker(worker_id: str, path: str, request: Request) -> Response:
