@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from workerloader.cli import main as cli
@@ -197,3 +198,41 @@ async def test_a_warm_stored_worker_never_serves_one_caller_with_anothers_grants
     assert put.json()["error"]["type"] == "PermissionDenied"
     put = await client.post("/workers/w/rpc/Info/put", json=["by-writer"], headers=writer)
     assert put.json()["result"] == "by-writer"
+
+
+async def test_logs_filter_by_time_and_refuse_what_cannot_be_answered(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+    await client.post("/execute", json={"code": "return 1"})
+    middle = time.time()
+    await asyncio.sleep(0.01)
+    await client.post("/execute", json={"code": "return 2"})
+    both = (await client.get("/logs")).json()["logs"]
+    assert len(both) == 2
+    before = (await client.get("/logs", params={"until": middle})).json()["logs"]
+    after = (await client.get("/logs", params={"since": middle})).json()["logs"]
+    assert [r["id"] for r in after + before] == [r["id"] for r in both]
+    own = await client.get("/logs", params={"namespace": "default", "limit": 1})
+    assert [r["id"] for r in own.json()["logs"]] == [both[0]["id"]]
+    other = await client.get("/logs", params={"namespace": "team-b"})
+    assert other.status_code == 403
+    for params in ({"status": 2**63}, {"limit": 0}, {"limit": -1}, {"since": "nan"}):
+        refused = await client.get("/logs", params=params)
+        assert refused.status_code == 400, params
+        assert refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("namespace", ["../../etc", "a b", ""])
+def test_a_key_for_a_namespace_the_bindings_cannot_scope_to_is_refused(
+    tmp_path: Path, namespace: str
+) -> None:
+    with pytest.raises(ValueError, match="invalid namespace"):
+        ServiceStore(tmp_path).create_key("x", namespace)
+    result = CliRunner().invoke(
+        cli,
+        ["keys", "create", "--user", "x", "--namespace", namespace, "--data-dir", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert "invalid namespace" in result.output
+    assert ServiceStore(tmp_path).list_keys() == []

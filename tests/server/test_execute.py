@@ -87,6 +87,25 @@ async def test_a_result_that_cannot_cross_names_where_it_sits(client: httpx.Asyn
     assert error["message"] == "result['f']: cannot clone a function object"
 
 
+async def test_a_cyclic_result_is_422_naming_where(client: httpx.AsyncClient) -> None:
+    code = "a = [1, {'b': []}]\na[1]['b'].append(a)\nreturn a"
+    response = await client.post("/execute", json={"code": code})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "NotJsonError"
+    assert error["message"] == (
+        "result[1]['b'][0] contains itself (a cycle), which JSON cannot carry"
+    )
+    shared = "x = [1]\nreturn [x, x]"  # the same list twice is no cycle
+    assert (await client.post("/execute", json={"code": shared})).json()["result"] == [[1], [1]]
+
+
+async def test_a_worker_that_dies_is_502(client: httpx.AsyncClient) -> None:
+    response = await client.post("/execute", json={"code": "import os\nos._exit(3)"})
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "WorkerCrashed"
+
+
 async def test_wall_time_is_504(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/execute", json={"code": "import time\ntime.sleep(5)", "timeout_ms": 1000}

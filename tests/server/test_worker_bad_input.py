@@ -41,7 +41,7 @@ def raw_definition(env: str = "{}", more_modules: str = "") -> bytes:
     return ('{"main_module": "main.py", "modules": ' + modules + '}, "env": ' + env + "}").encode()
 
 
-@pytest.mark.parametrize("data", ["a", "abcde", "é", 5, None, ["YQ=="]])
+@pytest.mark.parametrize("data", ["a", "abcde", "é", "!!", "@@@@", "aG=k", 5, None, ["YQ=="]])
 async def test_a_module_whose_data_is_not_base64_is_refused_naming_it(
     client: httpx.AsyncClient, data: object
 ) -> None:
@@ -52,7 +52,7 @@ async def test_a_module_whose_data_is_not_base64_is_refused_naming_it(
 
 
 async def test_a_module_of_valid_base64_is_stored(client: httpx.AsyncClient) -> None:
-    modules = {**DEFINITION["modules"], "blob.bin": {"data_base64": "aGk="}}
+    modules = {**DEFINITION["modules"], "blob.bin": {"data_base64": "aG\nk="}}  # wrapped
     stored = await client.put("/workers/w", json={**DEFINITION, "modules": modules})
     assert stored.json() == {"ok": True, "id": "w", "version": 1}
 
@@ -130,3 +130,40 @@ async def test_good_rpc_bodies_still_call(client: httpx.AsyncClient) -> None:
         called = await client.post("/workers/w/rpc/Echo/echo", content=body)
         assert called.status_code == 200, called.text
         assert called.json()["result"] == result
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd.py", "a/../../b.py", "./x.py", "a//b.py", "x\0.py"])
+async def test_a_module_name_that_is_not_a_plain_relative_path_is_refused(
+    client: httpx.AsyncClient, name: str
+) -> None:
+    modules = {**DEFINITION["modules"], name: "x = 1\n"}
+    refused = await client.put("/workers/w", json={**DEFINITION, "modules": modules})
+    assert refused.status_code == 422, refused.text
+    assert "expected a relative path of plain names" in refused.json()["error"]["message"]
+
+
+async def test_an_unknown_limit_is_refused(client: httpx.AsyncClient) -> None:
+    refused = await client.put("/workers/w", json={**DEFINITION, "limits": {"cpu_msec": 5}})
+    assert_bad_request(refused, "cpu_msec")
+    answer = await client.post("/execute", json={"code": "return 1", "limits": {"memory": 64}})
+    assert_bad_request(answer, "memory")
+
+
+async def test_an_rpc_body_nested_too_deeply_is_refused(client: httpx.AsyncClient) -> None:
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    deep = b"[" * 3000 + b"]" * 3000
+    answer = await client.post("/workers/w/rpc/Echo/echo", content=deep)
+    assert_bad_request(answer, "nested too deeply")
+
+
+@pytest.mark.parametrize("method", ["__getattribute__", "_stub", "fetch"])
+async def test_rpc_reaches_only_the_workers_own_methods(
+    client: httpx.AsyncClient, method: str
+) -> None:
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    answer = await client.post(f"/workers/w/rpc/Echo/{method}", json=["_stub"])
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "AttributeError", error
+    expected = "are never a worker's methods" if method.startswith("_") else "has no method"
+    assert expected in error["message"]

@@ -17,6 +17,7 @@ from ._common import data_dir_option, insecure_option, option
 @option(
     "--timeout-ms",
     default=30_000,
+    type=click.IntRange(1000, 300_000),  # as POST /execute's timeout_ms
     show_default=True,
     envvar="WORKERLOADER_EXEC_TIMEOUT_MS",
     help="Wall time of the snippet, ms.",

@@ -47,7 +47,10 @@ def keys() -> None:
 def create(user_id: str, namespace: str, read_only: bool, data_dir: Path) -> None:
     """Create a key; its secret is printed this once."""
     permissions = ("read",) if read_only else ("read", "write")
-    key = ServiceStore(data_dir).create_key(user_id, namespace, permissions)
+    try:
+        key = ServiceStore(data_dir).create_key(user_id, namespace, permissions)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--namespace") from None
     click.echo(
         f"id:     {key.id}\nsecret: {key.secret}\n(store the secret now: only a hash is kept)"
     )

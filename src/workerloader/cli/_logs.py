@@ -29,6 +29,7 @@ def logs() -> None:
 @option(
     "--limit",
     default=20,
+    type=click.IntRange(1, 1000),
     show_default=True,
     envvar="WORKERLOADER_LOGS_LIMIT",
     help="Records shown at start.",

@@ -568,7 +568,7 @@ class EntrypointStub(rpc.RpcForwarder):
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
-            raise AttributeError(method)
+            raise AttributeError(f"{method} (names starting with '_' are never a worker's methods)")
 
         async def call(*args: object, **kwargs: object) -> Any:
             return await self._stub._call(

@@ -27,6 +27,19 @@ def module_name(path: str) -> str | None:
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
 
 
+def _check_path(path: object) -> None:
+    """ValueError unless ``path`` is a relative path of plain names: no leading "/", no
+    empty, "." or ".." segment, no NUL or backslash (what a file name in a worker's module
+    map may hold, as in a wrangler project)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"module name {path!r}: expected a non-empty str")
+    if "\0" in path or "\\" in path or any(p in ("", ".", "..") for p in path.split("/")):
+        raise ValueError(
+            f"module name {path!r}: expected a relative path of plain names "
+            "(like 'main.py' or 'lib/util.py'; no '/' at the start, no '.' or '..')"
+        )
+
+
 class ModuleMap:
     """A finder and loader for the ``.py`` entries of a module map; data entries are parsed into
     ``workers.modules``. (Not derived from ``importlib.abc``: importing that module pulls in
@@ -38,6 +51,7 @@ class ModuleMap:
         self.bodies: set[str] = set()  # modules given as a function body (see exec_module)
         self.data: dict[str, object] = {}
         for path, value in modules.items():
+            _check_path(path)
             name = module_name(path)
             if name is not None and isinstance(value, str):
                 self.sources[name] = (path, value, path.endswith("__init__.py"))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
@@ -32,6 +32,8 @@ MAX_BODY_BYTES = 1 << 20
 class ExecuteLimits(BaseModel):
     """Limits of a ``POST /execute`` worker: a request's ``limits`` (and ``timeout_ms``), the
     rest from the service's defaults (``[limits]`` in its config file)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit is an error, not a default
 
     cpu_ms: int = Field(default=1000, ge=1, le=60_000)
     memory_mb: int = Field(default=128, ge=16, le=4096)
@@ -327,17 +329,32 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def request_logs(
         request: Request,
         worker: str | None = None,
-        status: int | None = None,
-        since: float | None = None,
-        limit: int = 100,
+        namespace: str | None = None,
+        status: int | None = Query(None, ge=100, le=599),
+        since: float | None = Query(None, allow_inf_nan=False),
+        until: float | None = Query(None, allow_inf_nan=False),
+        limit: int = Query(100, ge=1, le=1000),
     ) -> JSONResponse:
-        """The caller's namespace's request logs, newest first (``since`` is a Unix time)."""
+        """The caller's namespace's request logs, newest first, filtered by worker, status and
+        time (``since`` and ``until`` are Unix times, inclusive). A key sees its own
+        namespace only: ``namespace`` naming another is a 403."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
+        if namespace is not None and namespace != caller.namespace:
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "error": {
+                        "type": "PermissionDenied",
+                        "message": f"this key sees the logs of namespace {caller.namespace!r} only",
+                    },
+                },
+                403,
+            )
         store: ServiceStore = state["store"]
         records = store.logs(
-            caller.namespace, worker=worker, status=status, since=since, limit=limit
+            caller.namespace, worker=worker, status=status, since=since, until=until, limit=limit
         )
         return JSONResponse({"logs": records})
 

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from .. import Limits, Loader, WorkerCode
-from .._errors import WallTimeExceeded, WorkerError, WorkerLoadError
+from .._errors import WallTimeExceeded, WorkerCrashed, WorkerError, WorkerLoadError
 
 __all__ = ["ExecuteOutcome", "NotJsonError", "execute", "to_json"]
 
@@ -32,13 +32,16 @@ class ExecuteOutcome:
 
 
 class NotJsonError(ValueError):
-    """A result holds a value JSON cannot carry (an infinite or NaN float); the message says
-    where. The caller's code failed to give an answer: 422, never a 500."""
+    """A result holds a value JSON cannot carry (an infinite or NaN float, a cycle); the
+    message says where. The caller's code failed to give an answer: 422, never a 500."""
 
 
-def to_json(value: object, where: str = "result") -> Any:
+def to_json(value: object, where: str = "result", _open: set[int] | None = None) -> Any:
     """``value`` as JSON data: tuples and sets as lists, bytes as base64, dates as ISO text.
-    Raises NotJsonError, naming ``where`` the value sits, for an infinite or NaN float."""
+    Raises NotJsonError, naming ``where`` the value sits, for an infinite or NaN float or a
+    container inside itself (``_open``: the containers being converted)."""
+    if _open is None:
+        _open = set()
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -47,10 +50,16 @@ def to_json(value: object, where: str = "result") -> Any:
                 f"{where} is {value!r}, which JSON cannot carry (return it as a string, or None)"
             )
         return value
-    if isinstance(value, dict):
-        return {str(k): to_json(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in _open:
+            raise NotJsonError(f"{where} contains itself (a cycle), which JSON cannot carry")
+        _open.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {str(k): to_json(v, f"{where}[{k!r}]", _open) for k, v in value.items()}
+            return [to_json(v, f"{where}[{i}]", _open) for i, v in enumerate(value)]
+        finally:
+            _open.discard(id(value))
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
@@ -82,7 +91,7 @@ async def execute(
     loader: Loader, code: str, limits: Limits, sdk: dict[str, object]
 ) -> ExecuteOutcome:
     """Run ``code`` once in a new worker; 200 with the result, 422 if the code failed, 504 if
-    it ran out of wall time, 429/… never from here."""
+    it ran out of wall time, 502 if the worker died, 429/… never from here."""
     started = time.perf_counter()
     worker = WorkerCode(
         main_module=_SNIPPET,
@@ -101,7 +110,13 @@ async def execute(
     except Exception as exc:
         logs = getattr(exc, "logs", None) or (stub.logs if stub else [])
         body = {"ok": False, "error": _error(exc)}
-        status = 504 if isinstance(exc, WallTimeExceeded) else 422
+        status = (
+            504
+            if isinstance(exc, WallTimeExceeded)
+            else 502
+            if isinstance(exc, WorkerCrashed)
+            else 422
+        )
     finally:
         if stub is not None:
             # Stopping the worker (kill, wait for its exit, free its cgroup) is not the

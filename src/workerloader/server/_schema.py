@@ -48,5 +48,8 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 def bad_request(exc: ValidationError | RequestValidationError) -> JSONResponse:
     """400 with where the body is wrong: a malformed body is the client's mistake (422 is
     kept for user code that failed)."""
-    details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-    return JSONResponse({"ok": False, "error": {"type": "BadRequest", "details": details}}, 400)
+    errors = exc.errors()
+    details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+    message = "; ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors)
+    error = {"type": "BadRequest", "message": message, "details": details}
+    return JSONResponse({"ok": False, "error": error}, 400)

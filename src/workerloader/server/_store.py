@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bindings._sqlite import open_database
+from ..loader._loader import _namespace as valid_namespace
 
 __all__ = ["ApiKey", "Caller", "ServiceStore"]
 
@@ -111,7 +112,10 @@ class ServiceStore:
     def create_key(
         self, user_id: str, namespace: str, permissions: tuple[str, ...] = ("read", "write")
     ) -> ApiKey:
-        """A new key; its ``secret`` is returned this once."""
+        """A new key; its ``secret`` is returned this once. ValueError for a namespace the
+        bindings cannot scope to (letters, digits, ``_ . -``; a key made with one could call
+        nothing that uses them)."""
+        valid_namespace(namespace)
         secret = "wl_" + secrets.token_urlsafe(32)
         key = ApiKey(
             uuid.uuid4().hex[:12], user_id, namespace, permissions, time.time(), None, secret
@@ -297,9 +301,11 @@ class ServiceStore:
         worker: str | None = None,
         status: int | None = None,
         since: float | None = None,
+        until: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        """The newest records of ``namespace`` first, filtered."""
+        """The newest records of ``namespace`` first, filtered (times inclusive); at most
+        ``limit``, held within 1..1000."""
         query = "SELECT * FROM request_logs WHERE namespace = ?"
         params: list[object] = [namespace]
         for column, value in (("worker", worker), ("status", status)):
@@ -309,6 +315,9 @@ class ServiceStore:
         if since is not None:
             query += " AND time >= ?"
             params.append(since)
+        if until is not None:
+            query += " AND time <= ?"
+            params.append(until)
         query += " ORDER BY time DESC LIMIT ?"
         params.append(max(1, min(limit, 1000)))
         with self._lock:

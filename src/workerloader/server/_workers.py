@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
@@ -39,6 +39,8 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class WorkerLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit is an error, not a default
+
     cpu_ms: int = Field(default=1000, ge=1, le=60_000)
     memory_mb: int = Field(default=128, ge=16, le=4096)
     wall_ms: int = Field(default=30_000, ge=1000, le=300_000)
@@ -111,9 +113,18 @@ def _check_finite(value: object, where: str) -> None:
 
 def check_definition(definition: WorkerDefinition) -> None:
     """Raise BadDefinition if ``definition`` holds what the service refuses to store (an
-    infinite or NaN float anywhere, named); the service and ``workers put`` both check it."""
+    infinite or NaN float anywhere, or a ``data_base64`` that is not base64: named); the
+    service and ``workers put`` both check it. (Stored ones load leniently: line breaks and
+    stray characters were accepted before.)"""
     for field, value in definition.model_dump().items():
         _check_finite(value, field)
+    for path, module in definition.modules.items():
+        if isinstance(module, dict) and isinstance(module.get("data_base64"), str):
+            try:
+                base64.b64decode("".join(module["data_base64"].split()), validate=True)
+            except ValueError as exc:
+                where = f"modules[{path!r}]['data_base64']"
+                raise BadDefinition(f"{where} is not valid base64: {exc}") from exc
 
 
 def _bad_request(message: str) -> JSONResponse:
@@ -406,6 +417,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             raw = await request.json() if await request.body() else {}
         except ValueError as exc:  # not JSON, or not UTF-8
             return _bad_request(f"{expected}; it is not JSON: {exc}")
+        except RecursionError:
+            return _bad_request(f"{expected}; it is nested too deeply")
         if isinstance(raw, list):
             args, kwargs = raw, {}
         elif isinstance(raw, dict):
@@ -416,8 +429,12 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             return _bad_request(f'{expected}: "args" must be a list and "kwargs" an object')
         started = time.perf_counter()
         name = None if entrypoint == "Default" else entrypoint
+        entry = stub.get_entrypoint(name)
         try:
-            result = await getattr(stub.get_entrypoint(name), method)(*args, **kwargs)
+            # The worker's method of that name, never an attribute of the host's stub (such as
+            # its fetch, or anything starting with "_": AttributeError, a 422).
+            call = type(entry).__getattr__(entry, method)
+            result = await call(*args, **kwargs)
         except Exception as exc:
             status, body = _failure(exc)
             body["cpu_ms"] = round(stub.cpu_ms, 3)
