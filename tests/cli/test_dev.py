@@ -34,6 +34,12 @@ def test_dev_passes_every_method_and_answers_failures_like_the_service(tmp_path:
             assert answer.headers["x-method"] == method
             assert answer.text == ("" if method == "HEAD" else "body")
 
+        too_large = httpx.post(f"{dev.url}/page", content=b"x" * ((1 << 20) + 1), timeout=30)
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["type"] == "PayloadTooLarge"
+        at_the_cap = httpx.post(f"{dev.url}/page", content=b"x" * (1 << 20), timeout=30)
+        assert at_the_cap.status_code == 200
+
         failed = httpx.get(f"{dev.url}/fail", timeout=30)
         assert failed.status_code == 422
         assert failed.json() == {

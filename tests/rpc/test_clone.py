@@ -613,3 +613,14 @@ def test_non_data_goes_to_the_export_hook_and_tags_to_the_import_hook() -> None:
 def test_export_hook_returning_none_means_not_clonable() -> None:
     with pytest.raises(DataCloneError, match=exact("value['f']: cannot clone a function object")):
         encode_value({"f": _gen}, "value", lambda v: None, LIMITS)
+
+
+def test_without_an_export_hook_only_data_crosses_and_the_error_says_so() -> None:
+    with pytest.raises(
+        DataCloneError,
+        match=exact(
+            "value['f']: cannot clone a function object"
+            " (only data can cross here: no functions, stubs or RpcTarget instances)"
+        ),
+    ):
+        encode_value({"f": _gen}, "value", None, LIMITS)

@@ -84,7 +84,10 @@ async def test_a_result_that_cannot_cross_names_where_it_sits(client: httpx.Asyn
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["type"] == "DataCloneError"
-    assert error["message"] == "result['f']: cannot clone a function object"
+    assert error["message"] == (
+        "result['f']: cannot clone a function object"
+        " (only data can cross here: no functions, stubs or RpcTarget instances)"
+    )
 
 
 async def test_a_cyclic_result_is_422_naming_where(client: httpx.AsyncClient) -> None:
@@ -133,6 +136,10 @@ async def test_openapi_is_served(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert "/execute" in spec["paths"]
     assert (await client.get("/docs")).status_code == 200
+    # A malformed request is documented as what it is answered with: 400, not FastAPI's 422.
+    logs = spec["paths"]["/logs"]["get"]["responses"]
+    assert "400" in logs and "422" not in logs
+    assert (await client.get("/logs", params={"limit": 0})).status_code == 400
 
 
 async def test_the_sdks_bindings_are_in_scope_by_name(client: httpx.AsyncClient) -> None:

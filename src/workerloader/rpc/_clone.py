@@ -66,8 +66,9 @@ def flat_scalars(items: list[object], limits: RpcLimits) -> bool:
     return True
 
 
-def encode_value(value: object, root: str, export: Export, limits: RpcLimits) -> object:
-    """Encode ``value`` into a wire tree.
+def encode_value(value: object, root: str, export: Export | None, limits: RpcLimits) -> object:
+    """Encode ``value`` into a wire tree; ``export`` numbers the capabilities in it (None:
+    data only, a capability is a DataCloneError).
 
     Raises:
         DataCloneError: a part of ``value`` cannot be cloned or exceeds a limit. The message starts
@@ -92,11 +93,13 @@ class _CloneFailure(Exception):
         self.path: list[str] = []
 
 
-def _describe(value: object) -> str:
+def _describe(value: object, capabilities: bool) -> str:
     name = type(value).__name__
     article = "an" if name[:1].lower() in "aeiou" else "a"
     hint = ""
-    if not isinstance(value, type) and type(value).__module__ not in ("builtins",):
+    if not capabilities:
+        hint = " (only data can cross here: no functions, stubs or RpcTarget instances)"
+    elif not isinstance(value, type) and type(value).__module__ not in ("builtins",):
         hint = " (only data, RpcTarget instances, functions and stubs can cross)"
     return f"cannot clone {article} {name} object{hint}"
 
@@ -104,7 +107,7 @@ def _describe(value: object) -> str:
 class _Encoder:
     __slots__ = ("count", "export", "limits", "memo", "open_immutables")
 
-    def __init__(self, export: Export, limits: RpcLimits) -> None:
+    def __init__(self, export: Export | None, limits: RpcLimits) -> None:
         self.export = export
         self.limits = limits
         self.memo: dict[int, int] = {}
@@ -164,10 +167,11 @@ class _Encoder:
             return {T_DECIMAL: text}
         if t is uuid.UUID:
             return {T_UUID: v.bytes}  # type: ignore[attr-defined]
-        cap = self.export(v)
-        if cap is not None:
-            return cap
-        raise _CloneFailure(_describe(v))
+        if self.export is not None:
+            cap = self.export(v)
+            if cap is not None:
+                return cap
+        raise _CloneFailure(_describe(v, self.export is not None))
 
     def _bigint(self, v: int) -> dict[int, str]:
         limit = self.limits.max_int_digits

@@ -29,5 +29,5 @@ class Execute(workers.WorkerEntrypoint):
         bound = sdk._bindings
         result = await self._body.main(self.env, sdk, *(bound.get(n) for n in BODY_PARAMETERS[2:]))
         # The answer becomes JSON: only data may cross, and a clear error says where not.
-        encode_value(result, "result", lambda value: None, RpcLimits())
+        encode_value(result, "result", None, RpcLimits())
         return result

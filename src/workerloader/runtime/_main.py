@@ -316,6 +316,9 @@ def _install_streams() -> None:
     sys.stderr = _Stream()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True)
     warnings.simplefilter("default")
+    # As Python's own defaults: a user's unclosed socket or file, collected during a call,
+    # would otherwise log a warning that names the runtime's code, not theirs.
+    warnings.filterwarnings("ignore", category=ResourceWarning)
 
 
 _WARMUP_MODULE = "_workerloader_warmup"

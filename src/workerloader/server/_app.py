@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
 from ._execute import execute
-from ._schema import bad_request, json_body
+from ._schema import bad_request, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
 from ._workers import FETCH_METHODS, FetchHandler, workers_router
 
@@ -223,6 +223,14 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
     router, fetch_worker = workers_router(state, authenticate)
     app.include_router(router)
+    make_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = statuses_as_answered(make_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["bad_request", "body_schema"]
+__all__ = ["bad_request", "body_schema", "statuses_as_answered"]
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -53,3 +53,37 @@ def bad_request(exc: ValidationError | RequestValidationError) -> JSONResponse:
     message = "; ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors)
     error = {"type": "BadRequest", "message": message, "details": details}
     return JSONResponse({"ok": False, "error": error}, 400)
+
+
+_ERROR = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "ok": {"const": False},
+                    "error": {
+                        "type": "object",
+                        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                    },
+                },
+            }
+        }
+    }
+}
+
+
+def statuses_as_answered(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (FastAPI's OpenAPI document) with the statuses the service really answers: a
+    malformed request is a 400 here (FastAPI documents its validation errors as 422, which
+    this service keeps for user code that failed)."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            validation = responses.pop("422", None)
+            if validation is not None:
+                responses["400"] = {"description": "Malformed request (body or parameter)"}
+                responses["400"].update(_ERROR)
+    spec.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    spec.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    return spec
