@@ -880,8 +880,8 @@ class Loader:
         """Stop an uncached worker whose stub is gone (the garbage collector calls this, in
         whatever thread collected the stub)."""
         loop = self._loop
-        if loop is None or self._closing:
-            return
+        if loop is None or self._closing or worker not in self._workers:
+            return  # (stopped already: the common case, the stub's aclose came first)
         with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
             loop.call_soon_threadsafe(self._drop, worker)
 
