@@ -25,6 +25,7 @@ from workerloader import (
     Limits,
     Loader,
     MemoryLimitExceeded,
+    WallTimeExceeded,
     WorkerCode,
     WorkerCrashed,
 )
@@ -155,6 +156,18 @@ class Tenant(WorkerEntrypoint):
     async def spin(self):
         while True:
             pass
+
+    async def print_then(self, what):
+        print("started", what)
+        print("é" * 3)
+        if what == "spin":
+            while True:
+                pass
+        elif what == "sleep":
+            import time
+            time.sleep(60)
+        else:
+            os._exit(3)
 
     async def exit(self):
         os._exit(3)
@@ -350,6 +363,25 @@ async def test_a_limit_ends_the_call_and_the_next_call_gets_a_fresh_worker(
     assert isinstance(info.value, LimitExceeded)
     # A fresh worker: the module-level counter starts again.
     assert await t.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("what", "limits", "expected"),
+    [
+        ("spin", {"cpu_ms": 100}, CpuLimitExceeded),
+        ("sleep", {"wall_ms": 1000}, WallTimeExceeded),
+        ("exit", {}, WorkerCrashed),
+    ],
+)
+async def test_what_a_call_printed_before_it_was_ended_reaches_the_caller(
+    loader: Loader, what: str, limits: dict[str, int], expected: type[Exception]
+) -> None:
+    stub = loader.get("t", hostile(**limits))
+    await stub.get_entrypoint("Tenant").count()
+    with pytest.raises(expected) as info:
+        await stub.get_entrypoint("Tenant").print_then(what)
+    assert info.value.logs == [f"started {what}", "ééé"]  # type: ignore[attr-defined]
+    assert stub.logs == [f"started {what}", "ééé"]
 
 
 async def test_a_worker_that_exits_during_a_call_crashes_and_the_next_call_works(

@@ -234,9 +234,12 @@ class _Worker:
                     self.killed_by = MemoryLimitExceeded(
                         f"the worker used more than its {limits.memory_mb} MB of memory"
                     )
-            if self.killed_by is not None:
-                raise self.killed_by from None
-            raise WorkerCrashed("the worker process died during the call") from None
+            ended: Exception = self.killed_by or WorkerCrashed(
+                "the worker process died during the call"
+            )
+            # What the call wrote before it ended, from the worker's shared output file.
+            ended.logs = self.process.output_lines()  # type: ignore[attr-defined]
+            raise ended from None
         finally:
             self.active_calls -= 1
             if not self.active_calls:
@@ -485,7 +488,8 @@ class WorkerStub:
             self.logs = envelope.logs
             worker.raise_limit_hit(envelope.logs)
             return _unwrap(envelope)
-        except (LimitExceeded, WorkerCrashed, WorkerLoadError):
+        except (LimitExceeded, WorkerCrashed, WorkerLoadError) as exc:
+            self.logs = getattr(exc, "logs", [])
             # Whatever ended the call, the worker does not serve another: the next call starts
             # a fresh one (a worker that ran out of memory may hold half-built state, and one
             # whose code failed to load gets the factory's code again).

@@ -24,6 +24,7 @@ from typing import Any, cast
 from .. import rpc
 from ..rpc._core import receive_error_as
 from ..rpc._loop import new_event_loop, renew_descriptors, run, set_spin
+from ..sandbox._output import OutputWriter
 from . import _execute, workers
 from ._modules import ModuleMap
 
@@ -72,12 +73,27 @@ class SubrequestLimitExceeded(BaseException):
 _LIMIT_ERRORS = (OutputLimitExceeded, SubrequestLimitExceeded)
 
 
+_output: OutputWriter | None = None  # the copy the host reads if a limit ends the call
+
+
+def share_output(fd: int) -> None:
+    """Copy each call's output into the shared output file ``fd`` as well (see
+    ``sandbox._output``); called in a new worker before it is confined."""
+    global _output
+    _output = OutputWriter(fd)
+
+
 class _CallLog:
+    """A call's output: its lines, capped; started anew (and the shared copy with it) for
+    each call."""
+
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.size = 0
         self.lines: list[str] = []
         self.partial = ""
+        if _output is not None:
+            _output.reset()
 
     def overflow_message(self) -> str:
         return f"the call wrote more than {self.cap} characters of output"
@@ -89,6 +105,8 @@ class _CallLog:
         self.partial += text
         *done, self.partial = self.partial.split("\n")
         self.lines.extend(done)
+        if _output is not None:
+            _output.write(text)
 
     def finish(self) -> list[str]:
         if self.partial:

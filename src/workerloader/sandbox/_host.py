@@ -6,6 +6,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import mmap
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from .._errors import SandboxUnavailable
 from . import _syscalls
 from ._cgroup import MemoryCgroups, WorkerCgroup
 from ._chores import Chores
+from ._output import map_for_reading, read_output
 from ._policy import compile_seccomp
 
 __all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
@@ -56,6 +58,9 @@ class WorkerProcess:
     channel: socket.socket
     pidfd: int
     pid: int
+    output: mmap.mmap | None = None
+    """What the worker's latest call wrote, as it wrote it (``_output``): read it with
+    ``output_lines`` once a limit has ended the call."""
     cgroup: WorkerCgroup | None = None
     """Set by the cgroup thread once the worker is in its cgroup."""
     _chores: Chores | None = None  # the sandbox's thread for this worker's slow calls
@@ -68,6 +73,10 @@ class WorkerProcess:
         # glibc's clock_getcpuclockid makes it). Another process's per-thread clocks cannot be
         # read (EINVAL).
         return ((~self.pid) << 3) | 2
+
+    def output_lines(self) -> list[str]:
+        """The lines the worker's latest call wrote, as far as its output file holds them."""
+        return [] if self.output is None or self.output.closed else read_output(self.output)
 
     def oom_killed(self) -> bool:
         """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
@@ -137,6 +146,8 @@ class WorkerProcess:
                 asyncio.get_running_loop().remove_reader(pidfd)
             self._exited.cancel()
         self.channel.close()
+        if self.output is not None:
+            self.output.close()  # here, not on the chores thread: reads happen on this one
         self.pidfd = -1  # later kill() calls do nothing
         if chores is None:
             self._release(pidfd)
@@ -252,7 +263,7 @@ class Sandbox:
             fds = array.array("i")
             while True:
                 try:
-                    msg, ancdata, _, _ = ctrl.recvmsg(16, socket.CMSG_LEN(2 * fds.itemsize))
+                    msg, ancdata, _, _ = ctrl.recvmsg(16, socket.CMSG_LEN(3 * fds.itemsize))
                     break
                 except BlockingIOError:
                     waiter: asyncio.Future[None] = loop.create_future()
@@ -273,8 +284,12 @@ class Sandbox:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-        channel_fd, pidfd = fds[0], fds[1]
-        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd))
+        channel_fd, pidfd, output_fd = fds[0], fds[1], fds[2]
+        try:
+            output = map_for_reading(output_fd)
+        finally:
+            os.close(output_fd)
+        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd), output)
         process._chores = self._chores
         # The zygote, and so every pooled worker, runs 10 nice levels below the host: forking
         # and starting workers in the background then yields to the calls in flight. A worker

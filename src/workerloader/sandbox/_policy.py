@@ -53,7 +53,7 @@ _IOCTLS: Final = (
 
 
 _ZYGOTE_EXTRA: Final = (  # noqa: SIM905
-    "mount pidfd_open setresuid setresgid prctl dup2 "
+    "mount pidfd_open setresuid setresgid prctl dup2 memfd_create "
     "landlock_create_ruleset landlock_add_rule landlock_restrict_self"
 ).split()
 """What the zygote, and a worker until it has confined itself, needs beyond a worker's list

@@ -10,8 +10,8 @@ Control protocol (SOCK_SEQPACKET, one message per datagram):
 
 - zygote → host ``b"userns"``; host writes the maps and answers ``b"mapped"``;
 - zygote → host ``b"ready"`` once the pool is warm;
-- host → zygote ``b"spawn"``; zygote → host ``b"worker"`` with two fds (SCM_RIGHTS): the host's
-  end of the worker's channel and a pidfd of the worker;
+- host → zygote ``b"spawn"``; zygote → host ``b"worker"`` with three fds (SCM_RIGHTS): the
+  host's end of the worker's channel, a pidfd of the worker, and its output file (``_output``);
 - the host closing the socket stops the zygote; its workers die with it (PDEATHSIG).
 """
 
@@ -39,6 +39,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
+from ._output import new_output_file  # noqa: E402
 from ._pack import pack_hot_code  # noqa: E402
 from ._prefault import Runs, learn_first_call, populate  # noqa: E402
 from ._uids import next_free_uid  # noqa: E402
@@ -76,7 +77,7 @@ class _Zygote:
         self.zygote_filter = zygote_filter
         self.worker_filter = worker_filter
         self.own_pidns = -1 if INSECURE else os.open("/proc/self/ns/pid", os.O_RDONLY)
-        self.pool: deque[tuple[socket.socket, int]] = deque()
+        self.pool: deque[tuple[socket.socket, int, int]] = deque()  # channel, pidfd, output
         self.next_uid = 0
         self.worker_uids: dict[int, int] = {}  # pid -> uid of each worker not yet reaped
         self.uids_in_use: set[int] = set()  # their values
@@ -91,28 +92,30 @@ class _Zygote:
         follow each other with next to nothing in between.
         """
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
+        outputs = [new_output_file() for _ in range(count)]
         pids = []
-        for _, worker_end in pairs:
+        for (_, worker_end), output in zip(pairs, outputs, strict=True):
             uid, self.next_uid = next_free_uid(self.next_uid, self.uids_in_use)
             if not INSECURE:
                 sc.unshare(sc.CLONE_NEWPID)
             pid = os.fork()
             if pid == 0:
-                self._become_worker(worker_end, uid)
+                self._become_worker(worker_end, uid, output)
             if not INSECURE:
                 sc.setns(self.own_pidns, sc.CLONE_NEWPID)
             pids.append(pid)
             self.worker_uids[pid] = uid
             self.uids_in_use.add(uid)
-        for (host_end, worker_end), pid in zip(pairs, pids, strict=True):
+        for (host_end, worker_end), pid, output in zip(pairs, pids, outputs, strict=True):
             worker_end.close()
-            self.pool.append((host_end, os.pidfd_open(pid)))
+            self.pool.append((host_end, os.pidfd_open(pid), output))
 
-    def _become_worker(self, channel: socket.socket, uid: int) -> None:
+    def _become_worker(self, channel: socket.socket, uid: int, output: int) -> None:
         """In a freshly forked child: confine, then serve the channel. Never returns."""
         code = 1
         try:
             populate(self.first_call_pages)
+            self.runtime.share_output(output)  # mapped: confine closes the descriptor
             if INSECURE:
                 close_inherited(channel.fileno())
             else:
@@ -167,14 +170,15 @@ class _Zygote:
             if request == b"spawn":
                 if not self.pool:
                     self.prefork()
-                host_end, pidfd = self.pool.popleft()
+                host_end, pidfd, output = self.pool.popleft()
                 try:
-                    _send_fds(self.ctrl, b"worker", [host_end.fileno(), pidfd])
+                    _send_fds(self.ctrl, b"worker", [host_end.fileno(), pidfd, output])
                 except (BrokenPipeError, ConnectionResetError):
                     return  # the host is gone
                 finally:
                     host_end.close()
                     os.close(pidfd)
+                    os.close(output)
 
     def _reap(self) -> None:
         while True:
