@@ -236,3 +236,20 @@ def test_a_key_for_a_namespace_the_bindings_cannot_scope_to_is_refused(
     assert result.exit_code == 2
     assert "invalid namespace" in result.output
     assert ServiceStore(tmp_path).list_keys() == []
+
+
+async def test_a_key_stored_with_an_invalid_namespace_is_refused_not_a_500(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    key = store.create_key("old", "fine")
+    with sqlite3.connect(data_dir / "service.sqlite3") as db:  # as keys made before the check
+        db.execute("UPDATE api_keys SET namespace = '../etc' WHERE id = ?", (key.id,))
+    answer = await client.post(
+        "/execute",
+        json={"code": "return 1"},
+        headers={"authorization": f"Bearer {key.secret}"},
+    )
+    assert answer.status_code == 403
+    assert "revoke the key" in answer.json()["error"]["message"]

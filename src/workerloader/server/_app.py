@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
+from ..loader._loader import _namespace as valid_namespace
 from ._execute import execute
 from ._schema import bad_request, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
@@ -217,6 +218,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 },
                 401,
                 headers={"www-authenticate": "Bearer"},
+            )
+        try:
+            valid_namespace(caller.namespace)
+        except ValueError:  # a key made before namespaces were checked at creation
+            message = f"this key's namespace {caller.namespace!r} is invalid: revoke the key"
+            return JSONResponse(
+                {"ok": False, "error": {"type": "PermissionDenied", "message": message}}, 403
             )
         return caller
 
