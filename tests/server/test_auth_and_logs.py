@@ -253,3 +253,40 @@ async def test_a_key_stored_with_an_invalid_namespace_is_refused_not_a_500(
     )
     assert answer.status_code == 403
     assert "revoke the key" in answer.json()["error"]["message"]
+
+
+async def test_deleting_or_updating_a_worker_stops_every_callers_process(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    callers = [
+        {"authorization": f"Bearer {store.create_key(user, 'team-a').secret}"}
+        for user in ("ada", "bob")
+    ]
+    main = (
+        "import os\n"
+        "from workers import WorkerEntrypoint\n"
+        "class Info(WorkerEntrypoint):\n"
+        "    async def pid(self):\n"
+        "        return os.getpid()\n"
+    )
+    definition = {"main_module": "main.py", "modules": {"main.py": main}}
+
+    async def live() -> int:
+        return int((await client.get("/health")).json()["workers"])
+
+    for change in ("put", "delete"):
+        assert (await client.put("/workers/w", json=definition, headers=callers[0])).is_success
+        for caller in callers:  # each caller's own warm process
+            await client.post("/workers/w/rpc/Info/pid", json=[], headers=caller)
+        assert await live() == 2
+        if change == "put":
+            again = await client.put("/workers/w", json=definition, headers=callers[1])
+            assert again.json()["version"] == 2
+        else:
+            assert (await client.delete("/workers/w", headers=callers[1])).is_success
+        assert await live() == 0
+    assert (
+        await client.post("/workers/w/rpc/Info/pid", json=[], headers=callers[0])
+    ).status_code == 404

@@ -233,6 +233,13 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
     """The ``/workers`` endpoints over the service's Loader and store, and the fetch proxy's
     handler (which the app also routes ahead of FastAPI, see ``_app._Front``)."""
     router = APIRouter()
+    # The Loader ids each stored worker has run under (a version and a caller each): an
+    # update or a delete stops all of them, not only the requesting caller's.
+    started: dict[tuple[str, str], set[str]] = {}
+
+    async def stop_all(namespace: str, worker_id: str) -> None:
+        for key in started.pop((namespace, worker_id), set()):
+            await state["loader"].evict(key)
 
     def not_found(worker_id: str) -> JSONResponse:
         return JSONResponse(
@@ -255,8 +262,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None:
             return None
+        key = _cache_key(caller, worker_id, stored["version"])
+        started.setdefault((caller.namespace, worker_id), set()).add(key)
         return loader.get(
-            _cache_key(caller, worker_id, stored["version"]),
+            key,
             lambda: _code(
                 loader, caller, WorkerDefinition.model_validate(stored), state.get("api")
             ),
@@ -295,6 +304,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             return JSONResponse({"ok": False, "error": _error(exc)}, 422)
         store: ServiceStore = state["store"]
         version = store.put_worker(caller.namespace, worker_id, definition.model_dump())
+        await stop_all(caller.namespace, worker_id)  # the old version's processes
         return JSONResponse({"ok": True, "id": worker_id, "version": version})
 
     @router.get("/workers")
@@ -316,8 +326,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
     @router.delete("/workers/{worker_id}")
     async def delete_worker(worker_id: str, request: Request) -> JSONResponse:
-        """Delete a worker (its warm process is stopped). 403 for a read-only key, as for
-        PUT, checked before the lookup; 404 if there is no such worker."""
+        """Delete a worker (its warm processes, one per caller, are stopped). 403 for a
+        read-only key, as for PUT, checked before the lookup; 404 if there is no such worker."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
@@ -327,7 +337,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None or not store.delete_worker(caller.namespace, worker_id):
             return not_found(worker_id)
-        await state["loader"].evict(_cache_key(caller, worker_id, stored["version"]))
+        await stop_all(caller.namespace, worker_id)
         return JSONResponse({"ok": True})
 
     async def fetch_worker(worker_id: str, path: str, request: Request) -> Response:
