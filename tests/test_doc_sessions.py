@@ -161,15 +161,18 @@ def test_the_config_file_sample_loads_as_serve_loads_it(tmp_path: Path) -> None:
         load_config(path, {}, environ={})
 
 
-def test_the_config_samples_variables_and_flags_are_the_ones_serve_reads(tmp_path: Path) -> None:
-    """Each ``# WORKERLOADER_X, --flag`` comment of the sample names a variable that overrides
-    the file's value, and a flag of ``serve``."""
+def test_every_option_of_the_config_sample_is_read_from_the_file_and_its_variable(
+    tmp_path: Path,
+) -> None:
+    """Each ``name = value  # WORKERLOADER_X, --flag`` line of the sample: another value in the
+    file changes the loaded config, its variable overrides the file, and its flag is one of
+    ``serve``'s."""
     (toml,) = blocks(page("docs/configuration.md"), "toml")
     path = tmp_path / "workerloader.toml"
     path.write_text(toml)
     as_written = config_state(path, {})
-    serve_help = CliRunner().invoke(cli, ["serve", "--help"]).output
-    named = 0
+    serve_help = help_of("serve")
+    tried: list[str] = []
     for line in toml.splitlines():
         match = re.match(r"(\w+) = (.*?)\s+#\s*(.*)$", line)
         if match is None:
@@ -178,17 +181,22 @@ def test_the_config_samples_variables_and_flags_are_the_ones_serve_reads(tmp_pat
         for flag in re.findall(r"--[a-z-]+", match.group(3)):
             assert has_option(serve_help, flag), (line, flag)
         for variable, example in re.findall(r'(WORKERLOADER_\w+)(?:="([^"]*)")?', line):
-            if example:
-                other = example
-            elif isinstance(value, bool):
-                other = str(not value).lower()
+            if isinstance(value, bool):
+                in_file, in_variable = json.dumps(not value), str(not value).lower()
             elif isinstance(value, int | float):
-                other = str(value + 1)
+                in_file = in_variable = str(value + 1)
+            elif isinstance(value, list):
+                assert example, f"{line}: a list variable shows its form"
+                in_file, in_variable = json.dumps(example.split(",")), example
             else:
-                other = f"{value}2"
-            assert config_state(path, {variable: other}) != as_written, (line, variable)
-            named += 1
-    assert named == len(set(re.findall(r"WORKERLOADER_\w+", toml)))  # each one, tried
+                in_file, in_variable = json.dumps(f"{value}2"), f"{value}2"
+            changed = toml.replace(line, f"{match.group(1)} = {in_file}")
+            path.write_text(changed)
+            assert config_state(path, {}) != as_written, (line, "from the file")
+            path.write_text(toml)
+            assert config_state(path, {variable: in_variable}) != as_written, (line, variable)
+            tried.append(variable)
+    assert sorted(tried) == sorted(set(re.findall(r"WORKERLOADER_\w+", toml)))
 
 
 # docs/cli.md
