@@ -12,6 +12,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from tests.server._keys import bearer, new_key_header
 from workerloader.cli import main as cli
 from workerloader.server._store import Caller, ServiceStore
 
@@ -37,8 +38,8 @@ async def test_with_keys_requests_need_one_and_run_in_its_namespace(
     assert (await client.post("/execute", json=code)).status_code == 401
     wrong = {"authorization": "Bearer wl_not-a-key"}
     assert (await client.post("/execute", json=code, headers=wrong)).status_code == 401
-    as_alice = {"authorization": f"Bearer {alice.secret}"}
-    as_bob = {"authorization": f"Bearer {bob.secret}"}
+    as_alice = bearer(alice)
+    as_bob = bearer(bob)
     answer = await client.post("/execute", json=code, headers=as_alice)
     assert answer.json()["result"] == ["alice", "team-a", ["read", "write"]]
     write = {"code": "await kv.put('k', 'v')\nreturn await kv.get('k')"}
@@ -69,7 +70,7 @@ async def test_every_execute_is_logged_and_logs_are_per_namespace(
     ]
     store = ServiceStore(data_dir)
     other = store.create_key("eve", "elsewhere")
-    seen = await client.get("/logs", headers={"authorization": f"Bearer {other.secret}"})
+    seen = await client.get("/logs", headers=bearer(other))
     assert seen.json()["logs"] == []
 
 
@@ -172,8 +173,8 @@ async def test_a_warm_stored_worker_never_serves_one_caller_with_anothers_grants
 ) -> None:
     client, data_dir = served
     store = ServiceStore(data_dir)
-    writer = {"authorization": f"Bearer {store.create_key('ada', 'team-a').secret}"}
-    reader = {"authorization": f"Bearer {store.create_key('rob', 'team-a', ('read',)).secret}"}
+    writer = new_key_header(store, "ada", "team-a")
+    reader = new_key_header(store, "rob", "team-a", ("read",))
     main = (
         "from workers import WorkerEntrypoint, sdk\n"
         "class Info(WorkerEntrypoint):\n"
@@ -249,7 +250,7 @@ async def test_a_key_stored_with_an_invalid_namespace_is_refused_not_a_500(
     answer = await client.post(
         "/execute",
         json={"code": "return 1"},
-        headers={"authorization": f"Bearer {key.secret}"},
+        headers=bearer(key),
     )
     assert answer.status_code == 403
     assert "revoke the key" in answer.json()["error"]["message"]
@@ -260,10 +261,7 @@ async def test_deleting_or_updating_a_worker_stops_every_callers_process(
 ) -> None:
     client, data_dir = served
     store = ServiceStore(data_dir)
-    callers = [
-        {"authorization": f"Bearer {store.create_key(user, 'team-a').secret}"}
-        for user in ("ada", "bob")
-    ]
+    callers = [new_key_header(store, user, "team-a") for user in ("ada", "bob")]
     main = (
         "import os\n"
         "from workers import WorkerEntrypoint\n"

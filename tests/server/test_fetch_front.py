@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi import Request
 
+from tests.server._keys import bearer
 from workerloader.server import _app
 from workerloader.server._store import ServiceStore
 
@@ -213,7 +214,7 @@ async def test_a_body_declared_over_1_mib_is_413_before_the_worker_sees_it(
 async def test_with_a_key_the_proxy_needs_it(served: tuple[httpx.AsyncClient, Path]) -> None:
     client, data_dir = served
     key = ServiceStore(data_dir).create_key("alice", "team-a")
-    alice = {"authorization": f"Bearer {key.secret}"}
+    alice = bearer(key)
     await put_echo(client, alice)
 
     for method in PROXIED:

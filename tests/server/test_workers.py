@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.server._keys import new_key_header
 from workerloader.server._store import ServiceStore
 
 MAIN = """
@@ -103,8 +104,8 @@ async def test_another_namespaces_worker_is_not_found(
 ) -> None:
     client, data_dir = served
     store = ServiceStore(data_dir)
-    alice = {"authorization": f"Bearer {store.create_key('alice', 'a').secret}"}
-    bob = {"authorization": f"Bearer {store.create_key('bob', 'b').secret}"}
+    alice = new_key_header(store, "alice", "a")
+    bob = new_key_header(store, "bob", "b")
     assert (await client.put("/workers/w", json=DEFINITION, headers=alice)).status_code == 200
     assert (await client.get("/workers/w", headers=bob)).status_code == 404
     assert (await client.get("/workers/w/fetch/", headers=bob)).status_code == 404
@@ -120,8 +121,8 @@ async def test_a_read_only_key_can_neither_store_nor_delete_a_worker(
 ) -> None:
     client, data_dir = served
     store = ServiceStore(data_dir)
-    writer = {"authorization": f"Bearer {store.create_key('alice', 'a').secret}"}
-    reader = {"authorization": f"Bearer {store.create_key('bob', 'a', ('read',)).secret}"}
+    writer = new_key_header(store, "alice", "a")
+    reader = new_key_header(store, "bob", "a", ("read",))
     assert (await client.put("/workers/w", json=DEFINITION, headers=writer)).status_code == 200
     forbidden = {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}
     put = await client.put("/workers/w", json=DEFINITION, headers=reader)

@@ -50,7 +50,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
     from .. import Loader, WorkerCode
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
-    from ..server._app import MAX_BODY_BYTES, _too_large
+    from ..server._app import BodyCap
     from ..server._workers import FETCH_METHODS, WorkerDefinition, _failure, _modules
     from ._workers import read_worker_dir
 
@@ -78,19 +78,13 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                     state["snapshot"] = snapshot
                     state["version"] = int(str(state["version"])) + 1
                     click.echo(f"[dev] loading {path} (version {state['version']})")
-                # As the service's fetch proxy: bodies up to MAX_BODY_BYTES, else 413.
-                received = bytearray()
-                async for chunk in request.stream():
-                    received += chunk
-                    if len(received) > MAX_BODY_BYTES:
-                        return _too_large()
                 stub = loader.get(f"dev@{state['version']}", code)
                 query = f"?{request.url.query}" if request.url.query else ""
                 forwarded = WorkerRequest(
                     f"http://{host}:{port}/{rest}{query}",
                     method=request.method,
                     headers=dict(request.headers),
-                    body=bytes(received),
+                    body=await request.body(),
                 )
                 try:
                     response = await stub.fetch(forwarded)
@@ -115,6 +109,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                     click.echo(f"[log] {line}")
                 return Response(body_bytes, response.status, headers=response.headers)
 
+            app.add_middleware(BodyCap)  # bodies capped as the service's are (413)
             server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
             await server.serve()
 

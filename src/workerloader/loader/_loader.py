@@ -77,14 +77,14 @@ class _Budget:
 
 
 _CPU_SLACK_NS = 10_000_000
+"""How far above the host's reading of a worker's CPU clock the worker's own may be taken: a
+scheduler tick at 100 Hz, the slowest common one (this machine's is 250 Hz)."""
 _BETWEEN_CALLS_POLL_S = 0.1
 _BETWEEN_CALLS_RECENT_S = 10.0
 _BETWEEN_CALLS_ALL_EVERY = 10
 """CPU a worker uses between calls is read every ``_BETWEEN_CALLS_POLL_S`` for
 ``_BETWEEN_CALLS_RECENT_S`` after its last call, and every ``_BETWEEN_CALLS_ALL_EVERY`` polls
 after that (one clock read per worker: ~1 ms per poll with 1,000 live workers)."""
-"""How far above the host's reading of a worker's CPU clock the worker's own may be taken: a
-scheduler tick at 100 Hz, the slowest common one (this machine's is 250 Hz)."""
 
 
 class _Worker:

@@ -21,11 +21,11 @@ from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
 from ..loader._loader import _namespace as valid_namespace
 from ._execute import execute
-from ._schema import bad_request, json_body, statuses_as_answered
+from ._schema import bad_request, error_answer, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
 from ._workers import FETCH_METHODS, FetchHandler, workers_router
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["BodyCap", "ServerConfig", "create_app"]
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -76,38 +76,18 @@ class _BodyTooLarge(Exception):
 
 
 def _too_large() -> JSONResponse:
-    return JSONResponse(
-        {
-            "ok": False,
-            "error": {
-                "type": "PayloadTooLarge",
-                "message": f"bodies are limited to {MAX_BODY_BYTES} bytes",
-            },
-        },
-        413,
-    )
+    return error_answer(413, "PayloadTooLarge", f"bodies are limited to {MAX_BODY_BYTES} bytes")
 
 
-class _Front:
-    """Plain ASGI in front of FastAPI (Starlette's ``BaseHTTPMiddleware`` costs ~0.3 ms a
-    request): 413 for a body over ``MAX_BODY_BYTES``, and the busy endpoints (the worker
-    fetch proxy, ``POST /execute``) routed straight to their handlers. FastAPI's router and
-    parameter resolution would add ~0.1 ms to each of their requests; their FastAPI routes
-    stay for the OpenAPI document and call the same handlers.
+class BodyCap:
+    """Plain ASGI in front of an app (Starlette's ``BaseHTTPMiddleware`` costs ~0.3 ms a
+    request): 413 for a body over ``MAX_BODY_BYTES``, for every route and however the body
+    comes. A declared length over it is refused before the body is read, and a body sent
+    without one (chunked) is counted as it arrives and refused once it passes the cap, if no
+    response has started by then. The service and ``workerloader dev`` both sit behind it."""
 
-    The cap holds for every route and however the body comes: a declared length over it is
-    refused before the body is read, and a body sent without one (chunked) is counted as it
-    arrives and refused once it passes the cap, if no response has started by then."""
-
-    def __init__(
-        self,
-        app: Any,
-        fetch: FetchHandler,
-        execute: Callable[[Request], Awaitable[JSONResponse]],
-    ) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.fetch = fetch
-        self.execute = execute
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -136,11 +116,34 @@ class _Front:
             await send(message)
 
         try:
-            await self._route(scope, capped_receive, watched_send)
+            await self.app(scope, capped_receive, watched_send)
         except _BodyTooLarge:
             if started:  # too late for a status: the connection ends without the rest
                 raise
             await _too_large()(scope, receive, send)
+
+
+class _Front:
+    """Plain ASGI in front of FastAPI, behind ``BodyCap``: the busy endpoints (the worker
+    fetch proxy, ``POST /execute``) routed straight to their handlers. FastAPI's router and
+    parameter resolution would add ~0.1 ms to each of their requests; their FastAPI routes
+    stay for the OpenAPI document and call the same handlers."""
+
+    def __init__(
+        self,
+        app: Any,
+        fetch: FetchHandler,
+        execute: Callable[[Request], Awaitable[JSONResponse]],
+    ) -> None:
+        self.app = app
+        self.fetch = fetch
+        self.execute = execute
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self._route(scope, receive, send)
 
     async def _route(self, scope: Any, receive: Any, send: Any) -> None:
         # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it
@@ -208,24 +211,17 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         caller = store.caller_for(secret.strip()) if scheme.lower() == "bearer" else None
         if caller is None:
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": {
-                        "type": "Unauthorized",
-                        "message": "send a valid API key: Authorization: Bearer <key>",
-                    },
-                },
+            return error_answer(
                 401,
+                "Unauthorized",
+                "send a valid API key: Authorization: Bearer <key>",
                 headers={"www-authenticate": "Bearer"},
             )
         try:
             valid_namespace(caller.namespace)
         except ValueError:  # a key made before namespaces were checked at creation
             message = f"this key's namespace {caller.namespace!r} is invalid: revoke the key"
-            return JSONResponse(
-                {"ok": False, "error": {"type": "PermissionDenied", "message": message}}, 403
-            )
+            return error_answer(403, "PermissionDenied", message)
         return caller
 
     app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
@@ -277,16 +273,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         loader: Loader = state["loader"]
         slots: asyncio.Semaphore = state["slots"]
         if slots.locked():
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": {
-                        "type": "TooManyRequests",
-                        "message": "too many executions in flight; retry",
-                    },
-                },
-                429,
-            )
+            return error_answer(429, "TooManyRequests", "too many executions in flight; retry")
         requested = config.execute_limits
         if body.limits is not None:  # what the request sets; the service's defaults the rest
             requested = requested.model_copy(update=body.limits.model_dump(exclude_unset=True))
@@ -317,6 +304,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(outcome.body, outcome.status)
 
     app.add_middleware(_Front, fetch=fetch_worker, execute=execute_code)
+    app.add_middleware(BodyCap)  # added last: outermost, so it covers _Front's routes
 
     @app.get("/logs/stream")
     async def stream_logs(request: Request) -> Any:
@@ -358,16 +346,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         if isinstance(caller, JSONResponse):
             return caller
         if namespace is not None and namespace != caller.namespace:
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": {
-                        "type": "PermissionDenied",
-                        "message": f"this key sees the logs of namespace {caller.namespace!r} only",
-                    },
-                },
-                403,
-            )
+            message = f"this key sees the logs of namespace {caller.namespace!r} only"
+            return error_answer(403, "PermissionDenied", message)
         store: ServiceStore = state["store"]
         records = store.logs(
             caller.namespace, worker=worker, status=status, since=since, until=until, limit=limit

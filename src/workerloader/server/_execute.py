@@ -14,7 +14,7 @@ from typing import Any
 from .. import Limits, Loader, WorkerCode
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerError, WorkerLoadError
 
-__all__ = ["ExecuteOutcome", "NotJsonError", "execute", "to_json"]
+__all__ = ["ExecuteOutcome", "NotJsonError", "execute", "failure_status", "to_json"]
 
 _closing: set[asyncio.Future[None]] = set()  # workers of answered executions, stopping
 
@@ -71,6 +71,16 @@ def to_json(value: object, where: str = "result", _open: set[int] | None = None)
     return repr(value)
 
 
+def failure_status(exc: BaseException) -> int:
+    """The status of a call that failed: 504 out of wall time, 502 the worker died, else 422
+    (the worker's code failed)."""
+    if isinstance(exc, WallTimeExceeded):
+        return 504
+    if isinstance(exc, WorkerCrashed):
+        return 502
+    return 422
+
+
 def _error(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, WorkerError):
         return {"type": exc.type_name, "message": exc.message, "traceback": exc.traceback}
@@ -110,13 +120,7 @@ async def execute(
     except Exception as exc:
         logs = getattr(exc, "logs", None) or (stub.logs if stub else [])
         body = {"ok": False, "error": _error(exc)}
-        status = (
-            504
-            if isinstance(exc, WallTimeExceeded)
-            else 502
-            if isinstance(exc, WorkerCrashed)
-            else 422
-        )
+        status = failure_status(exc)
     finally:
         if stub is not None:
             # Stopping the worker (kill, wait for its exit, free its cgroup) is not the

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["bad_request", "body_schema", "statuses_as_answered"]
+__all__ = ["bad_request", "body_schema", "error_answer", "statuses_as_answered"]
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -43,6 +43,15 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     result: dict[str, Any] = inline(schema)
     return result
+
+
+def error_answer(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The service's answer for a request it refuses: ``{"ok": false, "error": {"type":
+    kind, "message"}}`` with ``status``."""
+    error = {"type": kind, "message": message}
+    return JSONResponse({"ok": False, "error": error}, status, headers=headers)
 
 
 def bad_request(exc: ValidationError | RequestValidationError) -> JSONResponse:

@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
-from .._errors import WallTimeExceeded, WorkerCrashed, WorkerloaderError, WorkerLoadError
+from .._errors import WorkerloaderError, WorkerLoadError
 from ..bindings import HttpGateway
-from ._execute import NotJsonError, _error, to_json
-from ._schema import bad_request, json_body
+from ._execute import NotJsonError, _error, failure_status, to_json
+from ._schema import bad_request, error_answer, json_body
 from ._store import Caller, ServiceStore
 
 __all__ = [
@@ -130,7 +130,7 @@ def check_definition(definition: WorkerDefinition) -> None:
 def _bad_request(message: str) -> JSONResponse:
     """400 with ``message``: the request is the client's mistake (422 is kept for user code
     that failed)."""
-    return JSONResponse({"ok": False, "error": {"type": "BadRequest", "message": message}}, 400)
+    return error_answer(400, "BadRequest", message)
 
 
 def _read_only(caller: Caller) -> JSONResponse | None:
@@ -138,9 +138,7 @@ def _read_only(caller: Caller) -> JSONResponse | None:
     both change the namespace: both need ``write``."""
     if "write" in caller.permissions:
         return None
-    return JSONResponse(
-        {"ok": False, "error": {"type": "Forbidden", "message": "a read-only key"}}, 403
-    )
+    return error_answer(403, "Forbidden", "a read-only key")
 
 
 _RPC_BODY = {
@@ -219,14 +217,14 @@ def _code(
 def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     """The status and body for a call that failed: 504 wall time, 502 the worker died,
     422 everything the worker's code did."""
+    # BadDefinition: a stored binding this service cannot give (any more).
+    if (
+        not isinstance(exc, (WorkerloaderError, BadDefinition))
+        and type(exc).__module__ != "builtins"
+    ):
+        raise exc
     body = {"ok": False, "error": _error(exc), "logs": getattr(exc, "logs", [])}
-    if isinstance(exc, WallTimeExceeded):
-        return 504, body
-    if isinstance(exc, WorkerCrashed):
-        return 502, body
-    if isinstance(exc, (WorkerloaderError, BadDefinition)) or type(exc).__module__ == "builtins":
-        return 422, body  # BadDefinition: a stored binding this service cannot give (any more)
-    raise exc
+    return failure_status(exc), body
 
 
 def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter, FetchHandler]:
@@ -242,10 +240,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             await state["loader"].evict(key)
 
     def not_found(worker_id: str) -> JSONResponse:
-        return JSONResponse(
-            {"ok": False, "error": {"type": "NotFound", "message": f"no worker {worker_id!r}"}},
-            404,
-        )
+        return error_answer(404, "NotFound", f"no worker {worker_id!r}")
 
     def caller_and_stub(worker_id: str, request: Request) -> tuple[Caller, Any] | JSONResponse:
         """The authenticated caller and a stub on their stored worker ``worker_id``, or the
