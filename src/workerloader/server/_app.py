@@ -1,4 +1,4 @@
-"""The ASGI app: ``/health`` and ``/execute`` (the rest of the service is still to come)."""
+"""The ASGI app: ``/health``, ``/execute``, stored workers, ``/logs`` and OpenAPI at ``/docs``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
-from ..loader._loader import _namespace as valid_namespace
+from ..loader._loader import valid_namespace
 from ._execute import execute
 from ._schema import bad_request, error_answer, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bindings._sqlite import open_database
-from ..loader._loader import _namespace as valid_namespace
+from ..loader._loader import valid_namespace
 
 __all__ = ["ApiKey", "Caller", "ServiceStore"]
 
