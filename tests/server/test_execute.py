@@ -119,7 +119,14 @@ async def test_wall_time_is_504(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b'{"cod": "x"}', b'{"code": 1}', b'{"code": "1", "language": "js"}', b"[]"],
+    [
+        b"not json",
+        b'{"cod": "x"}',
+        b'{"code": 1}',
+        b'{"code": "1", "language": "js"}',
+        b"[]",
+        b'{"code": "return 1", "timeout": 5000}',  # misspelt: not silently ignored
+    ],
 )
 async def test_a_malformed_body_is_400_never_500(client: httpx.AsyncClient, body: bytes) -> None:
     response = await client.post("/execute", content=body)

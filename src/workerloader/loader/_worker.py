@@ -14,16 +14,19 @@ import msgspec
 
 from .. import rpc
 from .._errors import (
+    BindingError,
     CpuLimitExceeded,
     DataCloneError,
     LimitExceeded,
     MemoryLimitExceeded,
     OutputLimitExceeded,
+    PermissionDenied,
     SessionClosed,
     SubrequestLimitExceeded,
     WallTimeExceeded,
     WorkerCrashed,
     WorkerError,
+    WorkerloaderError,
     WorkerLoadError,
 )
 from ..bindings._sqlite import call_deadline
@@ -319,6 +322,14 @@ def check_shape(raw: object, shape: type[_T], what: str) -> _T:
         raise WorkerCrashed(f"the worker sent a malformed {what}: {exc}") from None
 
 
+_BINDING_ERRORS: dict[str, type[WorkerloaderError]] = {
+    "PermissionDenied": PermissionDenied,
+    "BindingError": BindingError,
+}
+"""Errors the host's bindings raise into a worker, by name: one the worker's code does not
+catch reaches the caller as itself (``except PermissionDenied`` works across the worker)."""
+
+
 def unwrap(envelope: Envelope) -> Any:
     """The value of a call envelope, or its error raised as the caller should see it."""
     error = envelope.error
@@ -330,6 +341,9 @@ def unwrap(envelope: Envelope) -> Any:
         exc = MemoryLimitExceeded(message or "the worker ran out of memory")
     elif name == "OutputLimitExceeded":
         exc = OutputLimitExceeded(message)
+    elif name in _BINDING_ERRORS:  # a binding's refusal the code let through
+        exc = _BINDING_ERRORS[name](message)
+        exc.add_note(error.traceback)
     else:
         cls = getattr(builtins, name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):

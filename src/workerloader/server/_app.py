@@ -63,6 +63,8 @@ class ServerConfig:
 class ExecuteRequest(BaseModel):
     """The body of ``POST /execute``."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
+
     code: str = Field(max_length=MAX_BODY_BYTES, description="The body of an async function.")
     # At least a second: starting a sandboxed worker takes milliseconds (more on a loaded
     # machine), and a wall time that the start itself can use up would answer 504 to anything.
@@ -269,7 +271,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         try:
             body = ExecuteRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            return bad_request(exc)
+            return bad_request(exc, ExecuteRequest)
         loader: Loader = state["loader"]
         slots: asyncio.Semaphore = state["slots"]
         if slots.locked():

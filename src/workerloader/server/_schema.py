@@ -7,6 +7,8 @@ document, so the definitions are substituted in place.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -54,14 +56,42 @@ def error_answer(
     return JSONResponse({"ok": False, "error": error}, status, headers=headers)
 
 
-def bad_request(exc: ValidationError | RequestValidationError) -> JSONResponse:
+def bad_request(
+    exc: ValidationError | RequestValidationError, model: type[BaseModel] | None = None
+) -> JSONResponse:
     """400 with where the body is wrong: a malformed body is the client's mistake (422 is
-    kept for user code that failed)."""
+    kept for user code that failed). With the body's ``model``, an unknown field's message
+    lists the fields that place takes."""
     errors = exc.errors()
+    for e in errors:
+        known = _fields_at(model, e["loc"][:-1]) if e["type"] == "extra_forbidden" else None
+        if known:
+            e["msg"] = f"unknown field (the fields here: {', '.join(known)})"
     details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
     message = "; ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors)
     error = {"type": "BadRequest", "message": message, "details": details}
     return JSONResponse({"ok": False, "error": error}, 400)
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model that sits at ``loc`` in a body of ``model`` (following
+    fields, dict values and optional models), or none if it is not a model."""
+    node: object = model
+    for step in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(step))
+            node = field.annotation if field is not None else None
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]  # ``step`` is a key
+        else:
+            return []
+        # ``Model | None`` is the model
+        models = [a for a in typing.get_args(node) if isinstance(a, type)]
+        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(models) >= 1:
+            node = next((a for a in models if issubclass(a, BaseModel)), node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
 
 
 _ERROR = {

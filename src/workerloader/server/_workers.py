@@ -50,6 +50,8 @@ class WorkerLimits(BaseModel):
 class Binding(BaseModel):
     """A binding the worker's ``env`` gets, in the caller's namespace."""
 
+    model_config = ConfigDict(extra="forbid")  # ``"writ": false`` must not leave it writable
+
     type: Literal["kv", "sql", "db", "blobs", "sdk", "ai", "api"]
     read: bool = True
     write: bool = True
@@ -57,6 +59,10 @@ class Binding(BaseModel):
 
 class WorkerDefinition(BaseModel):
     """The body of ``PUT /workers/{id}``: code, data, bindings and limits."""
+
+    # A misspelt field (``"binding"``, ``"limit"``) is an error: dropped, it would store a
+    # worker without what its author meant it to have.
+    model_config = ConfigDict(extra="forbid")
 
     main_module: str = Field(max_length=256)
     modules: dict[str, str | dict[str, Any]] = Field(
@@ -113,9 +119,12 @@ def _check_finite(value: object, where: str) -> None:
 
 def check_definition(definition: WorkerDefinition) -> None:
     """Raise BadDefinition if ``definition`` holds what the service refuses to store (an
-    infinite or NaN float anywhere, or a ``data_base64`` that is not base64: named); the
-    service and ``workers put`` both check it. (Stored ones load leniently: line breaks and
-    stray characters were accepted before.)"""
+    infinite or NaN float anywhere, a ``data_base64`` that is not base64, a name that is both
+    env data and a binding: named); the service and ``workers put`` both check it. (Stored
+    ones load leniently: line breaks and stray characters were accepted before.)"""
+    both = sorted(set(definition.env) & set(definition.bindings))
+    if both:  # the binding would silently replace the data
+        raise BadDefinition(f"{', '.join(both)}: named in both env and bindings")
     for field, value in definition.model_dump().items():
         _check_finite(value, field)
     for path, module in definition.modules.items():
@@ -259,10 +268,11 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             return None
         key = _cache_key(caller, worker_id, stored["version"])
         started.setdefault((caller.namespace, worker_id), set()).add(key)
+        definition = {k: v for k, v in stored.items() if k in WorkerDefinition.model_fields}
         return loader.get(
             key,
             lambda: _code(
-                loader, caller, WorkerDefinition.model_validate(stored), state.get("api")
+                loader, caller, WorkerDefinition.model_validate(definition), state.get("api")
             ),
         )
 
@@ -285,7 +295,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         try:
             definition = WorkerDefinition.model_validate_json(await request.body())
         except ValidationError as exc:
-            return bad_request(exc)
+            return bad_request(exc, WorkerDefinition)
         loader: Loader = state["loader"]
         try:
             check_definition(definition)
@@ -409,7 +419,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         worker_id: str, entrypoint: str, method: str, request: Request
     ) -> JSONResponse:
         """Call an entrypoint's method with JSON ``{"args": [...], "kwargs": {...}}`` (or a
-        bare list of args); ``Default`` names the default entrypoint. 400 for any other body;
+        bare list of args); ``Default`` names the default entrypoint. 400 for any other body
+        (``props`` too: only the host sets them) and for ``fetch`` (the fetch proxy's);
         422 if the method failed or its result holds a value JSON cannot carry (an infinite
         or NaN float: ``NotJsonError``, naming where); 502/504 if the worker died or ran out
         of wall time."""
@@ -427,11 +438,24 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         if isinstance(raw, list):
             args, kwargs = raw, {}
         elif isinstance(raw, dict):
+            if "props" in raw:
+                return _bad_request(
+                    "props cannot be sent over HTTP: a worker trusts its ctx.props as the "
+                    "host's (the Loader API's get_entrypoint(name, props=...) sets them)"
+                )
+            unknown = sorted(set(raw) - {"args", "kwargs"})
+            if unknown:
+                return _bad_request(f"{expected}; unknown field(s): {', '.join(unknown)}")
             args, kwargs = raw.get("args", []), raw.get("kwargs", {})
         else:
             return _bad_request(f"{expected}, not {type(raw).__name__}")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             return _bad_request(f'{expected}: "args" must be a list and "kwargs" an object')
+        if method == "fetch":  # its argument is a request, its answer a response: HTTP's
+            return _bad_request(
+                f"fetch is not an RPC method here: send the request to "
+                f"/workers/{worker_id}/fetch/{{path}}"
+            )
         started = time.perf_counter()
         name = None if entrypoint == "Default" else entrypoint
         entry = stub.get_entrypoint(name)
