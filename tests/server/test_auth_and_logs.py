@@ -7,6 +7,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -51,6 +52,21 @@ async def test_with_keys_requests_need_one_and_run_in_its_namespace(
 
     store.revoke(alice.id)
     assert (await client.post("/execute", json=code, headers=as_alice)).status_code == 401
+
+
+async def test_revoking_the_last_key_does_not_open_the_service(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    # An operator revoking a leaked key: neither it nor anonymous callers get in afterwards.
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    only = store.create_key("ops", "default")
+    await client.post("/execute", json={"code": "await kv.put('s', 'x')"}, headers=bearer(only))
+    store.revoke(only.id)
+    assert (await client.get("/health")).json()["auth"] == "keys"
+    read = {"code": "return await kv.get('s')"}
+    assert (await client.post("/execute", json=read)).status_code == 401
+    assert (await client.post("/execute", json=read, headers=bearer(only))).status_code == 401
 
 
 async def test_every_execute_is_logged_and_logs_are_per_namespace(
@@ -109,6 +125,41 @@ async def test_the_log_stream_sends_new_records_as_they_are_written(
     assert record["kind"] == "execute"
     assert record["status"] == 200
     assert record["logs"] == ["live"]
+
+
+async def next_event(lines: Any) -> str:
+    """The next event line (``data:`` or ``event:``) of a log stream."""
+    async with asyncio.timeout(10):
+        async for line in lines:
+            if line.startswith(("data: ", "event: ")):
+                return str(line)
+    raise AssertionError("the stream ended")
+
+
+async def test_the_log_stream_filters_as_logs_does_and_ends_with_its_key(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, data_dir = served
+    store = ServiceStore(data_dir)
+    watcher, writer = store.create_key("w", "team"), store.create_key("x", "team")
+    assert (
+        await client.get("/logs/stream", params={"namespace": "other"}, headers=bearer(watcher))
+    ).status_code == 403
+    params = {"status": 422}
+    async with client.stream(
+        "GET", "/logs/stream", params=params, headers=bearer(watcher)
+    ) as stream:
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith(":")
+        await client.post("/execute", json={"code": "return 1"}, headers=bearer(writer))
+        await client.post("/execute", json={"code": "1 / 0"}, headers=bearer(writer))
+        record = json.loads((await next_event(lines))[len("data: ") :])
+        assert (record["status"], record["error_type"]) == (422, "ZeroDivisionError")
+        store.revoke(watcher.id)
+        await client.post(
+            "/execute", json={"code": "print('after')\n1 / 0"}, headers=bearer(writer)
+        )
+        assert await next_event(lines) == "event: error"
 
 
 async def test_require_auth_refuses_anonymous_callers_before_any_key_exists(

@@ -214,3 +214,89 @@ async def test_a_stored_worker_with_bindings_still_serves(client: httpx.AsyncCli
     assert (await client.put("/workers/w", json=both)).status_code == 200
     called = await client.post("/workers/w/rpc/Echo/echo", json=[1])
     assert called.json()["result"] == [[1], {}], called.text
+
+
+BAD_RESPONSES = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        case = request.url.rsplit("/", 1)[1]
+        if case == "framing":
+            headers = {"transfer-encoding": "chunked", "content-length": "0", "x-kept": "1"}
+            return Response("ok", headers=headers)
+        if case == "forged":  # past the constructor's check: the host checks again
+            response = Response("ok")
+            response.status = 0
+            return response
+        if case == "status":
+            return Response("ok", status=99)
+        return Response("ok", headers={"x-bad": "a\\r\\nset-cookie: x=1"})
+"""
+
+
+async def test_a_worker_cannot_set_the_framing_of_the_services_answer(
+    client: httpx.AsyncClient,
+) -> None:
+    # Passed on, a worker's transfer-encoding beside a content-length would let a client or a
+    # proxy read the rest of the body as a second response.
+    definition = {"main_module": "main.py", "modules": {"main.py": BAD_RESPONSES}}
+    assert (await client.put("/workers/r", json=definition)).status_code == 200
+    answer = await client.get("/workers/r/fetch/framing")
+    assert answer.status_code == 200
+    assert answer.text == "ok"
+    assert answer.headers["x-kept"] == "1"
+    assert "transfer-encoding" not in answer.headers
+    assert answer.headers["content-length"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "needle"),
+    [
+        ("status", 422, "status 99 is not an int in 200-599"),
+        ("header", 422, "has a value HTTP cannot carry"),
+        ("forged", 502, "malformed response: status 0"),
+    ],
+)
+async def test_a_response_http_cannot_carry_is_refused_with_a_typed_error(
+    client: httpx.AsyncClient, case: str, status: int, needle: str
+) -> None:
+    definition = {"main_module": "main.py", "modules": {"main.py": BAD_RESPONSES}}
+    assert (await client.put("/workers/r", json=definition)).status_code == 200
+    answer = await client.get(f"/workers/r/fetch/{case}")
+    assert answer.status_code == status, answer.text
+    assert needle in answer.json()["error"]["message"]
+    logged = (await client.get("/logs", params={"worker": "r", "limit": 1})).json()["logs"]
+    assert logged[0]["status"] == status
+
+
+@pytest.mark.parametrize("env", ['{"a": ' + "9" * 2000 + "}", '{"a": ' + "[" * 70 + "]" * 70 + "}"])
+async def test_env_data_no_worker_can_take_is_a_400_naming_where(
+    client: httpx.AsyncClient, env: str
+) -> None:
+    refused = await client.put("/workers/w", content=raw_definition(env=env))
+    assert_bad_request(refused, "cannot be sent to a worker", "env")
+    assert (await client.get("/workers/w")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("import os\nos._exit(1)\n", "WorkerCrashed"),
+        ("while True:\n    pass\n", "CpuLimitExceeded"),
+        ("import time\ntime.sleep(100)\n", "WallTimeExceeded"),
+    ],
+)
+async def test_a_worker_that_dies_or_hits_a_limit_as_it_loads_is_refused_422(
+    client: httpx.AsyncClient, source: str, kind: str
+) -> None:
+    definition = {
+        "main_module": "main.py",
+        "modules": {"main.py": source + MAIN},
+        "limits": {"cpu_ms": 100, "wall_ms": 1000},
+    }
+    refused = await client.put("/workers/w", json=definition)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["type"] == kind
+    assert (await client.get("/workers/w")).status_code == 404

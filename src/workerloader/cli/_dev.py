@@ -51,7 +51,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
     from ..server._app import BodyCap
-    from ..server._workers import FETCH_METHODS, WorkerDefinition, _failure, _modules
+    from ..server._workers import FETCH_METHODS, WorkerDefinition, _end_to_end, _failure, _modules
     from ._workers import read_worker_dir
 
     state: dict[str, object] = {"version": 0, "snapshot": {}}
@@ -107,7 +107,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                     return JSONResponse(body, status)
                 for line in stub.logs:
                     click.echo(f"[log] {line}")
-                return Response(body_bytes, response.status, headers=response.headers)
+                return Response(body_bytes, response.status, headers=_end_to_end(response))
 
             app.add_middleware(BodyCap)  # bodies capped as the service's are (413)
             server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))

@@ -16,6 +16,7 @@ from .._errors import (
     WorkerCrashed,
     WorkerLoadError,
 )
+from .._http_rules import response_problem
 from ..sandbox import WorkerProcess
 from ._code import WorkerCode
 from ._http import Request, Response
@@ -200,6 +201,9 @@ class EntrypointStub(rpc.RpcForwarder):
         if not isinstance(value, dict) or "__response__" not in value:
             raise TypeError(f"fetch() must return a workers.Response, not {type(value).__name__}")
         wire = check_shape(value["__response__"], WireResponse, "response")
+        problem = response_problem(wire.status, wire.headers)
+        if problem is not None:  # the worker's Response refuses these: a worker that lies
+            raise WorkerCrashed(f"the worker sent a malformed response: {problem}")
         if wire.stream is None:
             plain = Response(wire.status, wire.headers, wire.body)
             plain.cpu_ms = self._stub.cpu_ms

@@ -10,6 +10,7 @@ import json as _json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any, cast
 
+from .._http_rules import response_problem as _response_problem
 from ..rpc import RpcTarget
 
 __all__ = [
@@ -125,6 +126,9 @@ class Response:
     ) -> None:
         self.status = status
         self.headers = _headers(headers)
+        problem = _response_problem(status, self.headers)
+        if problem is not None:
+            raise ValueError(f"Response: {problem}")
         if isinstance(body, str):
             self.headers.setdefault("content-type", "text/plain;charset=UTF-8")
         self._stream: AsyncIterable[bytes | str] | None = None

@@ -167,6 +167,14 @@ class _Front:
         await self.app(scope, receive, send)
 
 
+def _other_namespace(caller: Caller, namespace: str | None) -> JSONResponse | None:
+    """The 403 for a caller asking for another namespace's logs, else None."""
+    if namespace is None or namespace == caller.namespace:
+        return None
+    message = f"this key sees the logs of namespace {caller.namespace!r} only"
+    return error_answer(403, "PermissionDenied", message)
+
+
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The service's ASGI app; its lifespan owns a Loader."""
     config = config or ServerConfig()
@@ -309,24 +317,40 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(BodyCap)  # added last: outermost, so it covers _Front's routes
 
     @app.get("/logs/stream")
-    async def stream_logs(request: Request) -> Any:
+    async def stream_logs(
+        request: Request,
+        worker: str | None = None,
+        namespace: str | None = None,
+        status: int | None = Query(None, ge=100, le=599),
+    ) -> Any:
         """Server-sent events: each new request-log record of the caller's namespace as it
-        is written (``data: {json}``)."""
+        is written (``data: {json}``), filtered by worker and status as ``/logs`` is. The key
+        is checked again on every poll: once it is revoked the stream ends."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
+        if (refused := _other_namespace(caller, namespace)) is not None:
+            return refused
         store: ServiceStore = state["store"]
 
         async def events() -> AsyncIterator[bytes]:
             since = time.time()
-            seen: set[str] = set()
+            seen: set[str] = set()  # the records sent whose time is ``since``
             yield b": workerloader request log\n\n"
             while not await request.is_disconnected():
-                for record in reversed(store.logs(caller.namespace, since=since, limit=1000)):
-                    if record["id"] not in seen:
-                        seen.add(record["id"])
-                        since = max(since, record["time"])
-                        yield b"data: " + json.dumps(record).encode() + b"\n\n"
+                if isinstance(authenticate(request), JSONResponse):
+                    yield b"event: error\ndata: the key is no longer valid\n\n"
+                    return
+                records = store.logs(
+                    caller.namespace, worker=worker, status=status, since=since, limit=1000
+                )
+                for record in reversed(records):
+                    if record["id"] in seen:
+                        continue
+                    if record["time"] > since:
+                        since, seen = record["time"], set()
+                    seen.add(record["id"])
+                    yield b"data: " + json.dumps(record).encode() + b"\n\n"
                 await asyncio.sleep(0.25)
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -347,9 +371,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
-        if namespace is not None and namespace != caller.namespace:
-            message = f"this key sees the logs of namespace {caller.namespace!r} only"
-            return error_answer(403, "PermissionDenied", message)
+        if (refused := _other_namespace(caller, namespace)) is not None:
+            return refused
         store: ServiceStore = state["store"]
         records = store.logs(
             caller.namespace, worker=worker, status=status, since=since, until=until, limit=limit

@@ -146,15 +146,14 @@ class ServiceStore:
         return cursor.rowcount > 0
 
     def has_keys(self) -> bool:
-        """True once any key is active: then every request must present one. Re-read only
-        when another connection (the CLI creating or revoking a key) has written the
-        database, which SQLite's data_version tells for the price of a pragma."""
+        """True once any key has been created, revoked ones too: then every request must
+        present an active one (revoking the last key must not open the service to anonymous
+        callers). Re-read only when another connection (the CLI creating a key) has written
+        the database, which SQLite's data_version tells for the price of a pragma."""
         with self._lock:
             self._forget_if_written_elsewhere()
             if self._has_keys is None:
-                row = self._conn.execute(
-                    "SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1"
-                ).fetchone()
+                row = self._conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone()
                 self._has_keys = row is not None
             return self._has_keys
 

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
-from .._errors import WorkerloaderError, WorkerLoadError
+from .. import Response as WorkerResponse
+from .._errors import DataCloneError, WorkerloaderError
 from ..bindings import HttpGateway
 from ._execute import NotJsonError, _error, failure_status, to_json
 from ._schema import bad_request, error_answer, json_body
@@ -283,8 +284,9 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
     async def put_worker(worker_id: str, request: Request) -> JSONResponse:
         """Store (or replace) a worker: code, env data, bindings and limits. 403 for a
         read-only key; 400 for a malformed body, a module whose ``data_base64`` is not base64,
-        or an infinite/NaN float anywhere in it (naming where); 422 if the worker fails to
-        load."""
+        an infinite/NaN float anywhere in it, or env data no worker can take (too deep, an
+        int too large: naming where); 422 if the worker fails to load (an error, a limit hit
+        or a crash while its modules are imported)."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
@@ -305,7 +307,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         try:  # validate now: a broken worker is refused, not stored
             stub = await loader.load(code)
             await stub.aclose()
-        except WorkerLoadError as exc:
+        except DataCloneError as exc:  # env data that cannot reach a worker: the body's
+            return _bad_request(f"the definition cannot be sent to a worker: {exc}")
+        except WorkerloaderError as exc:
+            # Failed to load: an error, or a limit or crash while its modules were imported.
             return JSONResponse({"ok": False, "error": _error(exc)}, 422)
         store: ServiceStore = state["store"]
         version = store.put_worker(caller.namespace, worker_id, definition.model_dump())
@@ -393,9 +398,9 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
                         response.cpu_ms,
                     )
 
-            return StreamingResponse(streamed(), response.status, headers=response.headers)
+            return StreamingResponse(streamed(), response.status, headers=_end_to_end(response))
         _log(state, caller, "fetch", worker_id, response.status, started, logs, response.cpu_ms)
-        return Response(await response.bytes(), response.status, headers=response.headers)
+        return Response(await response.bytes(), response.status, headers=_end_to_end(response))
 
     for http_method in FETCH_METHODS:
         # One route per method: OpenAPI wants an operation id of its own for each.
@@ -486,6 +491,30 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         return JSONResponse(body)
 
     return router, fetch_worker
+
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+"""Headers about the connection, not the response (RFC 9110 §7.6.1), and the body's framing:
+the service frames what it sends itself. From a worker, they could make one response read as
+two by a client or a proxy that trusts them."""
+
+
+def _end_to_end(response: WorkerResponse) -> dict[str, str]:
+    """A worker response's headers as the proxy passes them on: all but ``_HOP_BY_HOP``."""
+    return {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP}
 
 
 def _log(
