@@ -125,6 +125,10 @@ class Api(WorkerEntrypoint):
         if how == "sys.exit":
             import sys
             sys.exit(3)
+        if how == "own":
+            class Stop(BaseException):
+                pass
+            raise Stop("mine")
         raise KeyboardInterrupt
 
     async def leave_running(self, how):
@@ -469,7 +473,8 @@ async def test_each_call_shows_its_own_warnings(loader: Loader) -> None:
 
 
 @pytest.mark.parametrize(
-    ("how", "error"), [("sys.exit", "SystemExit: 3"), ("raise", "KeyboardInterrupt: ")]
+    ("how", "error"),
+    [("sys.exit", "SystemExit: 3"), ("raise", "KeyboardInterrupt: "), ("own", "Stop: mine")],
 )
 async def test_sys_exit_in_a_call_fails_the_call_not_the_worker(
     loader: Loader, how: str, error: str

@@ -187,3 +187,33 @@ async def test_the_callers_context_is_data_the_code_may_return(client: httpx.Asy
     code = "return [context.namespace, context['namespace'], context.permissions]"
     body = (await client.post("/execute", json={"code": code})).json()
     assert body["result"] == ["default", "default", ["read", "write"]]
+
+
+@pytest.mark.parametrize(
+    ("code", "needle"),
+    [
+        ("return {1: 'a', '1': 'b'}", "two keys that are both '1'"),
+        ("return {'x': {None: 1, 'None': 2}}", "result['x'] has two keys"),
+        ("return {10 ** 5000: 1}", "int with more than 1000 digits"),
+    ],
+)
+async def test_keys_json_would_merge_or_cannot_carry_are_422_not_lost(
+    client: httpx.AsyncClient, code: str, needle: str
+) -> None:
+    answer = await client.post("/execute", json={"code": code})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == ("DataCloneError" if "digits" in needle else "NotJsonError")
+    assert needle in error["message"]
+
+
+async def test_unknown_routes_and_methods_answer_in_the_services_error_shape(
+    client: httpx.AsyncClient,
+) -> None:
+    missing = await client.get("/no/such/route")
+    assert missing.status_code == 404
+    assert missing.json() == {"ok": False, "error": {"type": "NotFound", "message": "Not Found"}}
+    wrong = await client.delete("/execute")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["type"] == "MethodNotAllowed"
+    assert "POST" in wrong.headers["allow"]

@@ -300,3 +300,15 @@ async def test_a_worker_that_dies_or_hits_a_limit_as_it_loads_is_refused_422(
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["type"] == kind
     assert (await client.get("/workers/w")).status_code == 404
+
+
+async def test_an_rpc_result_passed_by_reference_is_422_naming_where(
+    client: httpx.AsyncClient,
+) -> None:
+    source = MAIN + "\n    async def fn(self):\n        return {'f': lambda: 1}\n"
+    definition = {"main_module": "main.py", "modules": {"main.py": source}}
+    assert (await client.put("/workers/w", json=definition)).status_code == 200
+    answer = await client.post("/workers/w/rpc/Echo/fn")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["type"] == "NotJsonError"
+    assert "result['f'] is a function" in answer.json()["error"]["message"]

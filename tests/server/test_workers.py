@@ -177,3 +177,21 @@ async def test_a_result_json_cannot_carry_is_a_422_naming_where(
         ("rpc", 422, "NotJsonError"),
     ]
     assert logs[1]["logs"] == ["computing"]
+
+
+async def test_a_worker_deleted_and_stored_again_elsewhere_serves_its_new_code(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    # The CLI writes the database from another process: after its delete, the next store is
+    # version 1 again, and the service's warm process of the old version 1 must not answer.
+    client, data_dir = served
+
+    def definition(greeting: str) -> dict[str, object]:
+        return {**DEFINITION, "env": {"GREETING": greeting}}
+
+    assert (await client.put("/workers/w", json=definition("old"))).status_code == 200
+    assert (await client.get("/workers/w/fetch/")).text.endswith(" old")
+    cli = ServiceStore(data_dir)
+    assert cli.delete_worker("default", "w")
+    assert cli.put_worker("default", "w", definition("new")) == 1
+    assert (await client.get("/workers/w/fetch/")).text.endswith(" new")

@@ -233,14 +233,22 @@ class _Encoder:
             try:
                 pairs.append(walk(k, depth))
             except _CloneFailure as failure:
-                failure.path.append(f" key {k!r}")
+                failure.path.append(f" key {_key_repr(k)}")
                 raise
             try:
                 pairs.append(walk(item, depth))
             except _CloneFailure as failure:
-                failure.path.append(f"[{k!r}]")
+                failure.path.append(f"[{_key_repr(k)}]")
                 raise
         return {T_DICT: pairs}
+
+
+def _key_repr(key: object) -> str:
+    """``repr(key)`` for an error's path; an int too long for ``repr`` is named by its size."""
+    try:
+        return repr(key)
+    except ValueError:  # an int past Python's digits limit for str()
+        return f"<an int of {key.bit_length() if isinstance(key, int) else '?'} bits>"
 
 
 def decode_value(raw: object, import_: Import, limits: RpcLimits) -> object:

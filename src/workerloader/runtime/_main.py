@@ -70,9 +70,6 @@ class SubrequestLimitExceeded(BaseException):
     the call whatever the code does with it."""
 
 
-_LIMIT_ERRORS = (OutputLimitExceeded, SubrequestLimitExceeded)
-
-
 _output: OutputWriter | None = None  # the copy the host reads if a limit ends the call
 
 
@@ -275,8 +272,11 @@ class WorkerRuntime(rpc.RpcTarget):
             if isinstance(value, workers.Response):
                 value = {"__response__": value.to_wire()}
             envelope: dict[str, Any] = {"value": value}
-        except (Exception, *_LIMIT_ERRORS, SystemExit, KeyboardInterrupt) as exc:
-            # sys.exit() in a call ends the call, not the worker: its caller gets the error.
+        except asyncio.CancelledError:
+            raise  # the session's, not the code's: the call is being torn down
+        except BaseException as exc:
+            # sys.exit(), KeyboardInterrupt or the code's own BaseException subclass end the
+            # call, not the worker: its caller gets the error.
             user_files = self._modules.user_files() if self._modules else set()
             envelope = {"error": _error_dict(exc, user_files)}
         finally:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
@@ -249,6 +251,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return bad_request(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The router's own refusals (no such route, a method it does not take) in the
+        # service's error shape, not FastAPI's {"detail": ...}.
+        kind = "".join(HTTPStatus(exc.status_code).phrase.title().split())
+        return error_answer(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

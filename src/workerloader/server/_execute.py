@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import Limits, Loader, WorkerCode
 from .._errors import WallTimeExceeded, WorkerCrashed, WorkerError, WorkerLoadError
+from ..rpc import RpcStub
 
 __all__ = ["ExecuteOutcome", "NotJsonError", "execute", "failure_status", "to_json"]
 
@@ -56,7 +57,7 @@ def to_json(value: object, where: str = "result", _open: set[int] | None = None)
         _open.add(id(value))
         try:
             if isinstance(value, dict):
-                return {str(k): to_json(v, f"{where}[{k!r}]", _open) for k, v in value.items()}
+                return _json_object(value, where, _open)
             return [to_json(v, f"{where}[{i}]", _open) for i, v in enumerate(value)]
         finally:
             _open.discard(id(value))
@@ -68,7 +69,27 @@ def to_json(value: object, where: str = "result", _open: set[int] | None = None)
         return value.total_seconds()
     if isinstance(value, (decimal.Decimal, uuid.UUID)):
         return str(value)
+    if isinstance(value, RpcStub):
+        raise NotJsonError(
+            f"{where} is a function or an object passed by reference, which JSON cannot carry "
+            "(return data: its fields, or what calling it gives)"
+        )
     return repr(value)
+
+
+def _json_object(value: dict[Any, Any], where: str, _open: set[int]) -> dict[str, Any]:
+    """``value`` as a JSON object: keys as text. Raises NotJsonError for two keys with one text
+    (``1`` and ``"1"``), which JSON would make one, losing a value."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        text = key if isinstance(key, str) else str(key)  # ints crossed: under 1000 digits
+        if text in out:
+            raise NotJsonError(
+                f"{where} has two keys that are both {text!r} as JSON text, which would "
+                "keep one value of the two (make the keys distinct strings)"
+            )
+        out[text] = to_json(item, f"{where}[{key!r}]", _open)
+    return out
 
 
 def failure_status(exc: BaseException) -> int:

@@ -163,14 +163,16 @@ _RPC_BODY = {
 """The body of ``POST /workers/{id}/rpc/{entrypoint}/{method}``, for the OpenAPI document."""
 
 
-def _cache_key(caller: Caller, worker_id: str, version: int) -> str:
-    """The Loader id of a stored worker as ``caller`` runs it. It carries the version, so an
-    update never serves old code; the namespace, so two namespaces' workers of one name never
-    share a process; and the caller's identity and grants, which its bindings and
-    ``sdk.context`` are made of, so a warm worker never serves one caller with another's."""
+def _cache_key(caller: Caller, worker_id: str, stored: dict[str, Any]) -> str:
+    """The Loader id of a stored worker as ``caller`` runs it. It carries the version and the
+    time it was stored, so an update never serves old code (a version starts at 1 again after
+    a delete, which another process, the CLI, may have made: the time tells the two apart);
+    the namespace, so two namespaces' workers of one name never share a process; and the
+    caller's identity and grants, which its bindings and ``sdk.context`` are made of, so a
+    warm worker never serves one caller with another's."""
     grants = ",".join(sorted(caller.permissions))
     who = f"{caller.user_id}|{int(caller.authenticated)}|{grants}"
-    return f"{caller.namespace}/{worker_id}@{version}#{who}"
+    return f"{caller.namespace}/{worker_id}@{stored['version']}:{stored['updated']!r}#{who}"
 
 
 def _code(
@@ -267,7 +269,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         stored = store.get_worker(caller.namespace, worker_id)
         if stored is None:
             return None
-        key = _cache_key(caller, worker_id, stored["version"])
+        key = _cache_key(caller, worker_id, stored)
         started.setdefault((caller.namespace, worker_id), set()).add(key)
         definition = {k: v for k, v in stored.items() if k in WorkerDefinition.model_fields}
         return loader.get(
