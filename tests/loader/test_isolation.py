@@ -12,6 +12,8 @@ import asyncio
 import errno
 import os
 import platform
+import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,34 @@ class Tenant(WorkerEntrypoint):
         finally:
             s.close()
 
+    async def datagram_to(self, path, how):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            if how == "sendto":
+                s.sendto(b"from a tenant", path)
+            else:
+                s.sendmsg([b"from a tenant"], [], 0, path)
+        finally:
+            s.close()
+
+    async def touch(self, path):
+        os.utime(path)
+
+    async def stat(self, path):
+        return os.stat(path).st_size
+
+    async def i386_call_in_a_thread(self):
+        # int 0x80 (i386's getpid) from a page of machine code, run by a second thread.
+        import mmap, threading
+        code = bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3])  # mov eax, 20; int 0x80; ret
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page.write(code)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        thread = threading.Thread(target=ctypes.CFUNCTYPE(ctypes.c_int)(address))
+        thread.start()
+        thread.join()
+        return "survived"
+
     async def reach(self, port):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
@@ -173,7 +203,7 @@ class Tenant(WorkerEntrypoint):
         os._exit(3)
 """
 
-DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+DENIED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}  # ENOENT: not in its view
 
 
 def exists(path: str) -> bool:
@@ -271,7 +301,7 @@ async def test_scratch_files_of_one_worker_are_invisible_to_another(loader: Load
 @pytest.mark.parametrize("path", ["/tenant-was-here", "/var/tmp/x", "/root/x", "{prefix}"])
 async def test_nothing_outside_scratch_is_writable(loader: Loader, path: str) -> None:
     kind, code, where = await tenant(loader).write(path)
-    assert kind in {"PermissionError", "OSError"}, (kind, where)
+    assert kind in {"PermissionError", "OSError", "FileNotFoundError"}, (kind, where)
     assert code in DENIED, (errno.errorcode.get(code, code), where)
     assert not exists(where)
 
@@ -290,6 +320,48 @@ async def test_unix_sockets_cannot_connect(loader: Loader) -> None:
     # Unfiltered, connecting to a path that does not exist is FileNotFoundError.
     with pytest.raises(PermissionError):
         await tenant(loader).unix_connect()
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendmsg"])
+async def test_a_host_unix_socket_gets_no_datagram(loader: Loader, how: str) -> None:
+    # Not under /tmp (each worker's scratch): a world-writable socket of the host's own.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as where:
+        path = os.path.join(where, "listening.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(path)
+        os.chmod(where, 0o777)
+        os.chmod(path, 0o777)
+        # sendto with an address is refused outright; sendmsg finds no such path in the view.
+        expected = PermissionError if how == "sendto" else FileNotFoundError
+        with pytest.raises(expected):
+            await tenant(loader).datagram_to(path, how)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.recv(100)
+        listener.close()
+
+
+async def test_host_files_cannot_be_touched_or_even_stated(loader: Loader) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as where:
+        victim = os.path.join(where, "world-writable")
+        os.close(os.open(victim, os.O_CREAT | os.O_WRONLY))
+        os.chmod(where, 0o777)
+        os.chmod(victim, 0o666)
+        os.utime(victim, (1e9, 1e9))
+        t = tenant(loader)
+        with pytest.raises(FileNotFoundError):
+            await t.touch(victim)
+        assert os.stat(victim).st_mtime == 1e9
+        for path in (victim, "/etc/shadow", "/proc/1"):
+            with pytest.raises(FileNotFoundError):
+                await t.stat(path)
+
+
+async def test_an_i386_system_call_in_any_thread_kills_the_worker(loader: Loader) -> None:
+    t = tenant(loader)
+    with pytest.raises(WorkerCrashed):
+        await t.i386_call_in_a_thread()
+    assert await t.count() == 1  # a fresh worker
 
 
 async def test_host_loopback_is_unreachable(loader: Loader) -> None:
@@ -324,7 +396,7 @@ async def test_host_environment_variables_are_absent(
         environ = await t.environ()
         assert "WL_TEST_SECRET" not in environ
         assert "s3cret" not in environ.values()
-        with pytest.raises(PermissionError):
+        with pytest.raises(FileNotFoundError):  # a worker's /proc is empty
             await t.read("/proc/self/environ")
 
 

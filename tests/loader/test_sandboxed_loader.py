@@ -38,6 +38,10 @@ class Probe(WorkerEntrypoint):
         with open(path, "rb") as f:
             return len(f.read())
 
+    async def imports(self, names):
+        import importlib
+        return len([importlib.import_module(name) for name in names])
+
     async def connect(self):
         socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(("127.0.0.1", 9))
 
@@ -97,19 +101,27 @@ async def test_fetch_and_named_entrypoints(loader: Loader) -> None:
 
 
 @pytest.mark.parametrize("path", ["/etc/shadow", "/etc/hostname", "/proc/1/environ"])
-async def test_host_files_are_unreadable(loader: Loader, path: str) -> None:
+async def test_host_files_are_not_even_there(loader: Loader, path: str) -> None:
+    # A worker's file system holds the interpreter and its libraries, nothing else.
     probe = loader.get("w", code).get_entrypoint("Probe")
-    with pytest.raises(PermissionError):
+    with pytest.raises(FileNotFoundError):
         await probe.read(path)
 
 
-async def test_a_host_data_dir_is_unreadable(loader: Loader) -> None:
+async def test_a_host_data_dir_is_not_even_there(loader: Loader) -> None:
     # Not under /tmp, which each worker replaces with its own tmpfs.
     with tempfile.TemporaryDirectory(dir="/var/tmp") as data_dir:
         secret = Path(data_dir) / "secret.txt"
         secret.write_text("host secret")
-        with pytest.raises(PermissionError):
+        with pytest.raises(FileNotFoundError):
             await loader.get("w", code).get_entrypoint("Probe").read(str(secret))
+
+
+async def test_standard_modules_that_link_system_libraries_import(loader: Loader) -> None:
+    # zlib, sqlite3, ssl, lzma and bz2 load shared libraries of the system's, which a
+    # worker's file system holds read-only beside the interpreter.
+    probe = loader.get("w", code).get_entrypoint("Probe")
+    assert await probe.imports(["zlib", "sqlite3", "ssl", "lzma", "bz2", "ctypes"]) == 6
 
 
 async def test_no_network_and_no_new_processes(loader: Loader) -> None:

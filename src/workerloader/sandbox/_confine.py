@@ -22,6 +22,7 @@ _UNDER_SCRATCH = [p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "
 _FS_READ = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_READ_DIR | sc.LANDLOCK_EXECUTE
 _FS_DEVNULL = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_WRITE_FILE
 _FS_ALL = sc.landlock_fs_rights()  # what this kernel's Landlock can restrict (asked once)
+_NO_DEVICES = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
 def _landlock_ruleset() -> int:
@@ -52,7 +53,8 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
     close_inherited(channel_fd)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    # 2. A private mount namespace with a size-capped tmpfs as scratch.
+    # 2. A private mount namespace (of the zygote's root, see _zygote._enter_worker_root) with
+    # a size-capped tmpfs as scratch.
     sc.unshare(sc.CLONE_NEWNS)
     # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
     keep = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in _UNDER_SCRATCH]
@@ -60,7 +62,7 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
         "tmpfs",
         SCRATCH,
         "tmpfs",
-        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        _NO_DEVICES,
         f"size={scratch_mb}m,nr_inodes=4096,mode=0777",
     )
     for path, fd in keep:
@@ -69,6 +71,9 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
         flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         sc.mount("none", path, None, flags, None)
         os.close(fd)
+    # Last of the mounts (the binds above name their sources through it): /proc goes under an
+    # empty read-only tmpfs, so the worker cannot even list the host's processes.
+    sc.mount("tmpfs", "/proc", "tmpfs", sc.MS_RDONLY | _NO_DEVICES, "size=4k,mode=0555")
     # 3. The worker's own identity: no two workers share a uid.
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)

@@ -9,15 +9,16 @@ import errno
 import os
 import socket
 import sys
+import sysconfig
 from typing import Final
 
-__all__ = ["READ_ONLY_PATHS", "compile_seccomp"]
+__all__ = ["LIBRARY_LINKS", "READ_ONLY_PATHS", "compile_seccomp"]
 
 # What a CPython worker with asyncio needs. Everything else fails with EPERM, including ptrace,
 # io_uring_*, bpf, unshare, setns, mount, keyctl, perf_event_open, process_vm_*, userfaultfd,
 # connect/bind/listen/accept (no socket of any family can reach anything), and fork (clone is
 # allowed only to start threads). libseccomp adds the architecture check: i386 and x32 system
-# calls kill the process.
+# calls kill the process (all its threads).
 _ALLOWED: Final = (  # noqa: SIM905 - a readable block of names
     "read write readv writev pread64 pwrite64 close close_range fstat newfstatat statx lseek "
     "mmap mprotect munmap mremap madvise brk mincore rt_sigaction rt_sigprocmask rt_sigreturn "
@@ -78,6 +79,9 @@ def compile_seccomp() -> tuple[bytes, bytes]:
     zygote = seccomp.SyscallFilter(deny)
     # A binary search over syscall numbers instead of a list of ~120 comparisons.
     zygote.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)
+    # A call of another architecture (i386's int 0x80, x32) ends the process, not only the
+    # thread that made it (libseccomp's default): a worker's other threads would live on.
+    zygote.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
     for name in (*_ALLOWED, *_ZYGOTE_EXTRA):
         zygote.add_rule(allow, name)
     # Threads and forks, never with a namespace flag.
@@ -93,8 +97,12 @@ def compile_seccomp() -> tuple[bytes, bytes]:
         zygote.add_rule(allow, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
 
     worker = seccomp.SyscallFilter(allow)  # what the zygote's filter denies stays denied
+    worker.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
     for name in (*_ZYGOTE_EXTRA, "unshare", "setns"):
         worker.add_rule(deny, name)
+    # Datagrams only to a connected peer: an address would name a socket in the file system
+    # (where the worker's view of it holds none, this is a second wall).
+    worker.add_rule(deny, "sendto", seccomp.Arg(4, seccomp.NE, 0))
     # Threads only: fork and vfork are clone without CLONE_THREAD.
     worker.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
     return _bpf(zygote), _bpf(worker)
@@ -110,12 +118,28 @@ def _bpf(filter_: object) -> bytes:
 
 
 def _interpreter_paths() -> list[str]:
+    # By the names Python uses (sys.path, .pth files): a worker's file system holds them there.
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     # An editable install or PYTHONPATH entry outside the prefixes (the package's own source).
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths.add(os.path.dirname(package_root))
-    return sorted(p for p in paths if os.path.isdir(p))
+    # The system's shared libraries, which extension modules link (zlib's libz, sqlite3's
+    # libsqlite3, ssl's libssl, pydantic-core's libgcc_s): without them `import zlib` fails.
+    # By their real names: /lib and /lib64 are links to them on most systems (LIBRARY_LINKS).
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    for libs in ("/usr/lib", "/lib"):
+        libs = os.path.join(libs, multiarch) if multiarch else libs
+        paths.add(os.path.realpath(libs))
+    paths.update(os.path.realpath(p) for p in ("/usr/lib64", "/lib64"))
+    found = {os.path.abspath(p) for p in paths if os.path.isdir(p)}
+    # An entry inside another adds nothing (a rule, or a mount, of the outer one holds it).
+    return sorted(p for p in found if not any(p.startswith(q + "/") for q in found))
 
 
 READ_ONLY_PATHS: Final = _interpreter_paths()
-"""What a worker may read: the interpreter, its standard library and installed packages."""
+"""What a worker may read: the interpreter, its standard library and installed packages, and
+the system's shared libraries they link."""
+
+LIBRARY_LINKS: Final = tuple(p for p in ("/lib", "/lib64") if os.path.islink(p))
+"""Top-level symbolic links to library directories (a merged /usr), kept in a worker's file
+system: the dynamic loader looks in /lib/<multiarch> too."""

@@ -1,6 +1,6 @@
 """Thin ctypes wrappers for the Linux calls Python 3.11 does not expose (unshare, setns, mount,
-prctl, seccomp filter load, Landlock, madvise, anonymous mmap). Each raises OSError with errno on
-failure."""
+pivot_root, prctl, seccomp filter load, Landlock, madvise, anonymous mmap). Each raises OSError
+with errno on failure."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ __all__ = [
     "madvise",
     "map_anonymous",
     "mount",
+    "pivot_root",
     "prctl",
     "setns",
     "unmap",
@@ -110,6 +111,13 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
             data.encode() if data else None,
         )
     )
+
+
+_SYS_PIVOT_ROOT: Final = 155  # x86_64; glibc has no wrapper
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()))
 
 
 def umount(target: str) -> None:

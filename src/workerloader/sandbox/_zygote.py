@@ -197,55 +197,50 @@ def _warn(message: str) -> None:
     print(f"[workerloader] zygote: {message}", file=sys.__stderr__, flush=True)
 
 
-def _blocked_ancestor(path: str) -> str | None:
-    """The highest ancestor of ``path`` that other users cannot traverse (e.g. /root), if any."""
-    parts = path.strip("/").split("/")
-    for i in range(1, len(parts)):
-        ancestor = "/" + "/".join(parts[:i])
-        if not os.stat(ancestor).st_mode & 0o001:
-            return ancestor
-    return None
+_BUILD_AT = "/tmp"
+"""Where the workers' root file system is put together before it becomes the root (any
+directory would do: this one exists everywhere)."""
 
 
-def _expose_interpreter() -> list[tuple[str, str, int]]:
-    """Open the interpreter paths that sit under a directory the zygote's unprivileged uids
-    could not traverse (a Python under /root). Runs as the host's root."""
-    from ._policy import READ_ONLY_PATHS
+def _enter_worker_root() -> None:
+    """Make this process's root a small tmpfs that holds only what a worker may see, and
+    detach the host's file system: read-only binds of the interpreter paths and system
+    libraries (``READ_ONLY_PATHS``, at their own names), /dev/null, the host's /proc (this
+    zygote reads its own pages there; every worker covers it as it confines itself), and an
+    empty /tmp for each worker's scratch. Runs as the host's root, in a mount namespace of
+    its own; the workers' namespaces start from it.
 
-    exposed = []
-    for path in READ_ONLY_PATHS:
-        ancestor = _blocked_ancestor(path)
-        if ancestor is not None:
-            exposed.append((ancestor, path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
-    return exposed
+    So no host file, socket or process is even named in a worker's view: Landlock and
+    seccomp then guard a file system with nothing else in it.
+    """
+    from ._policy import LIBRARY_LINKS, READ_ONLY_PATHS
 
-
-def _mount_interpreter(exposed: list[tuple[str, str, int]]) -> None:
-    """Cover each blocked ancestor with a tmpfs holding read-only binds of just the interpreter
-    paths, at their original locations (the venv and .pth files name absolute paths)."""
-    for ancestor in sorted({a for a, _, _ in exposed}):
-        sc.mount("tmpfs", ancestor, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
-    for _, path, fd in exposed:
-        os.makedirs(path, exist_ok=True)
-        sc.mount(f"/proc/self/fd/{fd}", path, None, sc.MS_BIND | sc.MS_REC, None)
-        try:
-            flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-            sc.mount("none", path, None, flags, None)
-        except OSError:
-            pass  # locked mount flags; Landlock still makes it read-only for workers
+    # Opened first: building on /tmp hides what is under it (a checkout there, say).
+    sources = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in READ_ONLY_PATHS]
+    null = os.open("/dev/null", os.O_PATH)
+    root = _BUILD_AT
+    sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
+    read_only = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+    for path, fd in sources:
+        os.makedirs(root + path, exist_ok=True)
+        sc.mount(f"/proc/self/fd/{fd}", root + path, None, sc.MS_BIND | sc.MS_REC, None)
+        sc.mount("none", root + path, None, read_only, None)
         os.close(fd)
-
-
-def _drop_mounts() -> None:
-    """Detach what no worker may reach anyway (Landlock denies it): /sys with its cgroup
-    hierarchies, and the extra /dev mounts. Each worker copies this mount table into a mount
-    namespace of its own and tears it down at exit, so every mount left costs every worker."""
-    for path in ("/sys", "/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/hugepages"):
-        while os.path.ismount(path):
-            try:
-                sc.umount(path)
-            except OSError:
-                break
+    for link in LIBRARY_LINKS:
+        os.symlink(os.readlink(link), root + link)
+    os.makedirs(root + "/dev", exist_ok=True)
+    os.close(os.open(root + "/dev/null", os.O_CREAT | os.O_WRONLY, 0o666))
+    sc.mount(f"/proc/self/fd/{null}", root + "/dev/null", None, sc.MS_BIND, None)
+    os.close(null)
+    os.makedirs(root + "/proc", exist_ok=True)
+    sc.mount("/proc", root + "/proc", None, sc.MS_BIND | sc.MS_REC, None)
+    os.makedirs(root + "/tmp", exist_ok=True)  # (an interpreter under /tmp made it)
+    # The old root goes on top of the new one, then is detached: nothing of it stays.
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount(".")
+    os.chdir("/")
+    sc.mount("none", "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, None)
 
 
 def main() -> None:
@@ -257,12 +252,11 @@ def main() -> None:
             os._exit(1)
         _Zygote(ctrl, ctrl.recv(1 << 20), ctrl.recv(1 << 20)).serve()
         os._exit(0)
-    # Shape the filesystem view while still the host's root, in a mount namespace of our own;
-    # the user namespace's mount namespace below starts as a copy of it.
+    # Shape the file system view while still the host's root, in a mount namespace of our
+    # own; the user namespace's mount namespace below starts as a copy of it.
     sc.unshare(sc.CLONE_NEWNS)
     sc.mount("none", "/", None, sc.MS_REC | sc.MS_PRIVATE, None)
-    _mount_interpreter(_expose_interpreter())
-    _drop_mounts()
+    _enter_worker_root()
     sc.unshare(_NAMESPACES)
     ctrl.send(b"userns")
     if ctrl.recv(16) != b"mapped":
