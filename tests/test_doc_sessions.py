@@ -410,12 +410,14 @@ def test_trying_a_worker_locally_works_as_readme_shows(tmp_path: Path) -> None:
     with serving(tmp_path, shlex.split(dev), env) as served:
         first = httpx.get(f"{served.url}/", timeout=30)
         second = httpx.get(f"{served.url}/about?x=1", timeout=30)
-        assert (first.status_code, first.text) == (200, f"hello #1 from {served.url}/")
-        assert (second.status_code, second.text) == (200, f"hello #2 from {served.url}/about?x=1")
+        # The request's URL as the service's fetch proxy names it: after the worker (here
+        # its directory), not after the address dev listens on.
+        assert (first.status_code, first.text) == (200, "hello #1 from https://site/")
+        assert (second.status_code, second.text) == (200, "hello #2 from https://site/about?x=1")
         # "reloads when a file changes"
         main_py.write_text(main_py.read_text().replace('f"hello #', 'f"hi #'))
         third = httpx.get(f"{served.url}/", timeout=30)
-        assert (third.status_code, third.text) == (200, f"hi #3 from {served.url}/")
+        assert (third.status_code, third.text) == (200, "hi #3 from https://site/")
         # In another terminal, while dev serves: the same namespace's KV.
         done = subprocess.run(
             [sys.executable, "-m", "workerloader.cli", *shlex.split(exec_)[1:]],

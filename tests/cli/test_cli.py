@@ -97,10 +97,10 @@ def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:
             except httpx.ConnectError:
                 assert time.monotonic() < deadline, "dev did not start"
                 time.sleep(0.1)
-        assert first.text == f"v1 {url}"
+        assert first.text == "v1 https://src/hello"  # named after the directory
         time.sleep(0.05)  # a later mtime, even on coarse clocks
         (source / "main.py").write_text(WORKER.replace("VERSION", "v2"))
-        assert httpx.get(url, timeout=5).text == f"v2 {url}"
+        assert httpx.get(url, timeout=5).text == "v2 https://src/hello"
     finally:
         process.terminate()
         output = process.communicate(timeout=10)[0].decode()

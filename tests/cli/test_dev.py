@@ -60,3 +60,38 @@ def test_dev_passes_every_method_and_answers_failures_like_the_service(tmp_path:
         assert (broken.json()["error"]["file"], broken.json()["error"]["line"]) == ("main.py", 1)
     assert "[dev] 422 Traceback (most recent call last):" in dev.output
     assert "[dev] 422 main.py:1: SyntaxError: invalid syntax" in dev.output
+
+
+BOUND = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        count = int(await self.env.KV.get("n") or 0) + 1
+        await self.env.KV.put("n", str(count))
+        return Response(f"{self.env.GREETING} {count} {self.env.LIMITS['n']}")
+"""
+
+
+def test_dev_gives_the_worker_env_data_and_bindings(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.py").write_text(BOUND)
+    options = ["--env", "GREETING=hello", "--env", 'LIMITS={"n": 3}', "--binding", "KV=kv"]
+    with running_cli("dev", str(source), *options, "--data-dir", str(tmp_path / "data")) as dev:
+        greeting, count, n = httpx.get(f"{dev.url}/", timeout=30).text.split()
+        assert (greeting, n) == ("hello", "3")
+        # The KV binding keeps the count (dev's start-up check may have made a request too).
+        assert httpx.get(f"{dev.url}/", timeout=30).text == f"hello {int(count) + 1} 3"
+
+
+def test_dev_refuses_a_name_given_as_both_env_and_binding(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workerloader.cli import main as cli
+
+    (tmp_path / "main.py").write_text(BOUND)
+    answer = CliRunner().invoke(cli, ["dev", str(tmp_path), "--env", "KV=1", "--binding", "KV=kv"])
+    assert answer.exit_code == 2
+    assert "KV: given as both --env and --binding" in answer.output

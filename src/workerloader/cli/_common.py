@@ -10,13 +10,24 @@ never means two things.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 
-__all__ = ["data_dir_option", "insecure_option", "namespace_option", "option"]
+from ..server._workers import Binding
+
+__all__ = [
+    "binding_option",
+    "data_dir_option",
+    "env_option",
+    "insecure_option",
+    "namespace_option",
+    "option",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -52,3 +63,92 @@ insecure_option = option(
     envvar="WORKERLOADER_INSECURE",
     help="Run workers unconfined where this machine has no sandbox.",
 )
+
+
+def env_option(envvar: str) -> Callable[[_F], _F]:
+    """``--env KEY=VALUE`` (repeatable): data in a worker's env (see ``_parse_env``)."""
+    return option(
+        "--env",
+        "env",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_env,
+        envvar=envvar,
+        help="Data in the worker's env, repeatable: VALUE is JSON if it parses, else a string.",
+    )
+
+
+def binding_option(envvar: str) -> Callable[[_F], _F]:
+    """``--binding NAME=TYPE[:ro]`` (repeatable): a binding in a worker's env."""
+    return option(
+        "--binding",
+        "bindings",
+        multiple=True,
+        metavar="NAME=TYPE[:ro]",
+        callback=_parse_bindings,
+        envvar=envvar,
+        help=f"A binding in the worker's env, repeatable: TYPE one of {', '.join(_BINDING_TYPES)}"
+        " (SDK=sdk gives `from workers import sdk` its sdk.kv, sdk.db, ...); :ro grants read "
+        "only.",
+    )
+
+
+_BINDING_TYPES: tuple[str, ...] = get_args(Binding.model_fields["type"].annotation)
+
+
+def _split_pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict; click.BadParameter for an item with no ``=``, an empty
+    name, or a name given twice (a silent last-one-wins would hide a typo)."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not {what}")
+        if name in pairs:
+            raise click.BadParameter(f"{name} is given twice")
+        pairs[name] = value
+    return pairs
+
+
+def _parse_env(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
+    """``--env KEY=VALUE`` items as the definition's ``env``: VALUE as JSON if it parses
+    (``N=3`` is the number 3, ``ON=true`` a boolean, ``L=[1,2]`` a list), else as the string
+    it is (``NAME=ada``); quote a string that looks like JSON: ``ID='"3"'``. ``NaN`` and
+    ``Infinity`` are not JSON, so strings; a number too large for a float (``1e999``) is
+    refused: stored, it could never be read back as JSON."""
+    env: dict[str, object] = {}
+    for name, text in _split_pairs(items, "KEY=VALUE").items():
+        try:
+            env[name] = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        except OverflowError:
+            raise click.BadParameter(f"{name}: {text} is beyond a float's range") from None
+        except ValueError:
+            env[name] = text
+    return env
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise OverflowError(text)
+    return value
+
+
+def _parse_bindings(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
+    """``--binding NAME=TYPE[:ro]`` items as the definition's ``bindings``: ``SDK=sdk`` is
+    ``{"SDK": {"type": "sdk"}}``, ``DB=db:ro`` is ``{"DB": {"type": "db", "write": false}}``."""
+    bindings: dict[str, dict[str, object]] = {}
+    for name, spec in _split_pairs(items, "NAME=TYPE").items():
+        kind, _, mode = spec.partition(":")
+        if kind not in _BINDING_TYPES:
+            raise click.BadParameter(
+                f"{name}: {kind!r} is not a binding type ({', '.join(_BINDING_TYPES)})"
+            )
+        if mode not in ("", "ro"):
+            raise click.BadParameter(f"{name}: {mode!r} is not a mode (only :ro)")
+        bindings[name] = {"type": kind, **({"write": False} if mode == "ro" else {})}
+    return bindings

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option, insecure_option, option
+from ._common import binding_option, data_dir_option, env_option, insecure_option, option
 
 
 def _snapshot(path: Path) -> dict[str, float]:
@@ -34,15 +34,28 @@ def _snapshot(path: Path) -> dict[str, float]:
     envvar="WORKERLOADER_PORT",
     help="The port to listen on.",
 )
+@env_option("WORKERLOADER_ENV")
+@binding_option("WORKERLOADER_BINDING")
 @data_dir_option
 @insecure_option
-def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> None:
+def dev(
+    path: Path,
+    host: str,
+    port: int,
+    env: dict[str, object],
+    bindings: dict[str, dict[str, object]],
+    data_dir: Path,
+    insecure: bool,
+) -> None:
     """Serve the worker in PATH (main.py and its modules) on HOST:PORT: every request goes to
     its fetch; editing a file loads the new code on the next request (like ``wrangler dev``).
+    Its env gets --env data and --binding bindings as ``workers put`` gives them, in namespace
+    "default"; without a --binding SDK, env.SDK is that namespace's sdk.
 
     Answers as the service's fetch proxy does (``/workers/{id}/fetch/...``): the same
-    methods, and a failed call is 422 (the code's error: it failed to load or raised), 504
-    (wall time) or 502 (the worker died), with the service's JSON error body."""
+    methods, the request's URL named after the directory (``https://PATH-NAME/...``), and a
+    failed call is 422 (the code's error: it failed to load or raised), 504 (wall time) or
+    502 (the worker died), with the service's JSON error body."""
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -51,20 +64,35 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
     from ..server._app import BodyCap
-    from ..server._workers import FETCH_METHODS, WorkerDefinition, _end_to_end, _failure, _modules
+    from ..server._store import Caller
+    from ..server._workers import (
+        FETCH_METHODS,
+        WorkerDefinition,
+        _code,
+        _end_to_end,
+        _failure,
+        check_definition,
+    )
     from ._workers import read_worker_dir
 
+    both = sorted(set(env) & set(bindings))
+    if both:  # a binding would silently replace the data
+        raise click.UsageError(f"{', '.join(both)}: given as both --env and --binding")
+    if any(b["type"] == "api" for b in bindings.values()):
+        raise click.UsageError("dev has no HTTP gateway for an api binding (serve configures one)")
+    if "SDK" not in env and "SDK" not in bindings:
+        bindings = {**bindings, "SDK": {"type": "sdk"}}
+    caller = Caller(None, "default", False)  # the namespace `exec` uses too
+    site = path.resolve().name  # the host of the URLs the worker's fetch sees
     state: dict[str, object] = {"version": 0, "snapshot": {}}
     loaders: list[Loader] = []
 
     def code() -> WorkerCode:
-        loader = loaders[0]
-        definition = WorkerDefinition.model_validate(read_worker_dir(path))
-        return WorkerCode(
-            main_module=definition.main_module,
-            modules=_modules(definition.modules),
-            env={"SDK": loader.sdk("default")},  # the namespace `exec` uses too
+        definition = WorkerDefinition.model_validate(
+            {**read_worker_dir(path), "env": env, "bindings": bindings}
         )
+        check_definition(definition)
+        return _code(loaders[0], caller, definition)
 
     async def main() -> None:
         async with Loader(data_dir, pool_size=2, insecure=insecure) as loader:
@@ -81,7 +109,7 @@ def dev(path: Path, host: str, port: int, data_dir: Path, insecure: bool) -> Non
                 stub = loader.get(f"dev@{state['version']}", code)
                 query = f"?{request.url.query}" if request.url.query else ""
                 forwarded = WorkerRequest(
-                    f"http://{host}:{port}/{rest}{query}",
+                    f"https://{site}/{rest}{query}",
                     method=request.method,
                     headers=dict(request.headers),
                     body=await request.body(),

@@ -5,10 +5,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -21,16 +20,20 @@ from ..server._store import ServiceStore
 from ..server._workers import (
     _ID,
     BadDefinition,
-    Binding,
     WorkerDefinition,
     WorkerLimits,
     check_definition,
 )
-from ._common import data_dir_option, insecure_option, namespace_option, option
+from ._common import (
+    binding_option,
+    data_dir_option,
+    env_option,
+    insecure_option,
+    namespace_option,
+    option,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-_BINDING_TYPES: tuple[str, ...] = get_args(Binding.model_fields["type"].annotation)
 
 
 def read_worker_dir(path: Path) -> dict[str, object]:
@@ -66,64 +69,6 @@ def read_worker_dir(path: Path) -> dict[str, object]:
             f"FileNotFoundError: {path} has no main.py", "main.py", None, "FileNotFoundError"
         )
     return {"main_module": "main.py", "modules": modules}
-
-
-def _split_pairs(items: tuple[str, ...], what: str) -> dict[str, str]:
-    """``NAME=VALUE`` items as a dict; click.BadParameter for an item with no ``=``, an empty
-    name, or a name given twice (a silent last-one-wins would hide a typo)."""
-    pairs: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not {what}")
-        if name in pairs:
-            raise click.BadParameter(f"{name} is given twice")
-        pairs[name] = value
-    return pairs
-
-
-def _parse_env(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
-    """``--env KEY=VALUE`` items as the definition's ``env``: VALUE as JSON if it parses
-    (``N=3`` is the number 3, ``ON=true`` a boolean, ``L=[1,2]`` a list), else as the string
-    it is (``NAME=ada``); quote a string that looks like JSON: ``ID='"3"'``. ``NaN`` and
-    ``Infinity`` are not JSON, so strings; a number too large for a float (``1e999``) is
-    refused: stored, it could never be read back as JSON."""
-    env: dict[str, object] = {}
-    for name, text in _split_pairs(items, "KEY=VALUE").items():
-        try:
-            env[name] = json.loads(text, parse_constant=_not_json, parse_float=_finite)
-        except OverflowError:
-            raise click.BadParameter(f"{name}: {text} is beyond a float's range") from None
-        except ValueError:
-            env[name] = text
-    return env
-
-
-def _not_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise OverflowError(text)
-    return value
-
-
-def _parse_bindings(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> Any:
-    """``--binding NAME=TYPE[:ro]`` items as the definition's ``bindings``: ``SDK=sdk`` is
-    ``{"SDK": {"type": "sdk"}}``, ``DB=db:ro`` is ``{"DB": {"type": "db", "write": false}}``."""
-    bindings: dict[str, dict[str, object]] = {}
-    for name, spec in _split_pairs(items, "NAME=TYPE").items():
-        kind, _, mode = spec.partition(":")
-        if kind not in _BINDING_TYPES:
-            raise click.BadParameter(
-                f"{name}: {kind!r} is not a binding type ({', '.join(_BINDING_TYPES)})"
-            )
-        if mode not in ("", "ro"):
-            raise click.BadParameter(f"{name}: {mode!r} is not a mode (only :ro)")
-        bindings[name] = {"type": kind, **({"write": False} if mode == "ro" else {})}
-    return bindings
 
 
 def _limit(name: str, unit: str) -> Callable[[_F], _F]:
@@ -164,29 +109,12 @@ def list_workers(namespace: str, data_dir: Path) -> None:
 
 
 # The list options' variables hold several items separated by whitespace (click's rule for
-# `multiple`): WORKERLOADER_WORKERS_BINDING="SDK=sdk KV=kv".
+# `multiple`): WORKERLOADER_BINDING="SDK=sdk KV=kv".
 @workers.command("put")
 @click.argument("worker_id")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@option(
-    "--env",
-    "env",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_parse_env,
-    envvar="WORKERLOADER_WORKERS_ENV",
-    help="Data in the worker's env, repeatable: VALUE is JSON if it parses, else a string.",
-)
-@option(
-    "--binding",
-    "bindings",
-    multiple=True,
-    metavar="NAME=TYPE[:ro]",
-    callback=_parse_bindings,
-    envvar="WORKERLOADER_WORKERS_BINDING",
-    help=f"A binding in the worker's env, repeatable: TYPE one of {', '.join(_BINDING_TYPES)}"
-    " (SDK=sdk gives `from workers import sdk` its sdk.kv, sdk.db, ...); :ro grants read only.",
-)
+@env_option("WORKERLOADER_ENV")
+@binding_option("WORKERLOADER_BINDING")
 @_limit("cpu_ms", "CPU time per call, ms.")
 @_limit("memory_mb", "Memory, MiB.")
 @_limit("wall_ms", "Wall time per call, ms.")
