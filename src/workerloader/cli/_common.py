@@ -22,6 +22,7 @@ from ..server._workers import Binding
 
 __all__ = [
     "binding_option",
+    "check_env_and_bindings",
     "data_dir_option",
     "env_option",
     "insecure_option",
@@ -63,6 +64,14 @@ insecure_option = option(
     envvar="WORKERLOADER_INSECURE",
     help="Run workers unconfined where this machine has no sandbox.",
 )
+
+
+def check_env_and_bindings(env: dict[str, object], bindings: dict[str, Any]) -> None:
+    """click.UsageError for a name given as both ``--env`` and ``--binding``: the binding
+    would silently replace the data."""
+    both = sorted(set(env) & set(bindings))
+    if both:
+        raise click.UsageError(f"{', '.join(both)}: given as both --env and --binding")
 
 
 def env_option(envvar: str) -> Callable[[_F], _F]:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from ._common import binding_option, data_dir_option, env_option, insecure_option, option
+from ._common import (
+    binding_option,
+    check_env_and_bindings,
+    data_dir_option,
+    env_option,
+    insecure_option,
+    option,
+)
 
 
 def _snapshot(path: Path) -> dict[str, float]:
@@ -75,9 +82,7 @@ def dev(
     )
     from ._workers import read_worker_dir
 
-    both = sorted(set(env) & set(bindings))
-    if both:  # a binding would silently replace the data
-        raise click.UsageError(f"{', '.join(both)}: given as both --env and --binding")
+    check_env_and_bindings(env, bindings)
     if any(b["type"] == "api" for b in bindings.values()):
         raise click.UsageError("dev has no HTTP gateway for an api binding (serve configures one)")
     if "SDK" not in env and "SDK" not in bindings:

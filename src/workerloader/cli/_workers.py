@@ -26,6 +26,7 @@ from ..server._workers import (
 )
 from ._common import (
     binding_option,
+    check_env_and_bindings,
     data_dir_option,
     env_option,
     insecure_option,
@@ -142,9 +143,7 @@ def put_worker(
 
     if not _ID.fullmatch(worker_id):  # the service's rule: any other id is unreachable
         raise click.BadParameter(f"{worker_id!r} is not a worker id", param_hint="WORKER_ID")
-    both = sorted(set(env) & set(bindings))
-    if both:  # a binding would silently replace the data
-        raise click.UsageError(f"{', '.join(both)}: given as both --env and --binding")
+    check_env_and_bindings(env, bindings)
     try:
         definition = WorkerDefinition.model_validate(
             {
