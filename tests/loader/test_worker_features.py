@@ -354,10 +354,37 @@ async def test_an_unknown_module_type_is_a_load_error(loader: Loader) -> None:
     code = WorkerCode(
         main_module="main.py", modules={"main.py": MAIN, "mod.wasm": {"wasm": b"\0asm"}}
     )
-    with pytest.raises(
-        WorkerLoadError, match=exact("ValueError: module 'mod.wasm': unknown module type 'wasm'")
-    ):
+    with pytest.raises(WorkerLoadError) as info:
         await loader.load(code)
+    assert str(info.value).startswith("ValueError: module 'mod.wasm': 'wasm' is not a module type")
+    assert '{"text": str} or {"data": bytes}' in str(info.value)  # the forms it takes
+
+
+@pytest.mark.parametrize(
+    ("modules", "needle"),
+    [
+        ({"main": MAIN}, "Python source goes in an entry whose name ends in .py (main.py)"),
+        ({"main.py": MAIN, "d.bin": {"data": "abc"}}, "{'data': ...} takes bytes"),
+        ({"main.py": MAIN, "n.txt": {"text": 5}}, "{'text': ...} takes str, not int"),
+        ({"mian.py": MAIN}, "its entries: ['mian.py']"),
+    ],
+)
+async def test_a_malformed_module_map_says_what_it_takes(
+    loader: Loader, modules: dict[str, object], needle: str
+) -> None:
+    main = "main" if "main" in modules else "main.py"
+    with pytest.raises(WorkerLoadError) as info:
+        await loader.load(WorkerCode(main_module=main, modules=modules))
+    assert needle in str(info.value)
+
+
+async def test_a_missing_env_name_lists_what_env_holds(loader: Loader) -> None:
+    source = "from workers import WorkerEntrypoint\n\nclass Default(WorkerEntrypoint):\n"
+    source += "    async def get(self):\n        return self.env.KVV\n"
+    code = WorkerCode(main_module="main.py", modules={"main.py": source}, env={"KV": 1})
+    with pytest.raises(AttributeError) as info:
+        await loader.get("w", lambda: code).get_entrypoint().get()
+    assert str(info.value).startswith("env has no 'KVV': the worker's env holds ['KV']")
 
 
 async def test_an_import_time_error_names_the_users_file_and_line(loader: Loader) -> None:

@@ -217,3 +217,11 @@ async def test_unknown_routes_and_methods_answer_in_the_services_error_shape(
     assert wrong.status_code == 405
     assert wrong.json()["error"]["type"] == "MethodNotAllowed"
     assert "POST" in wrong.headers["allow"]
+
+
+async def test_error_messages_say_each_thing_once(client: httpx.AsyncClient) -> None:
+    not_json = (await client.post("/execute", content=b"{nope")).json()["error"]["message"]
+    assert not_json.startswith("Invalid JSON"), not_json  # no empty location before it
+    syntax = (await client.post("/execute", json={"code": "return x +"})).json()["error"]
+    assert syntax["type"] == "SyntaxError"
+    assert not syntax["message"].startswith(("SyntaxError", "execute.py")), syntax

@@ -312,3 +312,10 @@ async def test_an_rpc_result_passed_by_reference_is_422_naming_where(
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"]["type"] == "NotJsonError"
     assert "result['f'] is a function" in answer.json()["error"]["message"]
+
+
+async def test_an_invalid_worker_id_is_refused_saying_what_an_id_is(
+    client: httpx.AsyncClient,
+) -> None:
+    refused = await client.put("/workers/-bad", json=DEFINITION)
+    assert_bad_request(refused, "'-bad'", "1 to 64 letters, digits")

@@ -130,12 +130,10 @@ def dev(
                     for line in body["logs"]:
                         click.echo(f"[log] {line}")
                     error = body["error"]
-                    # A load error's message already reads "file:line: Type: message".
-                    detail = error["traceback"] or (
-                        error["message"]
-                        if "file" in error
-                        else f"{error['type']}: {error['message']}"
-                    )
+                    detail = error["traceback"] or f"{error['type']}: {error['message']}"
+                    if error.get("file"):  # a load error: where it is
+                        line = f":{error['line']}" if error.get("line") else ""
+                        detail = f"{error['file']}{line}: {detail}"
                     click.echo(f"[dev] {status} {detail.rstrip()}")
                     return JSONResponse(body, status)
                 for line in stub.logs:

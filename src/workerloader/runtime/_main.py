@@ -176,7 +176,8 @@ class WorkerRuntime(rpc.RpcTarget):
         if name is None or name not in self._modules.sources:
             return {
                 "type": "ValueError",
-                "message": f"main module {main!r} is not a .py entry of the module map",
+                "message": f"main module {main!r} is not a .py entry of the module map "
+                f"(its entries: {sorted(code['modules'])})",
                 "file": None,
                 "line": None,
             }

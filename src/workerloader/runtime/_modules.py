@@ -40,6 +40,12 @@ def _check_path(path: object) -> None:
         )
 
 
+_FORMS = (
+    'an entry is Python source (a str, in a .py entry), {"json": ...}, {"text": str} or '
+    '{"data": bytes}'
+)
+
+
 class ModuleMap:
     """A finder and loader for the ``.py`` entries of a module map; data entries are parsed into
     ``workers.modules``. (Not derived from ``importlib.abc``: importing that module pulls in
@@ -71,12 +77,22 @@ class ModuleMap:
                     self.data[path] = bytes(content)
                 elif kind == "json" and isinstance(content, str):
                     self.data[path] = json.loads(content)
+                elif kind in ("text", "data"):
+                    wanted = "str" if kind == "text" else "bytes (over HTTP: data_base64, a str)"
+                    raise ValueError(
+                        f"module {path!r}: {{{kind!r}: ...}} takes {wanted}, "
+                        f"not {type(content).__name__}"
+                    )
                 else:
-                    raise ValueError(f"module {path!r}: unknown module type {kind!r}")
+                    raise ValueError(f"module {path!r}: {kind!r} is not a module type; {_FORMS}")
+            elif isinstance(value, str):  # source, but not in a .py entry
+                raise ValueError(
+                    f"module {path!r}: Python source goes in an entry whose name ends in .py "
+                    f"({path.rsplit('.', 1)[0]}.py); {_FORMS}"
+                )
             else:
                 raise ValueError(
-                    f"module {path!r}: expected Python source (str) or one of "
-                    '{"json": ...}, {"text": str}, {"data": bytes}'
+                    f"module {path!r}: {type(value).__name__} is not a module; {_FORMS}"
                 )
         # Implicit packages for "pkg/mod.py" without "pkg/__init__.py".
         for name in list(self.sources):

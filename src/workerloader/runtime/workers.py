@@ -41,6 +41,14 @@ class Env:
         except KeyError:
             raise KeyError(name) from None
 
+    def __getattr__(self, name: str) -> Any:  # only for names it does not hold
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"env has no {name!r}: the worker's env holds {sorted(self.__dict__) or 'nothing'} "
+            "(its data and bindings, as the host gave them)"
+        )
+
     def __contains__(self, name: object) -> bool:
         return name in self.__dict__
 
@@ -322,9 +330,10 @@ class Sdk:
         try:
             return self._bindings[name]
         except KeyError:
+            bound = sorted(k for k, v in self._bindings.items() if v is not None)
             raise AttributeError(
                 f"sdk.{name} is not available to this worker: the host did not bind it "
-                f"(it binds {sorted(self._bindings) or 'nothing'} via env['SDK'])"
+                f"(it binds {bound or 'nothing'} via env['SDK'])"
             ) from None
 
 

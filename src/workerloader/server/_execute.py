@@ -106,9 +106,12 @@ def _error(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, WorkerError):
         return {"type": exc.type_name, "message": exc.message, "traceback": exc.traceback}
     if isinstance(exc, WorkerLoadError):
+        # The message alone: its file, line and type have fields of their own.
+        where = f"{exc.file}:{exc.line}: " if exc.file and exc.line else ""
+        message = str(exc).removeprefix(where or f"{exc.file}: ").removeprefix(f"{exc.type_name}: ")
         return {
             "type": exc.type_name,
-            "message": str(exc),
+            "message": message,
             "traceback": None,
             "file": exc.file,
             "line": exc.line,

@@ -68,7 +68,9 @@ def bad_request(
         if known:
             e["msg"] = f"unknown field (the fields here: {', '.join(known)})"
     details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
-    message = "; ".join(".".join(map(str, e["loc"])) + ": " + str(e["msg"]) for e in errors)
+    message = "; ".join(
+        (".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + str(e["msg"]) for e in errors
+    )
     error = {"type": "BadRequest", "message": message, "details": details}
     return JSONResponse({"ok": False, "error": error}, 400)
 

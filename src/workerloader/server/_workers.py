@@ -295,7 +295,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         if (forbidden := _read_only(caller)) is not None:
             return forbidden
         if not _ID.fullmatch(worker_id):
-            return _bad_request("invalid worker id")
+            return _bad_request(
+                f"invalid worker id {worker_id[:80]!r}: 1 to 64 letters, digits, '_', '.' or "
+                "'-', starting with a letter or digit"
+            )
         try:
             definition = WorkerDefinition.model_validate_json(await request.body())
         except ValidationError as exc:
