@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -195,3 +196,40 @@ async def test_a_worker_deleted_and_stored_again_elsewhere_serves_its_new_code(
     assert cli.delete_worker("default", "w")
     assert cli.put_worker("default", "w", definition("new")) == 1
     assert (await client.get("/workers/w/fetch/")).text.endswith(" new")
+
+
+SLOW = """
+import asyncio
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        if request.url.endswith("/slow"):
+            await asyncio.sleep(1)
+        return Response("VERSION")
+"""
+
+
+async def test_a_request_in_flight_finishes_on_the_version_it_started_on(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    client, _ = served
+
+    def version(name: str) -> dict[str, object]:
+        return {"main_module": "main.py", "modules": {"main.py": SLOW.replace("VERSION", name)}}
+
+    assert (await client.put("/workers/w", json=version("v1"))).status_code == 200
+    assert (await client.get("/workers/w/fetch/")).text == "v1"  # warm
+    slow = asyncio.ensure_future(client.get("/workers/w/fetch/slow"))
+    await asyncio.sleep(0.3)
+    assert (await client.put("/workers/w", json=version("v2"))).status_code == 200
+    assert (await client.get("/workers/w/fetch/")).text == "v2"
+    answered = await slow  # not a 502: its worker was drained, not killed
+    assert (answered.status_code, answered.text) == (200, "v1")
+    slow = asyncio.ensure_future(client.get("/workers/w/fetch/slow"))
+    await asyncio.sleep(0.3)
+    assert (await client.delete("/workers/w")).status_code == 200
+    answered = await slow
+    assert (answered.status_code, answered.text) == (200, "v2")
+    assert (await client.get("/workers/w/fetch/")).status_code == 404

@@ -247,11 +247,17 @@ class Loader:
             raise
         return stub
 
-    async def evict(self, worker_id: str) -> None:
+    async def evict(self, worker_id: str, *, drain: bool = False) -> None:
         """Stop the warm worker ``worker_id`` now, if any (a call in flight fails with
-        ``WorkerCrashed``)."""
+        ``WorkerCrashed``). With ``drain``, the calls in flight finish first, in the
+        background: the id is free at once (the next ``get`` starts a fresh worker), its old
+        worker stops once idle."""
         stub = self._stubs.pop(worker_id, None)
-        if stub is not None:
+        if stub is None:
+            return
+        if drain:
+            in_background(stub._close_when_idle(), self._evicting)
+        else:
             await stub.aclose()
 
     # -- bindings ---------------------------------------------------------------------------

@@ -248,8 +248,10 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
     started: dict[tuple[str, str], set[str]] = {}
 
     async def stop_all(namespace: str, worker_id: str) -> None:
+        # Drained: a request in flight on the old version finishes (it was not the worker
+        # that failed); new requests get the new version at once.
         for key in started.pop((namespace, worker_id), set()):
-            await state["loader"].evict(key)
+            await state["loader"].evict(key, drain=True)
 
     def not_found(worker_id: str) -> JSONResponse:
         return error_answer(404, "NotFound", f"no worker {worker_id!r}")
