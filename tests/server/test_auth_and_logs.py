@@ -339,3 +339,34 @@ async def test_deleting_or_updating_a_worker_stops_every_callers_process(
     assert (
         await client.post("/workers/w/rpc/Info/pid", json=[], headers=callers[0])
     ).status_code == 404
+
+
+async def test_over_the_concurrency_limit_execute_is_429_and_logged(tmp_path: Path) -> None:
+    from tests.server.conftest import running
+    from workerloader.server import ServerConfig
+
+    config = ServerConfig(data_dir=tmp_path / "data", pool_size=2, max_concurrent_executions=1)
+    async with running(config) as client:
+        slow = asyncio.ensure_future(
+            client.post("/execute", json={"code": "import asyncio\nawait asyncio.sleep(1)"})
+        )
+        await asyncio.sleep(0.4)
+        refused = await client.post("/execute", json={"code": "return 1"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "TooManyRequests"
+        assert (await slow).status_code == 200
+        assert (await client.post("/execute", json={"code": "return 1"})).status_code == 200
+        bad = await client.post("/execute", json={"cod": "return 1"})
+        assert bad.status_code == 400
+        missing = await client.get("/workers/nope/fetch/")
+        assert missing.status_code == 404
+        await asyncio.sleep(1.2)  # logs are written in batches
+        logged = (await client.get("/logs")).json()["logs"]
+        kinds = sorted((r["kind"], r["status"], r["error_type"]) for r in logged)
+        assert kinds == [
+            ("execute", 200, None),
+            ("execute", 200, None),
+            ("execute", 400, "BadRequest"),
+            ("execute", 429, "TooManyRequests"),
+            ("fetch", 404, "NotFound"),
+        ]

@@ -225,3 +225,10 @@ async def test_error_messages_say_each_thing_once(client: httpx.AsyncClient) -> 
     syntax = (await client.post("/execute", json={"code": "return x +"})).json()["error"]
     assert syntax["type"] == "SyntaxError"
     assert not syntax["message"].startswith(("SyntaxError", "execute.py")), syntax
+
+
+async def test_headers_over_the_cap_are_431(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/health", headers={"x-big": "x" * (65 << 10)})
+    assert answer.status_code == 431
+    assert answer.json()["error"]["type"] == "RequestHeaderFieldsTooLarge"
+    assert (await client.get("/health", headers={"x-fine": "x" * 1000})).status_code == 200

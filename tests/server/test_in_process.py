@@ -26,4 +26,4 @@ async def test_the_app_answers_in_process_through_its_lifespan(tmp_path: Path) -
             assert answer.json()["result"] == 4
             assert (await client.post("/execute", content=b"{")).status_code == 400
             logs = (await client.get("/logs")).json()["logs"]
-            assert [(r["kind"], r["status"]) for r in logs] == [("execute", 200)]
+            assert [(r["kind"], r["status"]) for r in logs] == [("execute", 400), ("execute", 200)]

@@ -319,3 +319,22 @@ async def test_an_invalid_worker_id_is_refused_saying_what_an_id_is(
 ) -> None:
     refused = await client.put("/workers/-bad", json=DEFINITION)
     assert_bad_request(refused, "'-bad'", "1 to 64 letters, digits")
+
+
+HEADERS = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        names = ("x-a", "cookie", "authorization")
+        return Response.json({k: request.headers.get(k) for k in names})
+"""
+
+
+async def test_repeated_request_headers_reach_the_worker_joined(client: httpx.AsyncClient) -> None:
+    definition = {"main_module": "main.py", "modules": {"main.py": HEADERS}}
+    assert (await client.put("/workers/h", json=definition)).status_code == 200
+    headers = [("x-a", "1"), ("x-a", "2"), ("cookie", "a=1"), ("cookie", "b=2")]
+    answer = await client.get("/workers/h/fetch/", headers=headers)
+    assert answer.json() == {"x-a": "1, 2", "cookie": "a=1; b=2", "authorization": None}

@@ -70,7 +70,7 @@ def dev(
     from .. import Loader, WorkerCode
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
-    from ..server._app import BodyCap
+    from ..server._app import SizeCap
     from ..server._store import Caller
     from ..server._workers import (
         FETCH_METHODS,
@@ -79,6 +79,7 @@ def dev(
         _end_to_end,
         _failure,
         check_definition,
+        request_headers,
     )
     from ._workers import read_worker_dir
 
@@ -116,7 +117,7 @@ def dev(
                 forwarded = WorkerRequest(
                     f"https://{site}/{rest}{query}",
                     method=request.method,
-                    headers=dict(request.headers),
+                    headers=request_headers(request),
                     body=await request.body(),
                 )
                 try:
@@ -140,7 +141,7 @@ def dev(
                     click.echo(f"[log] {line}")
                 return Response(body_bytes, response.status, headers=_end_to_end(response))
 
-            app.add_middleware(BodyCap)  # bodies capped as the service's are (413)
+            app.add_middleware(SizeCap)  # requests capped as the service's are (413, 431)
             server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
             await server.serve()
 

@@ -27,9 +27,11 @@ from ._schema import bad_request, error_answer, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
 from ._workers import FETCH_METHODS, FetchHandler, workers_router
 
-__all__ = ["BodyCap", "ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "SizeCap", "create_app"]
 
 MAX_BODY_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 10
+"""All of a request's header names and values together: past this, 431."""
 
 
 class ExecuteLimits(BaseModel):
@@ -83,12 +85,14 @@ def _too_large() -> JSONResponse:
     return error_answer(413, "PayloadTooLarge", f"bodies are limited to {MAX_BODY_BYTES} bytes")
 
 
-class BodyCap:
+class SizeCap:
     """Plain ASGI in front of an app (Starlette's ``BaseHTTPMiddleware`` costs ~0.3 ms a
-    request): 413 for a body over ``MAX_BODY_BYTES``, for every route and however the body
-    comes. A declared length over it is refused before the body is read, and a body sent
-    without one (chunked) is counted as it arrives and refused once it passes the cap, if no
-    response has started by then. The service and ``workerloader dev`` both sit behind it."""
+    request): 431 for headers over ``MAX_HEADER_BYTES`` and 413 for a body over
+    ``MAX_BODY_BYTES``, for every route and however the body comes. A declared length over
+    it is refused before the body is read, and a body sent without one (chunked) is counted
+    as it arrives and refused once it passes the cap, if no response has started by then.
+    The service and ``workerloader dev`` both sit behind it. (The HTTP server has read the
+    headers by then: a reverse proxy in front should cap them too.)"""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -97,10 +101,16 @@ class BodyCap:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        header_bytes = 0
         for name, value in scope["headers"]:
+            header_bytes += len(name) + len(value)
             if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
                 await _too_large()(scope, receive, send)
                 return
+        if header_bytes > MAX_HEADER_BYTES:
+            message = f"request headers are limited to {MAX_HEADER_BYTES} bytes"
+            await error_answer(431, "RequestHeaderFieldsTooLarge", message)(scope, receive, send)
+            return
         received = 0
         started = False
 
@@ -128,7 +138,7 @@ class BodyCap:
 
 
 class _Front:
-    """Plain ASGI in front of FastAPI, behind ``BodyCap``: the busy endpoints (the worker
+    """Plain ASGI in front of FastAPI, behind ``SizeCap``: the busy endpoints (the worker
     fetch proxy, ``POST /execute``) routed straight to their handlers. FastAPI's router and
     parameter resolution would add ~0.1 ms to each of their requests; their FastAPI routes
     stay for the OpenAPI document and call the same handlers."""
@@ -285,13 +295,16 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return caller
         # The body is JSON whatever the Content-Type says: `curl -d '{"code": ...}'` sends
         # form encoding, and that is how most people first try the service.
+        store: ServiceStore = state["store"]
         try:
             body = ExecuteRequest.model_validate_json(await request.body())
         except ValidationError as exc:
+            store.log(caller, "execute", 400, 0.0, error_type="BadRequest")
             return bad_request(exc, ExecuteRequest)
         loader: Loader = state["loader"]
         slots: asyncio.Semaphore = state["slots"]
         if slots.locked():
+            store.log(caller, "execute", 429, 0.0, error_type="TooManyRequests")
             return error_answer(429, "TooManyRequests", "too many executions in flight; retry")
         requested = config.execute_limits
         if body.limits is not None:  # what the request sets; the service's defaults the rest
@@ -311,7 +324,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         async with slots:
             outcome = await execute(loader, body.code, limits, sdk)
         error = outcome.body.get("error")
-        state["store"].log(
+        store.log(
             caller,
             "execute",
             outcome.status,
@@ -323,7 +336,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(outcome.body, outcome.status)
 
     app.add_middleware(_Front, fetch=fetch_worker, execute=execute_code)
-    app.add_middleware(BodyCap)  # added last: outermost, so it covers _Front's routes
+    app.add_middleware(SizeCap)  # added last: outermost, so it covers _Front's routes
 
     @app.get("/logs/stream")
     async def stream_logs(

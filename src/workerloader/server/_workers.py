@@ -28,6 +28,7 @@ __all__ = [
     "FetchHandler",
     "WorkerDefinition",
     "check_definition",
+    "request_headers",
     "workers_router",
 ]
 
@@ -256,14 +257,19 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
     def not_found(worker_id: str) -> JSONResponse:
         return error_answer(404, "NotFound", f"no worker {worker_id!r}")
 
-    def caller_and_stub(worker_id: str, request: Request) -> tuple[Caller, Any] | JSONResponse:
+    def caller_and_stub(
+        worker_id: str, request: Request, kind: str
+    ) -> tuple[Caller, Any] | JSONResponse:
         """The authenticated caller and a stub on their stored worker ``worker_id``, or the
-        401/404 answer."""
+        401/404 answer (a 404 is logged as a ``kind`` call: the caller is known)."""
         caller = authenticate(request)
         if isinstance(caller, JSONResponse):
             return caller
         stub = stub_for(caller, worker_id)
-        return not_found(worker_id) if stub is None else (caller, stub)
+        if stub is None:
+            state["store"].log(caller, kind, 404, 0.0, worker=worker_id, error_type="NotFound")
+            return not_found(worker_id)
+        return caller, stub
 
     def stub_for(caller: Caller, worker_id: str) -> Any:
         store: ServiceStore = state["store"]
@@ -359,7 +365,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
     async def fetch_worker(worker_id: str, path: str, request: Request) -> Response:
         """Proxy the request into the worker's ``fetch``."""
-        found = caller_and_stub(worker_id, request)
+        found = caller_and_stub(worker_id, request, "fetch")
         if isinstance(found, JSONResponse):
             return found
         caller, stub = found
@@ -371,7 +377,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         forwarded = WorkerRequest(
             f"https://{worker_id}/{path}{query}",
             method=request.method,
-            headers={k: v for k, v in request.headers.items() if k.lower() != "authorization"},
+            headers=request_headers(request),
             body=await request.body(),
         )
         try:
@@ -436,7 +442,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         422 if the method failed or its result holds a value JSON cannot carry (an infinite
         or NaN float: ``NotJsonError``, naming where); 502/504 if the worker died or ran out
         of wall time."""
-        found = caller_and_stub(worker_id, request)
+        found = caller_and_stub(worker_id, request, "rpc")
         if isinstance(found, JSONResponse):
             return found
         caller, stub = found
@@ -517,6 +523,19 @@ _HOP_BY_HOP = frozenset(
 """Headers about the connection, not the response (RFC 9110 §7.6.1), and the body's framing:
 the service frames what it sends itself. From a worker, they could make one response read as
 two by a client or a proxy that trusts them."""
+
+
+def request_headers(request: Request) -> dict[str, str]:
+    """A request's headers as a worker gets them: repeated ones joined into one (``, ``; a
+    cookie's with ``; ``, as RFC 9110 and 6265 have it), never the caller's key."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():  # lower-case names, each occurrence
+        if name == "authorization":
+            continue
+        if name in headers:
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
+    return headers
 
 
 def _end_to_end(response: WorkerResponse) -> dict[str, str]:
