@@ -43,3 +43,8 @@ def test_sample_runs_and_prints_what_it_says(
     expected = [m.strip() for m in re.findall(r"print\(.*\)\s+#\s*(.+)", sample)]
     assert expected, "a sample should say what it prints"
     assert result.stdout.splitlines() == expected
+    if "Loader(" in sample:  # a reader runs it again: the data it stored must not change it
+        again = subprocess.run(
+            [sys.executable, "-c", sample], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert again.stdout.splitlines() == expected, again.stderr

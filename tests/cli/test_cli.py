@@ -67,14 +67,14 @@ def test_workers_put_list_and_delete(tmp_path: Path) -> None:
 def test_logs_tail_prints_the_request_log(tmp_path: Path) -> None:
     store = ServiceStore(tmp_path)
     store.log(Caller(None, "default", False), "execute", 200, 12.5, logs=["hello"])
-    store.log(Caller(None, "default", False), "rpc", 422, 3.0, worker="w", error_type="ValueError")
+    store.log(Caller("ada", "default", True), "rpc", 422, 3.0, worker="w", error_type="ValueError")
     store.flush()  # records are written in batches
     result = CliRunner().invoke(cli, ["logs", "tail", "--no-follow", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert " 200 execute 12.5ms" in lines[0]
     assert lines[1] == "    hello"
-    assert lines[2].endswith(" 422 rpc w 3.0ms ValueError")
+    assert lines[2].endswith(" 422 rpc w 3.0ms ValueError by ada")  # a key's user
 
 
 def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:

@@ -222,3 +222,6 @@ async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
     assert (await client.get("/workers/s/fetch/made")).text == "0"
     logged = [(r["status"], r["cpu_ms"] > 0) for r in (await client.get("/logs")).json()["logs"]]
     assert (200, True) in logged
+    # The broken stream's record says what ended it (its status had gone out as 200).
+    broken = await client.get("/logs", params={"worker": "s", "limit": 1000})
+    assert "ValueError" in [r["error_type"] for r in broken.json()["logs"]]

@@ -161,11 +161,14 @@ async def test_rpc_reaches_only_the_workers_own_methods(
     client: httpx.AsyncClient, method: str
 ) -> None:
     assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    ran = await client.post("/workers/w/rpc/Echo/echo", json=[1])
+    assert ran.json()["cpu_ms"] > 0
     answer = await client.post(f"/workers/w/rpc/Echo/{method}", json=["_stub"])
     assert answer.status_code == 422, answer.text
     error = answer.json()["error"]
     assert error["type"] == "AttributeError", error
     assert "are never a worker's methods" in error["message"]
+    assert answer.json()["cpu_ms"] == 0  # no worker ran (not the last call's figure)
 
 
 async def test_rpc_sends_fetch_to_the_fetch_proxy(client: httpx.AsyncClient) -> None:

@@ -52,9 +52,10 @@ def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
             error = f" {record['error_type']}" if record["error_type"] else ""
             worker = f" {record['worker']}" if record["worker"] else ""
             cpu = f" cpu {record['cpu_ms']:.1f}ms" if record.get("cpu_ms") is not None else ""
+            who = f" by {record['user_id']}" if record["user_id"] else ""
             click.echo(
                 f"{when} {record['status']} {record['kind']}{worker} "
-                f"{record['duration_ms']:.1f}ms{cpu}{error}"
+                f"{record['duration_ms']:.1f}ms{cpu}{error}{who}"
             )
             for line in record["logs"]:
                 click.echo(f"    {line}")

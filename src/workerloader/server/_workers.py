@@ -395,10 +395,15 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
                 # Each chunk goes out as the worker makes it, within the fetch's limits. If the
                 # worker fails midway, the status has gone out: the connection ends without
                 # the body's last chunk, which is how HTTP tells a client that a body is
-                # incomplete. Logged once the stream is done, with its CPU.
+                # incomplete. Logged once the stream is done, with its CPU, and with what
+                # ended it if the worker failed.
+                record: dict[str, Any] = {"logs": logs["logs"]}
                 try:
                     async for chunk in response.chunks():
                         yield chunk
+                except Exception as exc:
+                    record["error"] = {"type": _failure(exc)[1]["error"]["type"]}
+                    raise
                 finally:
                     _log(
                         state,
@@ -407,7 +412,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
                         worker_id,
                         response.status,
                         started,
-                        logs,
+                        record,
                         response.cpu_ms,
                     )
 
@@ -477,15 +482,18 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         started = time.perf_counter()
         name = None if entrypoint == "Default" else entrypoint
         entry = stub.get_entrypoint(name)
+        called = False
         try:
             # The worker's method of that name, never an attribute of the host's stub (such as
             # its fetch, or anything starting with "_": AttributeError, a 422).
             call = type(entry).__getattr__(entry, method)
+            called = True
             result = await call(*args, **kwargs)
         except Exception as exc:
+            cpu_ms = stub.cpu_ms if called else 0.0  # refused here: no worker ran for it
             status, body = _failure(exc)
-            body["cpu_ms"] = round(stub.cpu_ms, 3)
-            _log(state, caller, "rpc", worker_id, status, started, body, stub.cpu_ms)
+            body["cpu_ms"] = round(cpu_ms, 3)
+            _log(state, caller, "rpc", worker_id, status, started, body, cpu_ms)
             return JSONResponse(body, status)
         try:
             answer = to_json(result)
