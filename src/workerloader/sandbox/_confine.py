@@ -13,16 +13,21 @@ import signal
 from . import _syscalls as sc
 from ._policy import READ_ONLY_PATHS
 
-__all__ = ["SCRATCH", "close_inherited", "confine"]
+__all__ = ["SCRATCH", "UNDER_SCRATCH", "close_inherited", "confine"]
 
 SCRATCH = "/tmp"
 """The worker's private, size-capped scratch directory (a tmpfs of its own)."""
 
-_UNDER_SCRATCH = [p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "/")]
+UNDER_SCRATCH = [
+    (path, f"/.under-scratch/{i}")
+    for i, path in enumerate(p for p in READ_ONLY_PATHS if (p + "/").startswith(SCRATCH + "/"))
+]
+"""Interpreter paths under the scratch directory (a checkout in /tmp), each with a second
+place the zygote binds it at: a worker's scratch hides the first, and it binds the second
+back there."""
 _FS_READ = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_READ_DIR | sc.LANDLOCK_EXECUTE
 _FS_DEVNULL = sc.LANDLOCK_READ_FILE | sc.LANDLOCK_WRITE_FILE
 _FS_ALL = sc.landlock_fs_rights()  # what this kernel's Landlock can restrict (asked once)
-_NO_DEVICES = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 
 def _landlock_ruleset() -> int:
@@ -53,27 +58,22 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     # 1. Only the RPC channel survives; stdio goes to /dev/null (logs are captured in Python).
     close_inherited(channel_fd)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    # 2. A private mount namespace (of the zygote's root, see _zygote._enter_worker_root) with
-    # a size-capped tmpfs as scratch.
+    # 2. A private mount namespace (of the zygote's root, see _zygote._enter_worker_root: its
+    # /proc already covered) with a size-capped tmpfs as scratch.
     sc.unshare(sc.CLONE_NEWNS)
-    # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
-    keep = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in _UNDER_SCRATCH]
     sc.mount(
         "tmpfs",
         SCRATCH,
         "tmpfs",
-        _NO_DEVICES,
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
         f"size={scratch_mb}m,nr_inodes=4096,mode=0777",
     )
-    for path, fd in keep:
+    # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
+    for path, staged in UNDER_SCRATCH:
         os.makedirs(path, exist_ok=True)
-        sc.mount(f"/proc/self/fd/{fd}", path, None, sc.MS_BIND | sc.MS_REC, None)
+        sc.mount(staged, path, None, sc.MS_BIND | sc.MS_REC, None)
         flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         sc.mount("none", path, None, flags, None)
-        os.close(fd)
-    # Last of the mounts (the binds above name their sources through it): /proc goes under an
-    # empty read-only tmpfs, so the worker cannot even list the host's processes.
-    sc.mount("tmpfs", "/proc", "tmpfs", sc.MS_RDONLY | _NO_DEVICES, "size=4k,mode=0555")
     # 3. The worker's own identity: no two workers share a uid.
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)

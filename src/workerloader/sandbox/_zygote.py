@@ -151,6 +151,8 @@ class _Zygote:
         self.first_call_pages = learn_first_call(self.runtime.serve)
         if not self.first_call_pages:
             _warn("the probe of a first call failed: workers will not copy its pages ahead")
+        if not INSECURE:
+            _cover_proc()
         self.prefork(POOL_SIZE)
         self.ctrl.send(b"ready")
         while True:
@@ -205,14 +207,15 @@ directory would do: this one exists everywhere)."""
 def _enter_worker_root() -> None:
     """Make this process's root a small tmpfs that holds only what a worker may see, and
     detach the host's file system: read-only binds of the interpreter paths and system
-    libraries (``READ_ONLY_PATHS``, at their own names), /dev/null, the host's /proc (this
-    zygote reads its own pages there; every worker covers it as it confines itself), and an
+    libraries (``READ_ONLY_PATHS``, at their own names), /dev/null, the host's /proc (the
+    zygote reads its own pages there as it starts, then covers it: ``_cover_proc``), and an
     empty /tmp for each worker's scratch. Runs as the host's root, in a mount namespace of
     its own; the workers' namespaces start from it.
 
     So no host file, socket or process is even named in a worker's view: Landlock and
     seccomp then guard a file system with nothing else in it.
     """
+    from ._confine import UNDER_SCRATCH
     from ._policy import LIBRARY_LINKS, READ_ONLY_PATHS
 
     # Opened first: building on /tmp hides what is under it (a checkout there, say).
@@ -226,6 +229,10 @@ def _enter_worker_root() -> None:
         sc.mount(f"/proc/self/fd/{fd}", root + path, None, sc.MS_BIND | sc.MS_REC, None)
         sc.mount("none", root + path, None, read_only, None)
         os.close(fd)
+    for path, staged in UNDER_SCRATCH:  # a second place, outside the workers' scratch
+        os.makedirs(root + staged)
+        sc.mount(root + path, root + staged, None, sc.MS_BIND | sc.MS_REC, None)
+        sc.mount("none", root + staged, None, read_only, None)
     for link in LIBRARY_LINKS:
         os.symlink(os.readlink(link), root + link)
     os.makedirs(root + "/dev", exist_ok=True)
@@ -241,6 +248,14 @@ def _enter_worker_root() -> None:
     sc.umount(".")
     os.chdir("/")
     sc.mount("none", "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, None)
+
+
+def _cover_proc() -> None:
+    """Put an empty read-only tmpfs over /proc (the host's, bound there before the user
+    namespace, so it cannot be unmounted here): the zygote needs it no more, and no worker
+    forked from now on can list a process or read a file of one there."""
+    flags = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    sc.mount("tmpfs", "/proc", "tmpfs", flags, "size=4k,mode=0555")
 
 
 def main() -> None:
