@@ -44,8 +44,18 @@ def test_unknown_options_and_bad_values_are_errors(tmp_path: Path) -> None:
     file.write_text("[server]\nprot = 1\n")
     with pytest.raises(ValueError, match=r"unknown \[server\] options \['prot'\]"):
         load_config(file, {}, environ={})
-    with pytest.raises(ValueError, match=r"^not a boolean: 'maybe'$"):
+    with pytest.raises(ValueError, match=r"^WORKERLOADER_INSECURE='maybe': not a boolean$"):
         load_config(None, {}, environ={"WORKERLOADER_INSECURE": "maybe"})
+    with pytest.raises(ValueError, match=r"^WORKERLOADER_PORT='abc': not an integer$"):
+        load_config(None, {}, environ={"WORKERLOADER_PORT": "abc"})
+    with pytest.raises(ValueError, match=r"^WORKERLOADER_LIMITS_CPU_MS='x': Input should be"):
+        load_config(None, {}, environ={"WORKERLOADER_LIMITS_CPU_MS": "x"})
+    file.write_text('[server]\nport = "abc"\n')
+    with pytest.raises(ValueError, match=r"workerloader.toml: \[server\] port: 'abc' is not an"):
+        load_config(file, {}, environ={})
+    file.write_text("[server\n")
+    with pytest.raises(ValueError, match=r"workerloader.toml: not TOML: "):
+        load_config(file, {}, environ={})
 
 
 def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
@@ -82,7 +92,7 @@ def test_limits_and_the_http_gateway_come_from_the_file_and_environment(tmp_path
     [
         ("[limit]\ncpu_ms = 1\n", r"unknown sections \['limit'\]"),
         ("[limits]\ncpu = 1\n", r"unknown \[limits\] options \['cpu'\]"),
-        ("[limits]\ncpu_ms = 0\n", r"^\[limits\] cpu_ms: Input should be greater than"),
+        ("[limits]\ncpu_ms = 0\n", r"\.toml: \[limits\] cpu_ms: Input should be greater than"),
         ("[bindings.api]\nallow = 'x'\n", r"^\[bindings.api\] allow: a list of host patterns$"),
         ("[bindings.kv]\n", r"unknown \[bindings\] options \['kv'\]"),
         (

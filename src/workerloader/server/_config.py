@@ -75,16 +75,24 @@ def load_config(
     file: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as f:
-            file = tomllib.load(f)
+            try:
+                file = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: not TOML: {exc}") from None
     _known(path, "", file, {"server", "ai", "limits", "bindings"})
     server = dict(file.get("server", {}))
     _known(path, "server", server, set(_SERVER_OPTIONS))
-    values: dict[str, Any] = {"host": "127.0.0.1", "port": 8787, **server}
+    values: dict[str, Any] = {"host": "127.0.0.1", "port": 8787}
     for name, kind in _SERVER_OPTIONS.items():
         variable = f"WORKERLOADER_{name.upper()}"
+        if name in server:
+            values[name] = _typed(server[name], kind, f"{path}: [server] {name}")
         if variable in environ:
             text = environ[variable]
-            values[name] = _boolean(text) if kind is bool else kind(text)
+            try:
+                values[name] = _boolean(text) if kind is bool else kind(text)
+            except ValueError:
+                raise ValueError(f"{variable}={text!r}: not {_KINDS[kind]}") from None
         if flags.get(name) is not None:
             values[name] = flags[name]
     ai = dict(file.get("ai", {}))
@@ -116,6 +124,32 @@ def load_config(
     return config, str(values["host"]), int(values["port"])
 
 
+_KINDS: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    Path: "a path (a string)",
+}
+
+
+def _typed(value: object, kind: type, where: str) -> object:
+    """A config file's ``value`` for an option of type ``kind``; ValueError naming ``where``
+    if TOML gave another type (``port = "abc"``)."""
+    fits = (
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float
+        else isinstance(value, int) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, str)
+    )
+    if not fits:
+        raise ValueError(f"{where}: {value!r} is not {_KINDS[kind]}")
+    return value
+
+
 def _known(path: Path | None, section: str, table: Mapping[str, object], names: set[str]) -> None:
     unknown = set(table) - names
     if unknown:
@@ -126,16 +160,18 @@ def _known(path: Path | None, section: str, table: Mapping[str, object], names: 
 def _limits(path: Path | None, table: dict[str, Any], environ: Mapping[str, str]) -> ExecuteLimits:
     """``POST /execute``'s default limits: the file's ``[limits]``, then the environment."""
     _known(path, "limits", table, set(ExecuteLimits.model_fields))
+    source = {name: f"{path}: [limits] {name}" for name in table}
     for name in ExecuteLimits.model_fields:
         variable = f"WORKERLOADER_LIMITS_{name.upper()}"
         if variable in environ:
             table[name] = environ[variable]
+            source[name] = f"{variable}={environ[variable]!r}"
     try:
         return ExecuteLimits.model_validate(table)
     except ValidationError as exc:
         problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        raise ValueError(f"[limits] {where}: {problem['msg']}") from None
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        raise ValueError(f"{source.get(name, '[limits]')}: {problem['msg']}") from None
 
 
 def _gateway(
