@@ -43,6 +43,17 @@ def test_exec_reads_standard_input_and_fails_with_the_users_traceback(tmp_path: 
     assert 'File "execute.py", line 2, in main' in result.stderr
 
 
+def test_exec_takes_cpu_limit_and_namespace(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    spun = CliRunner().invoke(cli, ["exec", "while True:\n    pass", "--cpu-ms", "50", *data])
+    assert spun.exit_code == 1
+    assert "CpuLimitExceeded: the call used more than 50 ms of CPU" in spun.stderr
+    named = CliRunner().invoke(
+        cli, ["exec", "return context.namespace", "--namespace", "team-x", *data]
+    )
+    assert named.stdout.strip().splitlines()[-1] == '"team-x"'
+
+
 def test_workers_put_list_and_delete(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()

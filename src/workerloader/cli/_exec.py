@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option, insecure_option, option
+from ._common import data_dir_option, insecure_option, namespace_option, option
 
 
 @click.command("exec")
@@ -22,10 +22,37 @@ from ._common import data_dir_option, insecure_option, option
     envvar="WORKERLOADER_EXEC_TIMEOUT_MS",
     help="Wall time of the snippet, ms.",
 )
+@option(
+    "--cpu-ms",
+    default=1000,
+    type=click.IntRange(1, 60_000),  # as POST /execute's limits
+    show_default=True,
+    envvar="WORKERLOADER_EXEC_CPU_MS",
+    help="CPU time of the snippet, ms.",
+)
+@option(
+    "--memory-mb",
+    default=128,
+    type=click.IntRange(16, 4096),
+    show_default=True,
+    envvar="WORKERLOADER_EXEC_MEMORY_MB",
+    help="Memory of the snippet's worker, MiB.",
+)
+@namespace_option
 @insecure_option
-def exec_(code: str, data_dir: Path, timeout_ms: int, insecure: bool) -> None:
+def exec_(
+    code: str,
+    data_dir: Path,
+    timeout_ms: int,
+    cpu_ms: int,
+    memory_mb: int,
+    namespace: str,
+    insecure: bool,
+) -> None:
     """Run CODE (or standard input, with -) as the body of an async function, with env, sdk,
-    db, kv, sql and context in scope; print the result as JSON and the captured logs."""
+    db, kv, sql, blobs, ai, api and context in scope (the sdk of --namespace); print the
+    result as JSON (stdout) and the captured logs (stderr). Exit status 1 if the code failed,
+    2 if it ran out of wall time."""
     from .. import Limits, Loader
     from ..rpc._loop import run
     from ..server._execute import execute
@@ -34,9 +61,8 @@ def exec_(code: str, data_dir: Path, timeout_ms: int, insecure: bool) -> None:
 
     async def main() -> tuple[int, dict[str, object]]:
         async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
-            outcome = await execute(
-                loader, source, Limits(wall_ms=timeout_ms), loader.sdk("default")
-            )
+            limits = Limits(cpu_ms=cpu_ms, memory_mb=memory_mb, wall_ms=timeout_ms)
+            outcome = await execute(loader, source, limits, loader.sdk(namespace))
         return outcome.status, outcome.body
 
     status, body = run(main())
