@@ -759,3 +759,27 @@ async def test_uncached_workers_leave_no_fds_after_the_loader_closes(tmp_path: P
         await api(await loader.load(api_code())).count()
     await asyncio.sleep(0.1)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+FORGED = """
+from workers import WorkerEntrypoint
+
+
+class Default(WorkerEntrypoint):
+    async def raise_named(self, name):
+        raise type(name, (Exception,), {})("the code's own class")
+"""
+
+
+@pytest.mark.parametrize(
+    "name", ["MemoryError", "OutputLimitExceeded", "PermissionDenied", "ValueError"]
+)
+async def test_the_codes_own_class_named_like_ours_arrives_as_a_worker_error(
+    loader: Loader, name: str
+) -> None:
+    # Taken by its name alone it would pass for a limit the host enforced (billing, alerts,
+    # retries) or a binding's refusal.
+    code = WorkerCode(main_module="main.py", modules={"main.py": FORGED})
+    with pytest.raises(WorkerError) as info:
+        await loader.get("w", lambda: code).get_entrypoint().raise_named(name)
+    assert (info.value.type_name, info.value.message) == (name, "the code's own class")

@@ -132,6 +132,35 @@ async def test_a_streamed_body_arrives_chunk_by_chunk_as_the_worker_makes_it(
     assert await (await stub.fetch("https://s/plain")).text() == "plain"
 
 
+async def test_a_drained_worker_finishes_its_open_stream_first(loader: Loader) -> None:
+    # Between two chunks no call is in flight; the open body still holds the worker.
+    stub = loader.get("s", code)
+    response = await stub.fetch("https://s/count")
+    chunks = response.chunks()
+    assert await anext(chunks) == b"0,"
+    await loader.evict("s", drain=True)
+    assert [chunk async for chunk in chunks] == [b"1,", b"2,"]
+    await asyncio.sleep(0.2)
+    assert not loader._workers  # stopped once the stream was done
+
+
+async def test_a_stub_used_after_its_eviction_does_not_leave_a_worker_behind(
+    loader: Loader,
+) -> None:
+    stub = loader.get("s", code)
+    assert await (await stub.fetch("https://s/plain")).text() == "plain"
+    await loader.evict("s", drain=True)
+    await asyncio.sleep(0.2)
+    assert not loader._workers
+    # A caller that still holds the stub starts a worker that no id holds: it is stopped
+    # with the stub, like an uncached one (it lived until the Loader closed).
+    assert await (await stub.fetch("https://s/plain")).text() == "plain"
+    (late,) = loader._workers
+    assert late.uncached
+    await stub.aclose()
+    assert not loader._workers
+
+
 async def test_a_stream_that_fails_midway_raises_on_the_read(loader: Loader) -> None:
     response = await loader.get("s", code).fetch("https://s/broken")
     chunks = response.chunks()

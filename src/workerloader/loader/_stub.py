@@ -118,8 +118,9 @@ class WorkerStub:
         worker.load_report = load_report
         self._loader._workers.add(worker)
         self._worker = worker
-        if self._id is None:
-            # No id holds it: it ends with this stub (or its idle TTL, or the loader).
+        if self._id is None or self._loader._stubs.get(self._id) is not self:
+            # No id holds it (an uncached stub, or one evicted while a caller still held it):
+            # it ends with this stub, its idle TTL, or the loader.
             worker.uncached = True
             weakref.finalize(self, self._loader._drop_soon, worker)
         # The cgroup is a backstop above RLIMIT_AS (room for the interpreter's own pages too),
@@ -178,7 +179,7 @@ class WorkerStub:
         worker, self._worker = self._worker, None
         if worker is None:
             return
-        await worker.idle.wait()  # calls end (or fail) even if the session closes
+        await worker.finished()
         await self._loader._forget(worker)
 
 
@@ -233,8 +234,11 @@ class EntrypointStub(rpc.RpcForwarder):
             stream.dispose()
             if worker is not None:  # the stream's CPU is this response's, not the next call's
                 response.cpu_ms += worker.count_cpu(None) / 1e6
+                worker.stream_closed()
 
         response = Response(wire.status, wire.headers, b"", read, release)
+        if worker is not None:  # a drain waits for the stream, not only for the fetch
+            worker.stream_opened()
         response.cpu_ms = self._stub.cpu_ms
         # While its stream can be read, the stub (so an uncached worker) lives on.
         response._stub = self._stub  # type: ignore[attr-defined]

@@ -81,6 +81,9 @@ class RunningWorker:
         self.active_calls = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.open_streams = 0  # streamed response bodies not yet read to their end or released
+        self._streams_closed = asyncio.Event()
+        self._streams_closed.set()
         self.subrequests = 0  # binding calls since the current call started
         self.deadline: float | None = None  # monotonic end of the current call's wall time
         self.load_report: rpc.RpcPromise | None = None  # until the load is known to have worked
@@ -113,6 +116,32 @@ class RunningWorker:
             if self.limit_hit is None:
                 self.limit_hit = hit
             raise hit
+
+    def stream_opened(self) -> None:
+        """A streamed response body of this worker's is open (``finished`` waits for it)."""
+        self.open_streams += 1
+        self._streams_closed.clear()
+
+    def stream_closed(self) -> None:
+        self.open_streams -= 1
+        if not self.open_streams:
+            self._streams_closed.set()
+
+    async def finished(self) -> None:
+        """Wait until no call is in flight and no streamed body is open: the worker can stop
+        without cutting anything off. A stream still open when its fetch's wall time has
+        passed is not waited for (its reads fail from then on anyway)."""
+        while True:
+            await self.idle.wait()  # calls end (or fail) even if the session closes
+            budget = self.last_budget
+            if not self.open_streams or budget is None:
+                return
+            loop = asyncio.get_running_loop()
+            left = budget.started + self.limits.wall_ms / 1000 - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._streams_closed.wait(), left)
 
     @property
     def busy(self) -> bool:
@@ -289,6 +318,7 @@ class _WireError(msgspec.Struct, frozen=True):
     type: str
     message: str
     traceback: str = ""
+    module: str = ""  # the exception class's module
 
 
 class Envelope(msgspec.Struct, frozen=True):
@@ -322,6 +352,7 @@ def check_shape(raw: object, shape: type[_T], what: str) -> _T:
         raise WorkerCrashed(f"the worker sent a malformed {what}: {exc}") from None
 
 
+_RUNTIME = "workerloader.runtime._main"  # where the worker's own limit errors are defined
 _BINDING_ERRORS: dict[str, type[WorkerloaderError]] = {
     "PermissionDenied": PermissionDenied,
     "BindingError": BindingError,
@@ -335,17 +366,17 @@ def unwrap(envelope: Envelope) -> Any:
     error = envelope.error
     if error is None:
         return envelope.value
-    name, message = error.type, error.message
+    name, message, module = error.type, error.message, error.module
     exc: BaseException
-    if name == "MemoryError":
+    if name == "MemoryError" and module == "builtins":
         exc = MemoryLimitExceeded(message or "the worker ran out of memory")
-    elif name == "OutputLimitExceeded":
+    elif name == "OutputLimitExceeded" and module == _RUNTIME:
         exc = OutputLimitExceeded(message)
-    elif name in _BINDING_ERRORS:  # a binding's refusal the code let through
-        exc = _BINDING_ERRORS[name](message)
+    elif name in _BINDING_ERRORS and module == _BINDING_ERRORS[name].__module__:
+        exc = _BINDING_ERRORS[name](message)  # a binding's refusal the code let through
         exc.add_note(error.traceback)
     else:
-        cls = getattr(builtins, name, None)
+        cls = getattr(builtins, name, None) if module == "builtins" else None
         if isinstance(cls, type) and issubclass(cls, Exception):
             try:
                 exc = cls(message)

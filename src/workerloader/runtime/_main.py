@@ -136,6 +136,9 @@ def _error_dict(exc: BaseException, user_files: set[str]) -> dict[str, str]:
     single = len(exc.args) == 1 and isinstance(exc.args[0], str)
     return {
         "type": type(exc).__name__,
+        # Where the class is from: the host takes a ValueError or a PermissionDenied as
+        # Python's or workerloader's only if it is (not the code's own class of that name).
+        "module": type(exc).__module__,
         "message": exc.args[0] if single else str(exc),
         "traceback": _user_traceback(exc, user_files),
     }

@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import Limits, Loader, WorkerCode
 from .. import Request as WorkerRequest
 from .. import Response as WorkerResponse
-from .._errors import DataCloneError, WorkerloaderError
+from .._errors import (
+    DataCloneError,
+    LimitExceeded,
+    WorkerCrashed,
+    WorkerloaderError,
+    WorkerLoadError,
+)
 from ..bindings import HttpGateway
 from ._execute import NotJsonError, _error, failure_status, to_json
 from ._schema import bad_request, error_answer, json_body
@@ -322,8 +328,9 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             await stub.aclose()
         except DataCloneError as exc:  # env data that cannot reach a worker: the body's
             return _bad_request(f"the definition cannot be sent to a worker: {exc}")
-        except WorkerloaderError as exc:
+        except (WorkerLoadError, LimitExceeded, WorkerCrashed) as exc:
             # Failed to load: an error, or a limit or crash while its modules were imported.
+            # (The sandbox failing is the service's trouble, not the definition's: not here.)
             return JSONResponse({"ok": False, "error": _error(exc)}, 422)
         store: ServiceStore = state["store"]
         version = store.put_worker(caller.namespace, worker_id, definition.model_dump())
