@@ -116,3 +116,12 @@ def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:
         process.terminate()
         output = process.communicate(timeout=10)[0].decode()
     assert "[log] served" in output
+
+
+def test_an_invalid_namespace_is_a_usage_error_before_anything_starts(tmp_path: Path) -> None:
+    for command in (["exec", "return 1"], ["workers", "list"], ["logs", "tail", "--no-follow"]):
+        answer = CliRunner().invoke(
+            cli, [*command, "--namespace", "bad/ns", "--data-dir", str(tmp_path)]
+        )
+        assert answer.exit_code == 2, (command, answer.output)
+        assert "invalid namespace or name 'bad/ns'" in answer.output

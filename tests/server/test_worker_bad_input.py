@@ -341,3 +341,29 @@ async def test_repeated_request_headers_reach_the_worker_joined(client: httpx.As
     headers = [("x-a", "1"), ("x-a", "2"), ("cookie", "a=1"), ("cookie", "b=2")]
     answer = await client.get("/workers/h/fetch/", headers=headers)
     assert answer.json() == {"x-a": "1, 2", "cookie": "a=1; b=2", "authorization": None}
+
+
+EDGES = """
+from workers import WorkerEntrypoint, Response
+
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        if request.url.endswith("/204"):
+            return Response("a body HTTP does not allow here", status=204)
+        return Response.json(sorted(request.headers))
+"""
+
+
+async def test_no_body_goes_out_with_a_204_and_hop_headers_stay_behind(
+    client: httpx.AsyncClient,
+) -> None:
+    definition = {"main_module": "main.py", "modules": {"main.py": EDGES}}
+    assert (await client.put("/workers/e", json=definition)).status_code == 200
+    empty = await client.get("/workers/e/fetch/204")
+    assert (empty.status_code, empty.content) == (204, b"")
+    headers = {"proxy-authorization": "Basic c2VjcmV0", "x-drop": "1", "connection": "x-drop"}
+    seen = (await client.get("/workers/e/fetch/", headers=headers)).json()
+    assert "proxy-authorization" not in seen
+    assert "x-drop" not in seen  # named by Connection: this hop's
+    assert "connection" not in seen

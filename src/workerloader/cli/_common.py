@@ -18,6 +18,7 @@ from typing import Any, TypeVar, get_args
 
 import click
 
+from ..loader._loader import valid_namespace
 from ..server._workers import Binding
 
 __all__ = [
@@ -50,11 +51,19 @@ data_dir_option = option(
     help="Where KV, SQL, documents, blobs, keys, workers and logs live.",
 )
 
+def _valid_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return valid_namespace(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 namespace_option = option(
     "--namespace",
     default="default",
     show_default=True,
     envvar="WORKERLOADER_NAMESPACE",
+    callback=_valid_namespace,
     help="The namespace to act in.",
 )
 

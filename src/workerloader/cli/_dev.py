@@ -74,6 +74,7 @@ def dev(
     from ..server._store import Caller
     from ..server._workers import (
         FETCH_METHODS,
+        NO_BODY,
         WorkerDefinition,
         _code,
         _end_to_end,
@@ -124,7 +125,8 @@ def dev(
                     response = await stub.fetch(forwarded)
                     # A streamed body is read here, whole (a dev server need not stream): a
                     # worker that fails midway is then answered like any other failure.
-                    body_bytes = b"" if request.method == "HEAD" else await response.bytes()
+                    no_body = request.method == "HEAD" or response.status in NO_BODY
+                    body_bytes = b"" if no_body else await response.bytes()
                     response.discard()
                 except Exception as exc:
                     status, body = _failure(exc)  # re-raises what is not the worker's doing

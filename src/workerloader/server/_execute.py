@@ -108,7 +108,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, WorkerLoadError):
         # The message alone: its file, line and type have fields of their own.
         where = f"{exc.file}:{exc.line}: " if exc.file and exc.line else ""
-        message = str(exc).removeprefix(where or f"{exc.file}: ").removeprefix(f"{exc.type_name}: ")
+        where = where or (f"{exc.file}: " if exc.file else "")
+        message = str(exc).removeprefix(where).removeprefix(f"{exc.type_name}: ")
         return {
             "type": exc.type_name,
             "message": message,

@@ -30,6 +30,7 @@ from ._store import Caller, ServiceStore
 
 __all__ = [
     "FETCH_METHODS",
+    "NO_BODY",
     "BadDefinition",
     "FetchHandler",
     "WorkerDefinition",
@@ -285,13 +286,13 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             return None
         key = _cache_key(caller, worker_id, stored)
         started.setdefault((caller.namespace, worker_id), set()).add(key)
-        definition = {k: v for k, v in stored.items() if k in WorkerDefinition.model_fields}
-        return loader.get(
-            key,
-            lambda: _code(
-                loader, caller, WorkerDefinition.model_validate(definition), state.get("api")
-            ),
-        )
+
+        def factory() -> WorkerCode:  # runs only when no warm worker holds the key
+            fields = {k: v for k, v in stored.items() if k in WorkerDefinition.model_fields}
+            definition = WorkerDefinition.model_validate(fields)
+            return _code(loader, caller, definition, state.get("api"))
+
+        return loader.get(key, factory)
 
     @router.put(
         "/workers/{worker_id}",
@@ -394,7 +395,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
             _log(state, caller, "fetch", worker_id, status, started, body, stub.cpu_ms)
             return JSONResponse(body, status)
         logs = {"logs": stub.logs}
-        if response.streaming and request.method == "HEAD":
+        if response.streaming and (request.method == "HEAD" or response.status in NO_BODY):
             response.discard()  # no body goes out: the worker need not make one
         if response.streaming:
 
@@ -425,7 +426,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
 
             return StreamingResponse(streamed(), response.status, headers=_end_to_end(response))
         _log(state, caller, "fetch", worker_id, response.status, started, logs, response.cpu_ms)
-        return Response(await response.bytes(), response.status, headers=_end_to_end(response))
+        content = b"" if response.status in NO_BODY else await response.bytes()
+        return Response(content, response.status, headers=_end_to_end(response))
 
     for http_method in FETCH_METHODS:
         # One route per method: OpenAPI wants an operation id of its own for each.
@@ -540,12 +542,22 @@ the service frames what it sends itself. From a worker, they could make one resp
 two by a client or a proxy that trusts them."""
 
 
+NO_BODY = (204, 304)
+"""Statuses whose responses have no body (RFC 9110): a worker's is dropped, not sent."""
+
+_NOT_FORWARDED = (_HOP_BY_HOP - {"content-length"}) | {"authorization"}
+"""Request headers a worker never sees: the caller's key, and the connection's own (the
+body reaches the worker whole, so its length stays)."""
+
+
 def request_headers(request: Request) -> dict[str, str]:
     """A request's headers as a worker gets them: repeated ones joined into one (``, ``; a
-    cookie's with ``; ``, as RFC 9110 and 6265 have it), never the caller's key."""
+    cookie's with ``; ``, as RFC 9110 and 6265 have it), never ``_NOT_FORWARDED`` ones or
+    those the request's ``Connection`` names."""
+    connection = {n.strip().lower() for n in request.headers.get("connection", "").split(",")}
     headers: dict[str, str] = {}
     for name, value in request.headers.items():  # lower-case names, each occurrence
-        if name == "authorization":
+        if name in _NOT_FORWARDED or name in connection:
             continue
         if name in headers:
             value = headers[name] + ("; " if name == "cookie" else ", ") + value
