@@ -51,6 +51,7 @@ data_dir_option = option(
     help="Where KV, SQL, documents, blobs, keys, workers and logs live.",
 )
 
+
 def _valid_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         return valid_namespace(value)
