@@ -125,3 +125,20 @@ def test_an_invalid_namespace_is_a_usage_error_before_anything_starts(tmp_path: 
         )
         assert answer.exit_code == 2, (command, answer.output)
         assert "invalid namespace or name 'bad/ns'" in answer.output
+
+
+def test_a_data_dir_without_service_data_is_an_error_not_an_empty_store(tmp_path: Path) -> None:
+    # A mistyped --data-dir (or a command run elsewhere than `serve`) would show nothing and
+    # leave a new empty store behind.
+    missing = tmp_path / "typo"
+    for command in (
+        ["logs", "tail", "--no-follow"],
+        ["workers", "list"],
+        ["workers", "delete", "w"],
+        ["keys", "list"],
+        ["keys", "revoke", "k"],
+    ):
+        answer = CliRunner().invoke(cli, [*command, "--data-dir", str(missing)])
+        assert answer.exit_code == 2, (command, answer.output)
+        assert "holds no service data" in answer.output
+    assert not missing.exists()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, get_args
 import click
 
 from ..loader._loader import valid_namespace
+from ..server._store import ServiceStore
 from ..server._workers import Binding
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "check_env_and_bindings",
     "data_dir_option",
     "env_option",
+    "existing_store",
     "insecure_option",
     "namespace_option",
     "option",
@@ -74,6 +76,18 @@ insecure_option = option(
     envvar="WORKERLOADER_INSECURE",
     help="Run workers unconfined where this machine has no sandbox.",
 )
+
+
+def existing_store(data_dir: Path) -> ServiceStore:
+    """The service's store in ``data_dir``, for a command that reads or changes what is there:
+    click.UsageError if the directory holds none (a mistyped --data-dir, or a command run
+    from another directory than `serve`, would otherwise show an empty store and make one)."""
+    if not (data_dir / "service.sqlite3").exists():
+        raise click.UsageError(
+            f"{data_dir} holds no service data (`serve --data-dir {data_dir}` makes it); "
+            "give the --data-dir the service uses"
+        )
+    return ServiceStore(data_dir)
 
 
 def check_env_and_bindings(env: dict[str, object], bindings: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..server._store import ServiceStore
 from ._common import data_dir_option as _data_dir
-from ._common import option
+from ._common import existing_store, option
 
 
 @click.group()
@@ -63,7 +63,7 @@ def list_keys(data_dir: Path) -> None:
     table = Table()
     for column in ("id", "user", "namespace", "permissions", "created", "revoked"):
         table.add_column(column)
-    for key in ServiceStore(data_dir).list_keys():
+    for key in existing_store(data_dir).list_keys():
         table.add_row(
             key.id,
             key.user_id,
@@ -82,6 +82,6 @@ def list_keys(data_dir: Path) -> None:
 @_data_dir
 def revoke(key_id: str, data_dir: Path) -> None:
     """Revoke a key by id."""
-    if not ServiceStore(data_dir).revoke(key_id):
+    if not existing_store(data_dir).revoke(key_id):
         raise click.ClickException(f"no active key {key_id!r}")
     click.echo(f"revoked {key_id}")

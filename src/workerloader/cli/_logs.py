@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..server._store import ServiceStore
-from ._common import data_dir_option, namespace_option, option
+from ._common import data_dir_option, existing_store, namespace_option, option
 
 
 @click.group()
@@ -37,7 +36,7 @@ def logs() -> None:
 @data_dir_option
 def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
     """Print the latest records of NAMESPACE, then new ones as they come (Ctrl-C stops)."""
-    store = ServiceStore(data_dir)
+    store = existing_store(data_dir)
     seen: set[str] = set()
     since: float | None = None
     first = True

@@ -29,6 +29,7 @@ from ._common import (
     check_env_and_bindings,
     data_dir_option,
     env_option,
+    existing_store,
     insecure_option,
     namespace_option,
     option,
@@ -103,7 +104,7 @@ def list_workers(namespace: str, data_dir: Path) -> None:
     table = Table()
     for column in ("id", "version", "updated"):
         table.add_column(column)
-    for worker in ServiceStore(data_dir).list_workers(namespace):
+    for worker in existing_store(data_dir).list_workers(namespace):
         updated = dt.datetime.fromtimestamp(worker["updated"]).isoformat(timespec="seconds")
         table.add_row(worker["id"], str(worker["version"]), updated)
     Console().print(table)
@@ -184,6 +185,6 @@ def put_worker(
 @data_dir_option
 def delete_worker(worker_id: str, namespace: str, data_dir: Path) -> None:
     """Delete a stored worker."""
-    if not ServiceStore(data_dir).delete_worker(namespace, worker_id):
+    if not existing_store(data_dir).delete_worker(namespace, worker_id):
         raise click.ClickException(f"no worker {worker_id!r} in namespace {namespace!r}")
     click.echo(f"deleted {worker_id}")
