@@ -233,3 +233,14 @@ async def test_a_request_in_flight_finishes_on_the_version_it_started_on(
     answered = await slow
     assert (answered.status_code, answered.text) == (200, "v2")
     assert (await client.get("/workers/w/fetch/")).status_code == 404
+
+
+async def test_the_fetch_path_without_its_slash_is_the_workers_root(
+    served: tuple[httpx.AsyncClient, Path],
+) -> None:
+    # `curl .../workers/w/fetch` answers, not with an empty redirect.
+    client, _ = served
+    assert (await client.put("/workers/w", json=DEFINITION)).status_code == 200
+    answer = await client.get("/workers/w/fetch")
+    assert answer.status_code == 200
+    assert answer.text == (await client.get("/workers/w/fetch/")).text

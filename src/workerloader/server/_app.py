@@ -160,16 +160,18 @@ class _Front:
         await self._route(scope, receive, send)
 
     async def _route(self, scope: Any, receive: Any, send: Any) -> None:
-        # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it
+        # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it, and
+        # /workers/{worker_id}/fetch itself (the worker's root, not a redirect to it)
         parts = scope["path"].split("/", 4)
         if (
-            len(parts) == 5
+            len(parts) >= 4
             and parts[1] == "workers"
             and parts[2]
             and parts[3] == "fetch"
             and scope["method"] in FETCH_METHODS
         ):
-            proxied = await self.fetch(parts[2], parts[4], Request(scope, receive))
+            path = parts[4] if len(parts) == 5 else ""
+            proxied = await self.fetch(parts[2], path, Request(scope, receive))
             await proxied(scope, receive, send)
             return
         if scope["path"] == "/execute" and scope["method"] == "POST":
