@@ -88,6 +88,8 @@ async def test_a_result_that_cannot_cross_names_where_it_sits(client: httpx.Asyn
         "result['f']: cannot clone a function object"
         " (only data can cross here: no functions, stubs or RpcTarget instances)"
     )
+    # No user frame raised it: no empty "Traceback (most recent call last):" header either.
+    assert not error["traceback"].startswith("Traceback"), error["traceback"]
 
 
 async def test_a_cyclic_result_is_422_naming_where(client: httpx.AsyncClient) -> None:

@@ -123,11 +123,13 @@ class _Stream(io.TextIOBase):
 
 
 def _user_traceback(exc: BaseException, user_files: set[str]) -> str:
+    """The exception with the frames of the user's files only (no header when none is: an
+    answer that could not be sent, say, was raised in the runtime's code)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in user_files]
-    lines = traceback.format_list(frames)
+    header = "Traceback (most recent call last):\n" if frames else ""
     return (
-        "Traceback (most recent call last):\n"
-        + "".join(lines)
+        header
+        + "".join(traceback.format_list(frames))
         + "".join(traceback.format_exception_only(exc))
     )
 
