@@ -460,34 +460,11 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         if isinstance(found, JSONResponse):
             return found
         caller, stub = found
-        expected = 'the body must be {"args": [...], "kwargs": {...}} or a list of args'
-        try:
-            raw = await request.json() if await request.body() else {}
-        except ValueError as exc:  # not JSON, or not UTF-8
-            return _bad_request(f"{expected}; it is not JSON: {exc}")
-        except RecursionError:
-            return _bad_request(f"{expected}; it is nested too deeply")
-        if isinstance(raw, list):
-            args, kwargs = raw, {}
-        elif isinstance(raw, dict):
-            if "props" in raw:
-                return _bad_request(
-                    "props cannot be sent over HTTP: a worker trusts its ctx.props as the "
-                    "host's (the Loader API's get_entrypoint(name, props=...) sets them)"
-                )
-            unknown = sorted(set(raw) - {"args", "kwargs"})
-            if unknown:
-                return _bad_request(f"{expected}; unknown field(s): {', '.join(unknown)}")
-            args, kwargs = raw.get("args", []), raw.get("kwargs", {})
-        else:
-            return _bad_request(f"{expected}, not {type(raw).__name__}")
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            return _bad_request(f'{expected}: "args" must be a list and "kwargs" an object')
-        if method == "fetch":  # its argument is a request, its answer a response: HTTP's
-            return _bad_request(
-                f"fetch is not an RPC method here: send the request to "
-                f"/workers/{worker_id}/fetch/{{path}}"
-            )
+        arguments = await _rpc_arguments(request, worker_id, method)
+        if isinstance(arguments, str):  # what is wrong with the request
+            state["store"].log(caller, "rpc", 400, 0.0, worker=worker_id, error_type="BadRequest")
+            return _bad_request(arguments)
+        args, kwargs = arguments
         started = time.perf_counter()
         name = None if entrypoint == "Default" else entrypoint
         entry = stub.get_entrypoint(name)
@@ -568,6 +545,41 @@ def request_headers(request: Request) -> dict[str, str]:
 def _end_to_end(response: WorkerResponse) -> dict[str, str]:
     """A worker response's headers as the proxy passes them on: all but ``_HOP_BY_HOP``."""
     return {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP}
+
+
+async def _rpc_arguments(
+    request: Request, worker_id: str, method: str
+) -> tuple[list[Any], dict[str, Any]] | str:
+    """An rpc request's ``(args, kwargs)``, or what is wrong with it: a body that is not
+    ``{"args": [...], "kwargs": {...}}`` or a list of args, one that sets ``props`` (only the
+    host sets them), or ``fetch`` (the fetch proxy's)."""
+    expected = 'the body must be {"args": [...], "kwargs": {...}} or a list of args'
+    try:
+        raw = await request.json() if await request.body() else {}
+    except ValueError as exc:  # not JSON, or not UTF-8
+        return f"{expected}; it is not JSON: {exc}"
+    except RecursionError:
+        return f"{expected}; it is nested too deeply"
+    if isinstance(raw, list):
+        args, kwargs = raw, {}
+    elif isinstance(raw, dict):
+        if "props" in raw:
+            return (
+                "props cannot be sent over HTTP: a worker trusts its ctx.props as the "
+                "host's (the Loader API's get_entrypoint(name, props=...) sets them)"
+            )
+        unknown = sorted(set(raw) - {"args", "kwargs"})
+        if unknown:
+            return f"{expected}; unknown field(s): {', '.join(unknown)}"
+        args, kwargs = raw.get("args", []), raw.get("kwargs", {})
+    else:
+        return f"{expected}, not {type(raw).__name__}"
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        return f'{expected}: "args" must be a list and "kwargs" an object'
+    if method == "fetch":  # its argument is a request, its answer a response: HTTP's
+        where = f"/workers/{worker_id}/fetch/{{path}}"
+        return f"fetch is not an RPC method here: send the request to {where}"
+    return args, kwargs
 
 
 def _log(
