@@ -71,9 +71,7 @@ def confine(channel_fd: int, uid: int, seccomp_bpf: bytes, scratch_mb: int) -> N
     # The interpreter may live under the scratch path (a checkout in /tmp): keep it visible.
     for path, staged in UNDER_SCRATCH:
         os.makedirs(path, exist_ok=True)
-        sc.mount(staged, path, None, sc.MS_BIND | sc.MS_REC, None)
-        flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-        sc.mount("none", path, None, flags, None)
+        sc.bind_read_only(staged, path)
     # 3. The worker's own identity: no two workers share a uid.
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)

@@ -15,6 +15,7 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "bind_read_only",
     "landlock_abi_version",
     "landlock_fs_rights",
     "landlock_restrict_self",
@@ -118,6 +119,14 @@ _SYS_PIVOT_ROOT: Final = 155  # x86_64; glibc has no wrapper
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()))
+
+
+def bind_read_only(source: str, target: str) -> None:
+    """Bind ``source`` (and what is mounted under it) at ``target``, read-only, with no
+    setuid or device files."""
+    mount(source, target, None, MS_BIND | MS_REC, None)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    mount("none", target, None, flags, None)
 
 
 def umount(target: str) -> None:

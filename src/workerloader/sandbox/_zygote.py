@@ -223,16 +223,13 @@ def _enter_worker_root() -> None:
     null = os.open("/dev/null", os.O_PATH)
     root = _BUILD_AT
     sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
-    read_only = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
     for path, fd in sources:
         os.makedirs(root + path, exist_ok=True)
-        sc.mount(f"/proc/self/fd/{fd}", root + path, None, sc.MS_BIND | sc.MS_REC, None)
-        sc.mount("none", root + path, None, read_only, None)
+        sc.bind_read_only(f"/proc/self/fd/{fd}", root + path)
         os.close(fd)
     for path, staged in UNDER_SCRATCH:  # a second place, outside the workers' scratch
         os.makedirs(root + staged)
-        sc.mount(root + path, root + staged, None, sc.MS_BIND | sc.MS_REC, None)
-        sc.mount("none", root + staged, None, read_only, None)
+        sc.bind_read_only(root + path, root + staged)
     for link in LIBRARY_LINKS:
         os.symlink(os.readlink(link), root + link)
     os.makedirs(root + "/dev", exist_ok=True)
