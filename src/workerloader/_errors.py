@@ -130,6 +130,8 @@ class WorkerLoadError(WorkerloaderError):
         self.file = file
         self.line = line
         self.type_name = type_name
+        self.message = message
+        """What failed, as given ("Type: message"), without where."""
         where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
         super().__init__(where + message)
 

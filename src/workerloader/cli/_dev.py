@@ -67,7 +67,7 @@ def dev(
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
-    from .. import Loader, WorkerCode
+    from .. import Loader, WorkerCode, WorkerLoadError
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
     from ..server._app import SizeCap
@@ -133,10 +133,11 @@ def dev(
                     for line in body["logs"]:
                         click.echo(f"[log] {line}")
                     error = body["error"]
-                    detail = error["traceback"] or f"{error['type']}: {error['message']}"
-                    if error.get("file"):  # a load error: where it is
-                        line = f":{error['line']}" if error.get("line") else ""
-                        detail = f"{error['file']}{line}: {detail}"
+                    detail = error["traceback"] or (
+                        str(exc)  # a load error reads "file:line: Type: message"
+                        if isinstance(exc, WorkerLoadError)
+                        else f"{error['type']}: {error['message']}"
+                    )
                     click.echo(f"[dev] {status} {detail.rstrip()}")
                     return JSONResponse(body, status)
                 for line in stub.logs:

@@ -4,40 +4,39 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from ..server._app import ExecuteLimits
 from ._common import data_dir_option, insecure_option, namespace_option, option
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _limit(name: str, flag: str, unit: str) -> Callable[[_F], _F]:
+    """``--FLAG`` for ``POST /execute``'s limit ``name``: its default and bounds, as the
+    service takes them (``ExecuteLimits``)."""
+    field = ExecuteLimits.model_fields[name]
+    bounds = {k: getattr(m, k) for m in field.metadata for k in ("ge", "le") if hasattr(m, k)}
+    return option(
+        f"--{flag}",
+        default=field.default,
+        type=click.IntRange(bounds["ge"], bounds["le"]),
+        show_default=True,
+        envvar=f"WORKERLOADER_EXEC_{flag.replace('-', '_').upper()}",
+        help=unit,
+    )
 
 
 @click.command("exec")
 @click.argument("code")
 @data_dir_option
-@option(
-    "--timeout-ms",
-    default=30_000,
-    type=click.IntRange(1000, 300_000),  # as POST /execute's timeout_ms
-    show_default=True,
-    envvar="WORKERLOADER_EXEC_TIMEOUT_MS",
-    help="Wall time of the snippet, ms.",
-)
-@option(
-    "--cpu-ms",
-    default=1000,
-    type=click.IntRange(1, 60_000),  # as POST /execute's limits
-    show_default=True,
-    envvar="WORKERLOADER_EXEC_CPU_MS",
-    help="CPU time of the snippet, ms.",
-)
-@option(
-    "--memory-mb",
-    default=128,
-    type=click.IntRange(16, 4096),
-    show_default=True,
-    envvar="WORKERLOADER_EXEC_MEMORY_MB",
-    help="Memory of the snippet's worker, MiB.",
-)
+@_limit("wall_ms", "timeout-ms", "Wall time of the snippet, ms.")
+@_limit("cpu_ms", "cpu-ms", "CPU time of the snippet, ms.")
+@_limit("memory_mb", "memory-mb", "Memory of the snippet's worker, MiB.")
 @namespace_option
 @insecure_option
 def exec_(

@@ -92,7 +92,7 @@ def load_config(
             try:
                 values[name] = _boolean(text) if kind is bool else kind(text)
             except ValueError:
-                raise ValueError(f"{variable}={text!r}: not {_KINDS[kind]}") from None
+                raise ValueError(f"{variable}={text!r}: not {_KINDS[kind][1]}") from None
         if flags.get(name) is not None:
             values[name] = flags[name]
     ai = dict(file.get("ai", {}))
@@ -124,29 +124,22 @@ def load_config(
     return config, str(values["host"]), int(values["port"])
 
 
-_KINDS: dict[type, str] = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "a boolean",
-    Path: "a path (a string)",
+_KINDS: dict[type, tuple[type | tuple[type, ...], str]] = {
+    str: (str, "a string"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    bool: (bool, "a boolean"),
+    Path: (str, "a path (a string)"),
 }
+"""Each option type: the TOML values that may give it, and its name in an error."""
 
 
 def _typed(value: object, kind: type, where: str) -> object:
     """A config file's ``value`` for an option of type ``kind``; ValueError naming ``where``
-    if TOML gave another type (``port = "abc"``)."""
-    fits = (
-        isinstance(value, bool)
-        if kind is bool
-        else isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is float
-        else isinstance(value, int) and not isinstance(value, bool)
-        if kind is int
-        else isinstance(value, str)
-    )
-    if not fits:
-        raise ValueError(f"{where}: {value!r} is not {_KINDS[kind]}")
+    if TOML gave another type (``port = "abc"``; a boolean is no number here)."""
+    accepted, name = _KINDS[kind]
+    if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"{where}: {value!r} is not {name}")
     return value
 
 

@@ -106,13 +106,10 @@ def _error(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, WorkerError):
         return {"type": exc.type_name, "message": exc.message, "traceback": exc.traceback}
     if isinstance(exc, WorkerLoadError):
-        # The message alone: its file, line and type have fields of their own.
-        where = f"{exc.file}:{exc.line}: " if exc.file and exc.line else ""
-        where = where or (f"{exc.file}: " if exc.file else "")
-        message = str(exc).removeprefix(where).removeprefix(f"{exc.type_name}: ")
         return {
             "type": exc.type_name,
-            "message": message,
+            # The message alone: its file, line and type have fields of their own.
+            "message": exc.message.removeprefix(f"{exc.type_name}: "),
             "traceback": None,
             "file": exc.file,
             "line": exc.line,

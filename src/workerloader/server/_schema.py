@@ -87,9 +87,8 @@ def _fields_at(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> lis
             node = typing.get_args(node)[1]  # ``step`` is a key
         else:
             return []
-        # ``Model | None`` is the model
-        models = [a for a in typing.get_args(node) if isinstance(a, type)]
-        if typing.get_origin(node) in (typing.Union, types.UnionType) and len(models) >= 1:
+        if typing.get_origin(node) in (typing.Union, types.UnionType):  # ``Model | None``
+            models = (a for a in typing.get_args(node) if isinstance(a, type))
             node = next((a for a in models if issubclass(a, BaseModel)), node)
     if isinstance(node, type) and issubclass(node, BaseModel):
         return list(node.model_fields)
