@@ -13,14 +13,19 @@ import uvicorn
 
 from tests._net import free_port
 from workerloader.server import ServerConfig, create_app
+from workerloader.server._protocol import BoundedHttpProtocol
 
 
 @asynccontextmanager
-async def running(config: ServerConfig) -> AsyncIterator[httpx.AsyncClient]:
-    """The service with ``config`` on a free loopback port, and a client of it."""
+async def running(
+    config: ServerConfig, protocol: type[BoundedHttpProtocol] = BoundedHttpProtocol
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The service with ``config`` on a free loopback port, as ``workerloader serve`` runs
+    it (its connections on ``protocol``), and a client of it."""
     port = free_port()
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    options = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol)
+    server = uvicorn.Server(options)
     task = asyncio.ensure_future(server.serve())
     while not server.started:
         assert not task.done(), "the server did not start"

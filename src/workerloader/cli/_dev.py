@@ -71,6 +71,7 @@ def dev(
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
     from ..server._app import SizeCap
+    from ..server._protocol import BoundedHttpProtocol
     from ..server._store import Caller
     from ..server._workers import (
         FETCH_METHODS,
@@ -145,7 +146,11 @@ def dev(
                 return Response(body_bytes, response.status, headers=_end_to_end(response))
 
             app.add_middleware(SizeCap)  # requests capped as the service's are (413, 431)
-            server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    app, host=host, port=port, http=BoundedHttpProtocol, log_level="info"
+                )
+            )
             await server.serve()
 
     run(main())

@@ -74,6 +74,7 @@ def serve(config_path: Path | None, **flags: object) -> None:
     from ..rpc._loop import run
     from ..server import create_app
     from ..server._config import load_config
+    from ..server._protocol import BoundedHttpProtocol
 
     if config_path is None and Path("workerloader.toml").exists():
         config_path = Path("workerloader.toml")
@@ -85,7 +86,14 @@ def serve(config_path: Path | None, **flags: object) -> None:
     # No access log: every request is in the service's own request log (GET /logs), and
     # formatting a line per request costs the event loop that serves them all.
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http=BoundedHttpProtocol,
+            log_level="info",
+            access_log=False,
+        )
     )
     # On the spinning loop: worker round trips stay in the tens of µs. Its window is long
     # enough to catch a keep-alive client's next request too (~0.3 ms after an answer), when

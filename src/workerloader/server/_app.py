@@ -91,8 +91,8 @@ class SizeCap:
     ``MAX_BODY_BYTES``, for every route and however the body comes. A declared length over
     it is refused before the body is read, and a body sent without one (chunked) is counted
     as it arrives and refused once it passes the cap, if no response has started by then.
-    The service and ``workerloader dev`` both sit behind it. (The HTTP server has read the
-    headers by then: a reverse proxy in front should cap them too.)"""
+    The service and ``workerloader dev`` both sit behind it. (The headers are read by then:
+    their connection bounds them on the wire, see ``_protocol``.)"""
 
     def __init__(self, app: Any) -> None:
         self.app = app
