@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.cli._running import running_cli
 from workerloader.server._workers import FETCH_METHODS
@@ -19,6 +20,13 @@ class Default(WorkerEntrypoint):
         print("got", request.method)
         if request.url.endswith("/fail"):
             raise ValueError("no such page")
+        if request.url.endswith("/whole"):  # over what one message carries: streamed
+            return Response(bytes(range(256)) * 20_000)
+        if request.url.endswith("/broken"):
+            async def broken():
+                yield b"partial"
+                raise KeyError("midway")
+            return Response(broken())
         return Response("body", headers={"x-method": request.method})
 """
 
@@ -53,6 +61,16 @@ def test_dev_passes_every_method_and_answers_failures_like_the_service(tmp_path:
             "logs": ["got GET"],
         }
 
+        # Bodies as the service sends them: any size, and one that breaks off is cut short.
+        whole = httpx.get(f"{dev.url}/whole", timeout=30)
+        assert (whole.status_code, whole.content) == (200, bytes(range(256)) * 20_000)
+        with (
+            httpx.stream("GET", f"{dev.url}/broken", timeout=30) as cut,
+            pytest.raises(httpx.RemoteProtocolError),
+        ):
+            cut.read()
+        assert cut.status_code == 200
+
         (source / "main.py").write_text("def broken(:\n")
         broken = httpx.get(f"{dev.url}/page", timeout=30)
         assert broken.status_code == 422
@@ -60,6 +78,8 @@ def test_dev_passes_every_method_and_answers_failures_like_the_service(tmp_path:
         assert (broken.json()["error"]["file"], broken.json()["error"]["line"]) == ("main.py", 1)
     assert "[dev] 422 Traceback (most recent call last):" in dev.output
     assert "[dev] 422 main.py:1: SyntaxError: invalid syntax" in dev.output
+    assert "[dev] the body broke off: KeyError: midway" in dev.output
+    assert "Exception in ASGI application" not in dev.output  # the worker's, not the server's
 
 
 BOUND = """

@@ -220,7 +220,8 @@ def test_hello_lowers_the_send_limit_to_the_peers_frame_cap() -> None:
     link.pump()
     assert link.b.flushes == [[Hello(1, 1024)]]
     with pytest.raises(
-        FrameTooLarge, match=r"^message of \d+ bytes exceeds the frame limit of 1024 bytes$"
+        FrameTooLarge,
+        match=r"^the arguments took \d+ bytes encoded, over the 1024 bytes one message carries",
     ):
         link.a.session.push(0, ["add"], ([b"x" * 2000], {}), pull=True)
     assert link.a.session.data_to_send() == b""

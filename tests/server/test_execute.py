@@ -92,6 +92,18 @@ async def test_a_result_that_cannot_cross_names_where_it_sits(client: httpx.Asyn
     assert not error["traceback"].startswith("Traceback"), error["traceback"]
 
 
+async def test_a_result_over_what_a_message_carries_is_422_saying_so(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/execute", json={"code": "return 'x' * 5_000_000"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "FrameTooLarge"
+    assert error["message"].startswith("the result took 5000"), error["message"]
+    assert "over the 4194304 bytes one message carries" in error["message"]
+    assert (await client.post("/execute", json={"code": "return 1"})).json()["result"] == 1
+
+
 async def test_a_cyclic_result_is_422_naming_where(client: httpx.AsyncClient) -> None:
     code = "a = [1, {'b': []}]\na[1]['b'].append(a)\nreturn a"
     response = await client.post("/execute", json={"code": code})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -94,6 +95,8 @@ class Default(WorkerEntrypoint):
                     await asyncio.sleep(0.3)
                     yield b"s"
             return Response(slow())
+        if path == "whole":  # one body over the 4 MiB a message carries
+            return Response(bytes(range(256)) * 20_000)
         if path == "number":
             return Response(42)
         return Response("plain")
@@ -129,6 +132,9 @@ async def test_a_streamed_body_arrives_chunk_by_chunk_as_the_worker_makes_it(
     assert not counted.streaming
     big = await (await stub.fetch("https://s/big")).bytes()
     assert big == b"x" * (12 * 256 * 1024)
+    whole = await stub.fetch("https://s/whole")  # given whole, streamed all the same
+    assert whole.streaming
+    assert b"".join([c async for c in whole.chunks()]) == bytes(range(256)) * 20_000
     assert await (await stub.fetch("https://s/plain")).text() == "plain"
 
 
@@ -223,6 +229,15 @@ async def test_leaving_a_stream_early_closes_the_workers_generator(loader: Loade
     assert await released.text() == "released"
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
 async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
     served: tuple[httpx.AsyncClient, Path],
 ) -> None:
@@ -240,10 +255,19 @@ async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
         assert b"".join([chunk async for chunk in chunks]) == b"second"
     big = await client.get("/workers/s/fetch/big")  # bigger than a request body may be
     assert len(big.content) == 12 * 256 * 1024
-    async with client.stream("GET", "/workers/s/fetch/broken") as response:
-        assert response.status_code == 200
-        with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its end
-            await response.aread()
+    whole = await client.get("/workers/s/fetch/whole")  # was a 422 FrameTooLarge
+    assert (whole.status_code, whole.content) == (200, bytes(range(256)) * 20_000)
+    server_log = _Records()
+    logging.getLogger("uvicorn.error").addHandler(server_log)
+    try:
+        async with client.stream("GET", "/workers/s/fetch/broken") as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its end
+                await response.aread()
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(server_log)
+    # The worker's error is the request log's (below), not a traceback in the server's log.
+    assert server_log.records == []
     assert (await client.get("/workers/s/fetch/plain")).text == "plain"  # all still serve
     head = await client.head("/workers/s/fetch/endless")  # no body goes out, none is made
     assert head.status_code == 200

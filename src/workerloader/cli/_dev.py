@@ -3,7 +3,9 @@
 # No `from __future__ import annotations` here: FastAPI reads the handler annotations at
 # definition time, and they name classes imported inside the command.
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -65,9 +67,9 @@ def dev(
     502 (the worker died), with the service's JSON error body."""
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    from .. import Loader, WorkerCode, WorkerLoadError
+    from .. import Loader, WorkerCode
     from .. import Request as WorkerRequest
     from ..rpc._loop import run
     from ..server._app import SizeCap
@@ -76,11 +78,13 @@ def dev(
     from ..server._workers import (
         FETCH_METHODS,
         NO_BODY,
+        BodyBrokeOff,
         WorkerDefinition,
         _code,
         _end_to_end,
         _failure,
         check_definition,
+        quiet_broken_bodies,
         request_headers,
     )
     from ._workers import read_worker_dir
@@ -106,6 +110,7 @@ def dev(
         async with Loader(data_dir, pool_size=2, insecure=insecure) as loader:
             loaders.append(loader)
             app = FastAPI(title="workerloader dev")
+            quiet_broken_bodies()
 
             @app.api_route("/{rest:path}", methods=list(FETCH_METHODS))
             async def forward(rest: str, request: Request) -> Response:
@@ -124,26 +129,33 @@ def dev(
                 )
                 try:
                     response = await stub.fetch(forwarded)
-                    # A streamed body is read here, whole (a dev server need not stream): a
-                    # worker that fails midway is then answered like any other failure.
-                    no_body = request.method == "HEAD" or response.status in NO_BODY
-                    body_bytes = b"" if no_body else await response.bytes()
-                    response.discard()
                 except Exception as exc:
                     status, body = _failure(exc)  # re-raises what is not the worker's doing
                     for line in body["logs"]:
                         click.echo(f"[log] {line}")
-                    error = body["error"]
-                    detail = error["traceback"] or (
-                        str(exc)  # a load error reads "file:line: Type: message"
-                        if isinstance(exc, WorkerLoadError)
-                        else f"{error['type']}: {error['message']}"
-                    )
-                    click.echo(f"[dev] {status} {detail.rstrip()}")
+                    click.echo(f"[dev] {status} {_detail(exc, body)}")
                     return JSONResponse(body, status)
                 for line in stub.logs:
                     click.echo(f"[log] {line}")
-                return Response(body_bytes, response.status, headers=_end_to_end(response))
+                headers = _end_to_end(response)
+                if request.method == "HEAD" or response.status in NO_BODY:
+                    response.discard()  # no body goes out: the worker need not make one
+                    return Response(b"", response.status, headers=headers)
+                if not response.streaming:
+                    return Response(await response.bytes(), response.status, headers=headers)
+
+                async def streamed() -> AsyncIterator[bytes]:
+                    # As the service streams: chunk by chunk, and a worker failing midway
+                    # ends the connection without the body's last chunk (the status is out).
+                    try:
+                        async for chunk in response.chunks():
+                            yield chunk
+                    except Exception as exc:
+                        _, body = _failure(exc)
+                        click.echo(f"[dev] the body broke off: {_detail(exc, body)}")
+                        raise BodyBrokeOff(body["error"]["type"]) from exc
+
+                return StreamingResponse(streamed(), response.status, headers=headers)
 
             app.add_middleware(SizeCap)  # requests capped as the service's are (413, 431)
             server = uvicorn.Server(
@@ -154,3 +166,16 @@ def dev(
             await server.serve()
 
     run(main())
+
+
+def _detail(exc: Exception, body: dict[str, Any]) -> str:
+    """What a failed call's line in dev's output says: its traceback, or its error."""
+    from .. import WorkerLoadError
+
+    error = body["error"]
+    detail = error["traceback"] or (
+        str(exc)  # a load error reads "file:line: Type: message"
+        if isinstance(exc, WorkerLoadError)
+        else f"{error['type']}: {error['message']}"
+    )
+    return str(detail).rstrip()

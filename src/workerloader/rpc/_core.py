@@ -402,13 +402,15 @@ class Session:
         for export_id in exports:
             self._drop_export(export_id, 1)
 
-    def _send_checked(self, message: Message, exports: list[int]) -> None:
+    def _send_checked(self, message: Message, exports: list[int], what: str) -> None:
+        """Send ``message`` carrying ``what`` ("the arguments", "the result") unless its
+        frame is over the limit."""
         frame = _wire.encode_frame(message)
         if len(frame) - 4 > self._send_limit:
             self._rollback_exports(exports)
             raise FrameTooLarge(
-                f"message of {len(frame) - 4} bytes exceeds the frame limit of "
-                f"{self._send_limit} bytes"
+                f"{what} took {len(frame) - 4} bytes encoded, over the {self._send_limit} "
+                "bytes one message carries (send less, or in parts)"
             )
         self._out.append(frame)
         self._out_bytes += len(frame)
@@ -446,7 +448,9 @@ class Session:
             else:
                 wire_args, exports = self._encode([args[0], args[1]], "arguments")
         question_id = self._next_question
-        self._send_checked(Push(question_id, target, path, wire_args, pull), exports)
+        self._send_checked(
+            Push(question_id, target, path, wire_args, pull), exports, "the arguments"
+        )
         self._next_question += 1
         self._questions[question_id] = _Question(pulled=pull, explicit_release=not pull)
         return question_id
@@ -532,7 +536,7 @@ class Session:
 
     def _send_resolve(self, answer_id: int, value: object) -> None:
         wire_value, exports = self._encode(value, "result")
-        self._send_checked(Resolve(answer_id, wire_value), exports)
+        self._send_checked(Resolve(answer_id, wire_value), exports, "the result")
 
     def _after_answer(self, answer: _Answer, answer_id: int) -> None:
         """An answer pulled in its push leaves the table once answered (implicit release)."""

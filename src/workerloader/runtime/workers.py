@@ -124,7 +124,8 @@ class Response:
 
     ``body`` is bytes, text, or an async iterable of either (an async generator, say): then the
     body streams, each chunk sent to the caller as it is produced, and the caller may read the
-    first chunks before the last one exists."""
+    first chunks before the last one exists. A body over 1 MiB given whole streams too, so a
+    response may be of any size (the service caps none)."""
 
     def __init__(
         self,
@@ -175,9 +176,16 @@ class Response:
         if self._stream is not None:  # the caller pulls it: a capability, read chunk by chunk
             wire["body"] = b""
             wire["stream"] = _BodyStream(self._stream)
+        elif len(self._body) > _INLINE_MAX:  # one message would not carry it: streamed too
+            wire["body"] = b""
+            wire["stream"] = _BodyStream(_once(self._body))
         else:
             wire["body"] = self._body
         return wire
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 class _BodyStream(RpcTarget):
@@ -207,6 +215,9 @@ class _BodyStream(RpcTarget):
 
 
 _CHUNK_MAX = 256 * 1024
+_INLINE_MAX = 1 << 20
+"""A body up to this goes in the answer itself; a larger one streams, in ``_CHUNK_MAX``
+parts (a message carries at most 4 MiB)."""
 
 
 _outbound: Any = None  # the worker's global_outbound capability, set by the runtime at load

@@ -25,7 +25,7 @@ from ..loader._loader import valid_namespace
 from ._execute import execute
 from ._schema import bad_request, error_answer, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
-from ._workers import FETCH_METHODS, FetchHandler, workers_router
+from ._workers import FETCH_METHODS, FetchHandler, quiet_broken_bodies, workers_router
 
 __all__ = ["ServerConfig", "SizeCap", "create_app"]
 
@@ -192,6 +192,7 @@ def _other_namespace(caller: Caller, namespace: str | None) -> JSONResponse | No
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The service's ASGI app; its lifespan owns a Loader."""
     config = config or ServerConfig()
+    quiet_broken_bodies()
     state: dict[str, Any] = {}
 
     @asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import re
 import time
@@ -32,9 +33,11 @@ __all__ = [
     "FETCH_METHODS",
     "NO_BODY",
     "BadDefinition",
+    "BodyBrokeOff",
     "FetchHandler",
     "WorkerDefinition",
     "check_definition",
+    "quiet_broken_bodies",
     "request_headers",
     "workers_router",
 ]
@@ -234,6 +237,23 @@ def _code(
     )
 
 
+class BodyBrokeOff(Exception):
+    """Raised out of a streamed response body whose worker failed midway: the server then
+    ends the connection without the body's last chunk, which is how HTTP tells a client that
+    a body is incomplete (its status has gone out)."""
+
+
+def quiet_broken_bodies() -> None:
+    """Leave ``BodyBrokeOff`` out of uvicorn's error log, which is for the server's own faults:
+    the worker's error is in the request log, and its traceback in the server's log would
+    let any worker write ~50 lines there per request."""
+    logging.getLogger("uvicorn.error").addFilter(_not_a_broken_body)
+
+
+def _not_a_broken_body(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], BodyBrokeOff))
+
+
 def _failure(exc: Exception) -> tuple[int, dict[str, Any]]:
     """The status and body for a call that failed: 504 wall time, 502 the worker died,
     422 everything the worker's code did."""
@@ -411,7 +431,7 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
                         yield chunk
                 except Exception as exc:
                     record["error"] = {"type": _failure(exc)[1]["error"]["type"]}
-                    raise
+                    raise BodyBrokeOff(f"worker {worker_id!r}: {record['error']['type']}") from exc
                 finally:
                     _log(
                         state,
