@@ -155,3 +155,22 @@ async def test_keep_alive_requests_each_get_the_whole_time(quick: httpx.AsyncCli
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert (await _answer(reader))[0] == 200
     writer.close()
+
+
+async def test_a_runaway_head_behind_a_running_request_is_refused_after_its_answer(
+    client: httpx.AsyncClient,
+) -> None:
+    # Answers go out in order: the first request's, then the 431 for the second one's head.
+    reader, writer = await asyncio.open_connection(*_address(client))
+    body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.5)\nreturn 1"}).encode()
+    head = (
+        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    runaway = b"GET /health HTTP/1.1\r\nx-a: " + b"c" * (2 * MAX_HEAD_BYTES)
+    writer.write(head + body + runaway)
+    status, _, answer = await _answer(reader)
+    assert (status, json.loads(answer)["result"]) == (200, 1)
+    assert (await _answer(reader))[0] == 431
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()

@@ -69,6 +69,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._waiting_since = 0.0  # when the connection began to owe a head (loop time)
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # a refusal is sent: what comes in is dropped until the close
+        self._pending_refusal: bytes | None = None  # waits for the answer going out
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,6 +106,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._waiting_since = self.loop.time()  # the next request's time runs from here
         super().on_response_complete()
+        if self._pending_refusal is not None:
+            response, self._pending_refusal = self._pending_refusal, None
+            self._send_refusal(response)
 
     def _busy(self) -> bool:
         """Whether a request is being answered (no head is owed while it is, but the next
@@ -129,9 +133,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._refuse(_refusal(408, "RequestTimeout", message))
 
     def _refuse(self, response: bytes) -> None:
+        """Answer ``response`` and end the connection; what comes in from now on is dropped.
+        While an earlier request on the connection is still being answered (pipelining),
+        the refusal waits for that answer to go out first."""
+        self._refused = True
+        if self._busy():
+            self._pending_refusal = response
+        else:
+            self._send_refusal(response)
+
+    def _send_refusal(self, response: bytes) -> None:
         """Send ``response``, end the sending side, and close once the client has stopped
         sending or ``LINGER_S`` passed (a lingering close)."""
-        self._refused = True
+        if self.transport.is_closing():
+            return
         self.transport.write(response)
         if self.transport.can_write_eof():
             self.transport.write_eof()
