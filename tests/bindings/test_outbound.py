@@ -496,7 +496,8 @@ class Api(WorkerEntrypoint):
 
 NO_NETWORK = (
     "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
-    "so fetch() and sockets are disabled."
+    "so fetch() and sockets are disabled. HTTP goes through a binding the host gives "
+    "instead (in the service: api, or sdk.api, when it has an HTTP gateway)."
 )
 DENIED = "workerloader._errors.PermissionDenied"
 

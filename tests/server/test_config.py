@@ -154,6 +154,11 @@ async def test_execute_uses_the_configured_limits_and_gateway(tmp_path: Path) ->
             refused = await client.put("/workers/w2", json=with_api)
             assert refused.status_code == 400
             assert "[bindings.api]" in refused.json()["error"]["message"]
+            # So is an AI binding on a service with no AI provider (its calls would all fail).
+            with_ai = {**with_api, "bindings": {"AI": {"type": "ai"}}}
+            no_ai = await client.put("/workers/w3", json=with_ai)
+            assert no_ai.status_code == 400
+            assert "[ai] base_url and model" in no_ai.json()["error"]["message"]
     finally:
         upstream.close()
         await upstream.wait_closed()

@@ -36,7 +36,11 @@ class AiBinding(RpcTarget):
 
     def _require(self) -> AiConfig:
         if self._config is None:
-            raise BindingError("no AI provider configured")
+            raise BindingError(
+                "no AI provider configured: the service takes one from [ai] base_url and "
+                "model in workerloader.toml (or WORKERLOADER_AI_BASE_URL and "
+                "WORKERLOADER_AI_MODEL), a Loader from Loader(ai=AiConfig(...))"
+            )
         return self._config
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 
@@ -22,15 +22,21 @@ from ..loader._loader import valid_namespace
 from ..server._store import ServiceStore
 from ..server._workers import Binding
 
+if TYPE_CHECKING:
+    from ..bindings import AiConfig, HttpGateway
+
 __all__ = [
     "binding_option",
     "check_env_and_bindings",
+    "config_option",
+    "config_path_or_default",
     "data_dir_option",
     "env_option",
     "existing_store",
     "insecure_option",
     "namespace_option",
     "option",
+    "service_bindings",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -52,6 +58,37 @@ data_dir_option = option(
     envvar="WORKERLOADER_DATA_DIR",
     help="Where KV, SQL, documents, blobs, keys, workers and logs live.",
 )
+
+
+config_option = option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="WORKERLOADER_CONFIG",
+    help="A workerloader.toml (default: ./workerloader.toml if it exists).",
+)
+
+
+def config_path_or_default(config_path: Path | None) -> Path | None:
+    """``--config`` as given, else ``./workerloader.toml`` if there is one, else None."""
+    if config_path is None and Path("workerloader.toml").exists():
+        return Path("workerloader.toml")
+    return config_path
+
+
+def service_bindings(config_path: Path | None) -> tuple[AiConfig | None, HttpGateway | None]:
+    """The AI provider and the HTTP gateway (``[ai]``, ``[bindings.api]``) the service would
+    have with this config file (or ./workerloader.toml) and the ``WORKERLOADER_*`` variables,
+    for ``dev`` and ``exec`` to give their workers the same; click.ClickException naming what
+    is wrong in them."""
+    from ..server._config import load_config
+
+    try:
+        config, _, _ = load_config(config_path_or_default(config_path), {})
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return config.ai, config.api
 
 
 def _valid_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -12,10 +12,17 @@ import click
 from ._common import (
     binding_option,
     check_env_and_bindings,
+    config_option,
     data_dir_option,
     env_option,
     insecure_option,
     option,
+    service_bindings,
+)
+
+_NO_AI = (
+    "no AI provider is configured ([ai] base_url and model in workerloader.toml or --config, "
+    "or WORKERLOADER_AI_BASE_URL and WORKERLOADER_AI_MODEL)"
 )
 
 
@@ -46,6 +53,7 @@ def _snapshot(path: Path) -> dict[str, float]:
 @env_option("WORKERLOADER_ENV")
 @binding_option("WORKERLOADER_BINDING")
 @data_dir_option
+@config_option
 @insecure_option
 def dev(
     path: Path,
@@ -54,12 +62,15 @@ def dev(
     env: dict[str, object],
     bindings: dict[str, dict[str, object]],
     data_dir: Path,
+    config_path: Path | None,
     insecure: bool,
 ) -> None:
     """Serve the worker in PATH (main.py and its modules) on HOST:PORT: every request goes to
     its fetch; editing a file loads the new code on the next request (like ``wrangler dev``).
     Its env gets --env data and --binding bindings as ``workers put`` gives them, in namespace
-    "default"; without a --binding SDK, env.SDK is that namespace's sdk.
+    "default"; without a --binding SDK, env.SDK is that namespace's sdk. The AI provider and
+    HTTP gateway are the ones `serve` would have: --config (or ./workerloader.toml) and the
+    WORKERLOADER_AI_* / WORKERLOADER_API_* variables.
 
     Answers as the service's fetch proxy does (``/workers/{id}/fetch/...``): the same
     methods, the request's URL named after the directory (``https://PATH-NAME/...``), and a
@@ -90,8 +101,15 @@ def dev(
     from ._workers import read_worker_dir
 
     check_env_and_bindings(env, bindings)
-    if any(b["type"] == "api" for b in bindings.values()):
-        raise click.UsageError("dev has no HTTP gateway for an api binding (serve configures one)")
+    ai, api = service_bindings(config_path)  # the service's, from the same config
+    for name, binding in bindings.items():
+        if binding["type"] == "ai" and ai is None:
+            raise click.UsageError(f"--binding {name}=ai: {_NO_AI}")
+        if binding["type"] == "api" and api is None:
+            raise click.UsageError(
+                f"--binding {name}=api: no HTTP gateway is configured ([bindings.api] in "
+                "workerloader.toml or --config, or WORKERLOADER_API_ALLOW)"
+            )
     if "SDK" not in env and "SDK" not in bindings:
         bindings = {**bindings, "SDK": {"type": "sdk"}}
     caller = Caller(None, "default", False)  # the namespace `exec` uses too
@@ -104,10 +122,10 @@ def dev(
             {**read_worker_dir(path), "env": env, "bindings": bindings}
         )
         check_definition(definition)
-        return _code(loaders[0], caller, definition)
+        return _code(loaders[0], caller, definition, api)
 
     async def main() -> None:
-        async with Loader(data_dir, pool_size=2, insecure=insecure) as loader:
+        async with Loader(data_dir, pool_size=2, insecure=insecure, ai=ai) as loader:
             loaders.append(loader)
             app = FastAPI(title="workerloader dev")
             quiet_broken_bodies()

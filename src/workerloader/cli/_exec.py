@@ -11,7 +11,14 @@ from typing import Any, TypeVar
 import click
 
 from ..server._app import ExecuteLimits
-from ._common import data_dir_option, insecure_option, namespace_option, option
+from ._common import (
+    config_option,
+    data_dir_option,
+    insecure_option,
+    namespace_option,
+    option,
+    service_bindings,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -38,6 +45,7 @@ def _limit(name: str, flag: str, unit: str) -> Callable[[_F], _F]:
 @_limit("cpu_ms", "cpu-ms", "CPU time of the snippet, ms.")
 @_limit("memory_mb", "memory-mb", "Memory of the snippet's worker, MiB.")
 @namespace_option
+@config_option
 @insecure_option
 def exec_(
     code: str,
@@ -46,10 +54,12 @@ def exec_(
     cpu_ms: int,
     memory_mb: int,
     namespace: str,
+    config_path: Path | None,
     insecure: bool,
 ) -> None:
     """Run CODE (or standard input, with -) as the body of an async function, with env, sdk,
-    db, kv, sql, blobs, ai, api and context in scope (the sdk of --namespace); print the
+    db, kv, sql, blobs, ai, api and context in scope (the sdk of --namespace; ai and api as
+    `serve` configures them, from --config or ./workerloader.toml); print the
     result as JSON (stdout) and the captured logs (stderr). Exit status 1 if the code failed,
     2 if it ran out of wall time."""
     from .. import Limits, Loader
@@ -57,11 +67,12 @@ def exec_(
     from ..server._execute import execute
 
     source = sys.stdin.read() if code == "-" else code
+    ai, api = service_bindings(config_path)  # the service's, from the same config
 
     async def main() -> tuple[int, dict[str, object]]:
-        async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
+        async with Loader(data_dir, pool_size=1, insecure=insecure, ai=ai) as loader:
             limits = Limits(cpu_ms=cpu_ms, memory_mb=memory_mb, wall_ms=timeout_ms)
-            outcome = await execute(loader, source, limits, loader.sdk(namespace))
+            outcome = await execute(loader, source, limits, loader.sdk(namespace, api=api))
         return outcome.status, outcome.body
 
     status, body = run(main())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import option
+from ._common import config_option, config_path_or_default, option
 
 # Every option defaults to None here: load_config tells a flag given (or its variable set,
 # which click reads into the flag) from one absent, so the config file fills the rest. The
@@ -14,14 +14,7 @@ from ._common import option
 
 
 @click.command()
-@option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    envvar="WORKERLOADER_CONFIG",
-    help="A workerloader.toml (default: ./workerloader.toml if it exists).",
-)
+@config_option
 @option("--host", default=None, envvar="WORKERLOADER_HOST", help="[default: 127.0.0.1]")
 @option("--port", type=int, default=None, envvar="WORKERLOADER_PORT", help="[default: 8787]")
 @option(
@@ -76,10 +69,8 @@ def serve(config_path: Path | None, **flags: object) -> None:
     from ..server._config import load_config
     from ..server._protocol import BoundedHttpProtocol
 
-    if config_path is None and Path("workerloader.toml").exists():
-        config_path = Path("workerloader.toml")
     try:
-        config, host, port = load_config(config_path, flags)
+        config, host, port = load_config(config_path_or_default(config_path), flags)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(config)

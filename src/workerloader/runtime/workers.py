@@ -235,7 +235,8 @@ async def fetch(
     if _outbound is None:
         raise PermissionError(
             "This worker has no outbound network: its WorkerCode sets global_outbound=None, "
-            "so fetch() and sockets are disabled."
+            "so fetch() and sockets are disabled. HTTP goes through a binding the host gives "
+            "instead (in the service: api, or sdk.api, when it has an HTTP gateway)."
         )
     request = url if isinstance(url, Request) else Request(url, method, headers, body)
     wire = await _outbound.fetch(request.to_wire())

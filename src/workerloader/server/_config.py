@@ -12,8 +12,8 @@ beats the default. Every option has one name in each source::
     [server] max_concurrent      WORKERLOADER_MAX_CONCURRENT       --max-concurrent
     [server] log_retention_days  WORKERLOADER_LOG_RETENTION_DAYS   --log-retention-days
     [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
-    [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only)
-    [ai] model                   WORKERLOADER_AI_MODEL
+    [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only; both
+    [ai] model                   WORKERLOADER_AI_MODEL              or neither: no AI then)
     [ai] embedding_model         WORKERLOADER_AI_EMBEDDING_MODEL
     [ai] api_key_env             (names the variable holding the key: the key itself is never
                                  written in the file)
@@ -101,7 +101,15 @@ def load_config(
         if variable in environ:
             ai[name] = environ[variable]
     ai_config = None
-    if ai.get("base_url") and ai.get("model"):
+    given = [name for name in ("base_url", "model") if ai.get(name)]
+    if len(given) == 1:
+        missing = "model" if given == ["base_url"] else "base_url"
+        raise ValueError(
+            f"[ai] {given[0]} is set but {missing} is not: the AI provider needs both "
+            f"([ai] {missing} in {path or 'workerloader.toml'}, or "
+            f"WORKERLOADER_AI_{missing.upper()})"
+        )
+    if given:
         key_variable = ai.get("api_key_env", "WORKERLOADER_AI_API_KEY")
         ai_config = AiConfig(
             base_url=ai["base_url"],

@@ -207,6 +207,11 @@ def _code(
             case "blobs":
                 env[name] = loader.blobs(ns, read=read, write=write)
             case "ai":
+                if loader.ai_config is None:
+                    raise BadDefinition(
+                        f"bindings[{name!r}] is an AI binding, and this service has no AI "
+                        "provider (configure [ai] base_url and model in its config file)"
+                    )
                 env[name] = loader.ai()
             case "api":
                 if api is None:
