@@ -88,6 +88,27 @@ def test_logs_tail_prints_the_request_log(tmp_path: Path) -> None:
     assert lines[2].endswith(" 422 rpc w 3.0ms ValueError by ada")  # a key's user
 
 
+def test_what_workers_wrote_reaches_the_terminal_escaped(tmp_path: Path) -> None:
+    # A worker chooses its logs and its exception's type name: escape sequences in them
+    # would clear the operator's screen, set its title or clipboard, or forge log lines.
+    hostile = "\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\rok\nforged 200 execute"
+    store = ServiceStore(tmp_path)
+    store.log(Caller(None, "default", False), "rpc", 422, 1.0, logs=[hostile], error_type=hostile)
+    store.flush()
+    result = CliRunner().invoke(cli, ["logs", "tail", "--no-follow", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    escaped = "\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\x0dok\\x0aforged 200 execute"
+    record, log = result.output.splitlines()  # two lines: nothing forged
+    assert record.endswith(f" 422 rpc 1.0ms {escaped}")
+    assert log == f"    {escaped}"
+    code = "print('\\x1b[2Jhi')\nraise type('Bad\\x1b[31m', (Exception,), {})('\\rmsg')"
+    ran = CliRunner().invoke(cli, ["exec", code, "--data-dir", str(tmp_path / "x")])
+    assert ran.exit_code == 1
+    assert not {"\x1b", "\r"} & set(ran.stderr), repr(ran.stderr)
+    assert "[log] \\x1b[2Jhi" in ran.stderr
+    assert "\\x1b[31m: \\x0dmsg" in ran.stderr
+
+
 def test_dev_serves_a_worker_and_reloads_it_on_change(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
@@ -37,6 +38,7 @@ __all__ = [
     "namespace_option",
     "option",
     "service_bindings",
+    "shown",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -89,6 +91,20 @@ def service_bindings(config_path: Path | None) -> tuple[AiConfig | None, HttpGat
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     return config.ai, config.api
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: object, *, lines: bool = False) -> str:
+    """``text`` as it may reach a terminal: its control characters (escape sequences that
+    clear the screen, set the title or the clipboard; carriage returns and backspaces that
+    overwrite what is shown) as ``\\x..`` escapes, newlines too unless ``lines``, so one
+    record is one line. What workers print or name (logs, errors' types and messages) is
+    theirs to choose: never written raw."""
+    pattern = _CONTROL_BUT_NEWLINE if lines else _CONTROL
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def _valid_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:

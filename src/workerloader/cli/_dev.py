@@ -18,6 +18,7 @@ from ._common import (
     insecure_option,
     option,
     service_bindings,
+    shown,
 )
 
 _NO_AI = (
@@ -150,11 +151,11 @@ def dev(
                 except Exception as exc:
                     status, body = _failure(exc)  # re-raises what is not the worker's doing
                     for line in body["logs"]:
-                        click.echo(f"[log] {line}")
+                        click.echo(f"[log] {shown(line)}")
                     click.echo(f"[dev] {status} {_detail(exc, body)}")
                     return JSONResponse(body, status)
                 for line in stub.logs:
-                    click.echo(f"[log] {line}")
+                    click.echo(f"[log] {shown(line)}")
                 headers = _end_to_end(response)
                 if request.method == "HEAD" or response.status in NO_BODY:
                     response.discard()  # no body goes out: the worker need not make one
@@ -196,4 +197,4 @@ def _detail(exc: Exception, body: dict[str, Any]) -> str:
         if isinstance(exc, WorkerLoadError)
         else f"{error['type']}: {error['message']}"
     )
-    return str(detail).rstrip()
+    return shown(str(detail).rstrip(), lines=True)

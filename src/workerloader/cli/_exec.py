@@ -18,6 +18,7 @@ from ._common import (
     namespace_option,
     option,
     service_bindings,
+    shown,
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -78,11 +79,12 @@ def exec_(
     status, body = run(main())
     logs = body.get("logs")
     for line in logs if isinstance(logs, list) else []:
-        click.echo(f"[log] {line}", err=True)
+        click.echo(f"[log] {shown(line)}", err=True)
     if body.get("ok"):
         click.echo(json.dumps(body.get("result")))
         return
     error = body.get("error") or {}
     assert isinstance(error, dict)
-    click.echo(error.get("traceback") or f"{error.get('type')}: {error.get('message')}", err=True)
+    detail = error.get("traceback") or f"{error.get('type')}: {error.get('message')}"
+    click.echo(shown(detail, lines=True), err=True)
     sys.exit(1 if status != 504 else 2)

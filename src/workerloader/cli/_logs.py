@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ._common import data_dir_option, existing_store, namespace_option, option
+from ._common import data_dir_option, existing_store, namespace_option, option, shown
 
 
 @click.group()
@@ -48,7 +48,7 @@ def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
             seen.add(record["id"])
             since = record["time"]
             when = dt.datetime.fromtimestamp(record["time"]).isoformat(timespec="milliseconds")
-            error = f" {record['error_type']}" if record["error_type"] else ""
+            error = f" {shown(record['error_type'])}" if record["error_type"] else ""
             worker = f" {record['worker']}" if record["worker"] else ""
             cpu = f" cpu {record['cpu_ms']:.1f}ms" if record.get("cpu_ms") is not None else ""
             who = f" by {record['user_id']}" if record["user_id"] else ""
@@ -57,7 +57,7 @@ def tail(namespace: str, follow: bool, limit: int, data_dir: Path) -> None:
                 f"{record['duration_ms']:.1f}ms{cpu}{error}{who}"
             )
             for line in record["logs"]:
-                click.echo(f"    {line}")
+                click.echo(f"    {shown(line)}")
         first = False
         if not follow:
             return
