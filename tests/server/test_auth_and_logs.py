@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from tests.server._keys import bearer, new_key_header
 from workerloader.cli import main as cli
+from workerloader.server import _store
 from workerloader.server._store import Caller, ServiceStore
 
 
@@ -217,6 +218,27 @@ def test_records_past_the_retention_are_pruned_without_waiting_for_traffic(
     conn = sqlite3.connect(tmp_path / "service.sqlite3")
     assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (0,)
     conn.close()
+
+
+def test_records_the_database_refuses_are_held_not_raised_and_written_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On a full disk the batch write failed inside a request: /execute answered 500 and the
+    # batch was lost. Now a refused write leaves the records pending (up to a cap).
+    monkeypatch.setattr(_store, "_PENDING_LOGS_MAX", 100)
+    store = ServiceStore(tmp_path)
+    anonymous = Caller(None, "default", False, ())
+    store._conn.execute("PRAGMA query_only = ON")  # SQLite now refuses every write
+    for i in range(150):  # past a batch (64) and past the cap
+        store.log(anonymous, "execute", 200, float(i))
+    store.flush()
+    assert "request log records not written" in caplog.text
+    assert store.logs("default") == []  # readable still, nothing written
+    store._conn.execute("PRAGMA query_only = OFF")  # space again
+    store.flush()
+    kept = store.logs("default", limit=1000)
+    assert len(kept) == 100
+    assert sorted(r["duration_ms"] for r in kept) == [float(i) for i in range(50, 150)]
 
 
 async def test_a_warm_stored_worker_never_serves_one_caller_with_anothers_grants(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -56,6 +57,9 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
 )
 _LOG_LINES_KEPT = 100
+_PENDING_LOGS_MAX = 10_000
+"""Request records held in memory while they cannot be written; the oldest go past it."""
+_logger = logging.getLogger("workerloader.server")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class ServiceStore:
         self._has_keys: bool | None = None  # None: to be read
         self._workers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._pending_logs: list[tuple[object, ...]] = []
+        self._log_write_failing = False  # warned once; cleared by the next good write
         self._flush_at = 0.0
         for statement in _SCHEMA:
             self._conn.execute(statement)
@@ -274,24 +279,48 @@ class ServiceStore:
             self._flush_logs()
 
     def _flush_logs(self) -> None:
+        """Write the pending records. Never raises: a request's answer does not depend on
+        its record being written. If the database refuses them (a full disk, say), they stay
+        pending, up to ``_PENDING_LOGS_MAX`` (the oldest dropped past it), and a warning
+        says so once until a write succeeds again."""
         # One transaction for many records: a commit per request cost more than the request.
         now = time.monotonic()
         self._flush_at = now + 0.2
-        if now >= self._prune_at:  # by the clock, so that a quiet service prunes too
-            self._prune_at = now + _PRUNE_EVERY_S
-            self._conn.execute(
-                "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
-            )
-        if not self._pending_logs:
+        try:
+            if now >= self._prune_at:  # by the clock, so that a quiet service prunes too
+                self._prune_at = now + _PRUNE_EVERY_S
+                self._conn.execute(
+                    "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
+                )
+            if not self._pending_logs:
+                return
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO request_logs (id, time, user_id, namespace, worker, kind, "
+                    "status, duration_ms, cpu_ms, error_type, logs) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._pending_logs,
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            dropped = len(self._pending_logs) - _PENDING_LOGS_MAX
+            if dropped > 0:
+                del self._pending_logs[:dropped]
+            if not self._log_write_failing:
+                self._log_write_failing = True
+                _logger.warning(
+                    "request log records not written (%s): %d held, retried every 0.2 s",
+                    exc,
+                    len(self._pending_logs),
+                )
             return
-        rows, self._pending_logs = self._pending_logs, []
-        self._conn.execute("BEGIN")
-        self._conn.executemany(
-            "INSERT INTO request_logs (id, time, user_id, namespace, worker, kind, status, "
-            "duration_ms, cpu_ms, error_type, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        self._conn.execute("COMMIT")
+        self._pending_logs = []
+        self._log_write_failing = False
 
     def logs(
         self,
