@@ -278,6 +278,7 @@ def test_the_workers_put_examples_answer_as_shown(
     assert [command.split()[:3] for command, _ in examples] == [
         ["workerloader", "workers", "put"]
     ] * 2
+    (tmp_path / "data").mkdir()  # the service's, which the page's user stores into
     for command, shown in examples:
         result = invoke(command, "--data-dir", str(tmp_path / "data"))
         if shown[0].startswith("Error: "):

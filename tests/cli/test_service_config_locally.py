@@ -111,3 +111,19 @@ def test_dev_refuses_a_binding_it_has_nothing_for(tmp_path: Path) -> None:
         )
         assert result.exit_code == 2, result.output
         assert f"--binding {binding}: {says}" in result.output
+
+
+def test_workers_put_stores_an_ai_binding_it_cannot_check(tmp_path: Path) -> None:
+    # The CLI cannot know the serving service's config: the binding is stored as given.
+    source = tmp_path / "site"
+    source.mkdir()
+    (source / "main.py").write_text(WORKER)
+    data = tmp_path / "data"
+    args = ["workers", "put", "w", str(source), "--binding", "AI=ai", "--data-dir", str(data)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "stored w version 1\n"
+    # Made a data dir that did not exist: said so, as another directory's service won't read it.
+    assert f"made {data}, which did not exist" in result.stderr
+    again = CliRunner().invoke(cli, args)
+    assert (again.stdout, again.stderr) == ("stored w version 2\n", "")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..bindings import AiConfig, HttpGateway
 
 __all__ = [
+    "announce_made_data_dir",
     "binding_option",
     "check_env_and_bindings",
     "config_option",
@@ -129,6 +130,18 @@ insecure_option = option(
     envvar="WORKERLOADER_INSECURE",
     help="Run workers unconfined where this machine has no sandbox.",
 )
+
+
+def announce_made_data_dir(data_dir: Path) -> None:
+    """Say on stderr that ``data_dir`` was made (by ``exec`` or ``workers put``: call it only
+    if it did not exist before them): run from another directory than the service, the
+    default ./.workerloader is a new, empty one that no service reads, and what the command
+    stored there would seem lost."""
+    click.echo(
+        f"workerloader: made {data_dir}, which did not exist (a service reads its own "
+        "--data-dir: give the same one to act on its data)",
+        err=True,
+    )
 
 
 def existing_store(data_dir: Path) -> ServiceStore:

@@ -12,6 +12,7 @@ import click
 
 from ..server._app import ExecuteLimits
 from ._common import (
+    announce_made_data_dir,
     config_option,
     data_dir_option,
     insecure_option,
@@ -69,6 +70,7 @@ def exec_(
 
     source = sys.stdin.read() if code == "-" else code
     ai, api = service_bindings(config_path)  # the service's, from the same config
+    fresh = not data_dir.exists()
 
     async def main() -> tuple[int, dict[str, object]]:
         async with Loader(data_dir, pool_size=1, insecure=insecure, ai=ai) as loader:
@@ -77,6 +79,8 @@ def exec_(
         return outcome.status, outcome.body
 
     status, body = run(main())
+    if fresh:
+        announce_made_data_dir(data_dir)
     logs = body.get("logs")
     for line in logs if isinstance(logs, list) else []:
         click.echo(f"[log] {shown(line)}", err=True)

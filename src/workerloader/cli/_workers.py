@@ -25,6 +25,7 @@ from ..server._workers import (
     check_definition,
 )
 from ._common import (
+    announce_made_data_dir,
     binding_option,
     check_env_and_bindings,
     data_dir_option,
@@ -160,6 +161,8 @@ def put_worker(
     except (WorkerLoadError, BadDefinition) as exc:
         raise click.ClickException(f"{worker_id} not stored: {exc}") from None
 
+    fresh = not data_dir.exists()
+
     async def check() -> None:
         async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
             caller = Caller(None, namespace, False)
@@ -177,6 +180,8 @@ def put_worker(
         raise click.ClickException(f"{worker_id} not stored: {type(exc).__name__}: {exc}") from None
     version = ServiceStore(data_dir).put_worker(namespace, worker_id, definition.model_dump())
     click.echo(f"stored {worker_id} version {version}")
+    if fresh:
+        announce_made_data_dir(data_dir)
 
 
 @workers.command("delete")

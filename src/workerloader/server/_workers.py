@@ -186,6 +186,19 @@ def _cache_key(caller: Caller, worker_id: str, stored: dict[str, Any]) -> str:
     return f"{caller.namespace}/{worker_id}@{stored['version']}:{stored['updated']!r}#{who}"
 
 
+def _refuse_ai_bindings(definition: WorkerDefinition) -> None:
+    """BadDefinition for an AI binding, on a service with no AI provider: its calls could
+    only fail. (Checked when a worker is stored through the service; one stored earlier, or
+    by the CLI, which cannot know the service's config, gets the binding, whose calls say
+    that no provider is configured.)"""
+    for name, binding in definition.bindings.items():
+        if binding.type == "ai":
+            raise BadDefinition(
+                f"bindings[{name!r}] is an AI binding, and this service has no AI provider "
+                "(configure [ai] base_url and model in its config file)"
+            )
+
+
 def _code(
     loader: Loader,
     caller: Caller,
@@ -207,11 +220,6 @@ def _code(
             case "blobs":
                 env[name] = loader.blobs(ns, read=read, write=write)
             case "ai":
-                if loader.ai_config is None:
-                    raise BadDefinition(
-                        f"bindings[{name!r}] is an AI binding, and this service has no AI "
-                        "provider (configure [ai] base_url and model in its config file)"
-                    )
                 env[name] = loader.ai()
             case "api":
                 if api is None:
@@ -347,6 +355,8 @@ def workers_router(state: dict[str, Any], authenticate: Any) -> tuple[APIRouter,
         try:
             check_definition(definition)
             code = _code(loader, caller, definition, state.get("api"))
+            if loader.ai_config is None:
+                _refuse_ai_bindings(definition)
         except BadDefinition as exc:
             return _bad_request(str(exc))
         try:  # validate now: a broken worker is refused, not stored
