@@ -8,6 +8,8 @@ import contextlib
 import gc
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -353,3 +355,46 @@ async def test_held_statements_have_a_budget_freed_as_they_are_let_go(tmp_path: 
     gc.collect()
     again = kept[0].bind("y" * 300)
     assert (await again.all())["results"] == [{"?": "y" * 300}]
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite's memory, all databases together, has a ceiling: a row of many big values hits it
+
+WIDE_ROW = """
+import asyncio, sys
+from pathlib import Path
+from workerloader.bindings import _sqlite
+_sqlite.HEAP_LIMIT_BYTES = 48 << 20  # as the host's 1 GiB, scaled down
+from workerloader.bindings._sql import SqlDatabase
+from workerloader._errors import BindingError
+
+async def main():
+    db = SqlDatabase.open(Path(sys.argv[1]), frozenset({"read", "write"}))
+    columns = ", ".join(f"randomblob(8000000) AS c{i}" for i in range(10))  # 80 MB a row
+    try:
+        await db.prepare(f"SELECT {columns}").all()
+    except BindingError as exc:
+        print("refused:", exc)
+    print("then:", (await db.prepare("SELECT 1 AS one").all())["results"])
+
+asyncio.run(main())
+"""
+
+
+def test_a_row_past_sqlites_heap_limit_is_refused_not_held(tmp_path: Path) -> None:
+    # Each value is under its 8 MiB cap; together they took the host's memory (20 columns:
+    # 341 MB; 2,000 allowed). In a process of its own: the limit is process-wide.
+    script = tmp_path / "wide.py"
+    script.write_text(WIDE_ROW)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "wide.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"refused: SQLite ran out of the memory the host gives it ({48 << 20} bytes, all "
+        "databases together): ask for less at once (fewer or smaller columns, fewer rows)",
+        "then: [{'one': 1}]",
+    ]

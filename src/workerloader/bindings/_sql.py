@@ -26,7 +26,15 @@ from typing import Any, Final, TypeVar
 
 from .._errors import BindingError, PermissionDenied
 from ..rpc import RpcTarget
-from ._sqlite import Authorizer, Grants, check_grant, control, guarded, open_database
+from . import _sqlite
+from ._sqlite import (
+    Authorizer,
+    Grants,
+    check_grant,
+    control,
+    guarded,
+    open_database,
+)
 
 __all__ = ["SqlDatabase", "SqlLimits", "Statement"]
 
@@ -129,6 +137,12 @@ class _Db:
                     # BEGIN IMMEDIATE open, and every later caller's write inside it.
                     with contextlib.suppress(sqlite3.Error):  # the next call tries again
                         self._rollback()
+                    if isinstance(exc, MemoryError):  # SQLITE_NOMEM: its heap limit
+                        raise BindingError(
+                            "SQLite ran out of the memory the host gives it "
+                            f"({_sqlite.HEAP_LIMIT_BYTES} bytes, all databases together): ask "
+                            "for less at once (fewer or smaller columns, fewer rows)"
+                        ) from None
                     if not isinstance(exc, sqlite3.Error):
                         raise
                     raise self._error(exc, guard.by_call) from None

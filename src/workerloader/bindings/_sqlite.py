@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "HEAP_LIMIT_BYTES",
     "Authorizer",
     "Grants",
     "call_deadline",
@@ -87,6 +88,13 @@ class Authorizer:
         return sqlite3.SQLITE_OK
 
 
+HEAP_LIMIT_BYTES = 1 << 30
+"""All the memory SQLite may take in this process, every database together (``PRAGMA
+hard_heap_limit``, process-wide, set by each ``open_database``): past it an allocation fails,
+and the statement with it, instead of the host. Each value is capped (8 MiB for SQL), but a
+worker's row can hold 2,000 of them: 16 GB."""
+
+
 def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.Connection:
     """A connection in WAL mode; with ``authorizer`` for databases whose statements come from
     workers (no ATTACH, no extension loading, no PRAGMA but read-only introspection, no
@@ -104,6 +112,7 @@ def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.C
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA hard_heap_limit={HEAP_LIMIT_BYTES}")
     if authorizer is not None:
         conn.set_authorizer(authorizer)
     return conn
