@@ -4,6 +4,7 @@ transaction, whatever fails) and spend before SQLite runs (exec's split is one p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import random
@@ -398,3 +399,29 @@ def test_a_row_past_sqlites_heap_limit_is_refused_not_held(tmp_path: Path) -> No
         "databases together): ask for less at once (fewer or smaller columns, fewer rows)",
         "then: [{'one': 1}]",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# One database's queue of statements does not hold the threads every binding shares
+
+
+async def test_a_burst_on_one_database_leaves_threads_for_the_others(tmp_path: Path) -> None:
+    busy = SqlDatabase.open(tmp_path / "a.sqlite3", RW)
+    other = SqlDatabase.open(tmp_path / "b.sqlite3", RW)
+    slow = rows(300_000, "count(*) AS n")  # a few hundredths of a second each, one at a time
+    done: list[str] = []
+
+    async def burst(i: int) -> None:
+        await busy.prepare(slow).all()
+        done.append(f"a{i}")
+
+    async def quick() -> None:
+        await other.prepare("SELECT 1 AS one").all()
+        done.append("b")
+
+    # 20 statements queued on one database before the other's one: they used to wait for
+    # the lock in the pool's threads, and the other database's statement behind all of them.
+    tasks = [asyncio.ensure_future(burst(i)) for i in range(20)]
+    await asyncio.sleep(0)
+    await asyncio.gather(*tasks, quick())
+    assert done.index("b") < 10, done

@@ -91,6 +91,7 @@ class _Db:
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limits.max_value_bytes)
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, limits.max_sql_bytes)
         self.lock = threading.Lock()
+        self.turn = asyncio.Lock()  # taken before a thread is: see run
         self.deadline_s = deadline_s
         self.limits = limits
         self.held_bytes = 0  # by live statements (see SqlLimits.max_held_bytes)
@@ -147,7 +148,11 @@ class _Db:
                         raise
                     raise self._error(exc, guard.by_call) from None
 
-        return await asyncio.to_thread(locked)
+        # Callers queue here, on the event loop, not in a pool thread: waiting for the lock in
+        # threads, one namespace's burst of slow statements held every thread of the pool
+        # that all bindings share (another tenant's blob write waited 9 s).
+        async with self.turn:
+            return await asyncio.to_thread(locked)
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
