@@ -220,6 +220,22 @@ def test_records_past_the_retention_are_pruned_without_waiting_for_traffic(
     conn.close()
 
 
+def test_the_request_log_stops_growing_at_its_size_cap(tmp_path: Path) -> None:
+    # Any caller makes records, with up to 64 KiB of output each, as fast as it is answered.
+    store = ServiceStore(tmp_path, max_bytes=256 << 10)
+    anonymous = Caller(None, "default", False, ())
+    for i in range(3000):  # ~3 MB of records
+        store.log(anonymous, "execute", 200, float(i), logs=["x" * 1000])
+    store.flush()
+    assert store._size() < 512 << 10
+    kept = store.logs("default", limit=1000)
+    assert kept[0]["duration_ms"] == 2999.0  # the newest stay, the oldest went
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")
+    (oldest,) = conn.execute("SELECT min(duration_ms) FROM request_logs").fetchone()
+    conn.close()
+    assert oldest > 2000
+
+
 def test_records_the_database_refuses_are_held_not_raised_and_written_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

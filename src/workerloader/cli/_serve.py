@@ -53,6 +53,13 @@ from ._common import config_option, config_path_or_default, option
     help="[default: 7]",
 )
 @option(
+    "--log-max-mb",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="WORKERLOADER_LOG_MAX_MB",
+    help="Past this size of the request log, its oldest tenth is deleted. [default: 1024]",
+)
+@option(
     "--auth",
     is_flag=True,
     default=None,

@@ -54,6 +54,8 @@ class ServerConfig:
     pool_size: int = 8
     max_concurrent_executions: int = 64
     log_retention_s: float = 7 * 86400
+    log_max_bytes: int = 1 << 30
+    """Past this size of the request log's database, its oldest tenth is deleted."""
     ai: AiConfig | None = None
     require_auth: bool = False
     """Refuse anonymous requests even while no API key exists (no dev mode)."""
@@ -202,7 +204,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         ) as loader:
             state["loader"] = loader
             store = state["store"] = ServiceStore(
-                config.data_dir, retention_s=config.log_retention_s
+                config.data_dir,
+                retention_s=config.log_retention_s,
+                max_bytes=config.log_max_bytes,
             )
             state["slots"] = asyncio.Semaphore(config.max_concurrent_executions)
             state["api"] = config.api

@@ -11,6 +11,7 @@ beats the default. Every option has one name in each source::
     [server] pool_size           WORKERLOADER_POOL_SIZE            --pool-size
     [server] max_concurrent      WORKERLOADER_MAX_CONCURRENT       --max-concurrent
     [server] log_retention_days  WORKERLOADER_LOG_RETENTION_DAYS   --log-retention-days
+    [server] log_max_mb          WORKERLOADER_LOG_MAX_MB           --log-max-mb
     [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
     [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only; both
     [ai] model                   WORKERLOADER_AI_MODEL              or neither: no AI then)
@@ -52,8 +53,15 @@ _SERVER_OPTIONS = {
     "pool_size": int,
     "max_concurrent": int,
     "log_retention_days": float,
+    "log_max_mb": int,
     "auth": bool,
 }
+
+
+def _at_least_one(path: Path | None, name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{path or 'the environment'}: [server] {name} must be at least 1")
+    return int(value)
 
 
 def _boolean(text: str) -> bool:
@@ -124,6 +132,7 @@ def load_config(
         pool_size=int(values.get("pool_size", 8)),
         max_concurrent_executions=int(values.get("max_concurrent", 64)),
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
+        log_max_bytes=_at_least_one(path, "log_max_mb", values.get("log_max_mb", 1024)) << 20,
         ai=ai_config,
         require_auth=bool(values.get("auth", False)),
         execute_limits=_limits(path, dict(file.get("limits", {})), environ),

@@ -47,6 +47,8 @@ _SCHEMA = (
         cpu_ms REAL
     )""",
     "CREATE INDEX IF NOT EXISTS request_logs_by_time ON request_logs (namespace, time)",
+    # Pruning by age alone: without it, each pruning scanned the whole table on the event loop.
+    "CREATE INDEX IF NOT EXISTS request_logs_by_age ON request_logs (time)",
     """CREATE TABLE IF NOT EXISTS workers (
         namespace TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -93,10 +95,16 @@ def _hash(secret: str) -> str:
 class ServiceStore:
     """API keys and request logs under the data dir (``service.sqlite3``)."""
 
-    def __init__(self, data_dir: Path, retention_s: float = 7 * 86400) -> None:
+    def __init__(
+        self, data_dir: Path, retention_s: float = 7 * 86400, max_bytes: int = 1 << 30
+    ) -> None:
+        """``retention_s``: request records older are deleted. ``max_bytes``: past this size
+        of the database, the oldest tenth of the records go too (any caller can make records,
+        up to 64 KiB of output each, as fast as the service answers)."""
         self._conn: sqlite3.Connection = open_database(data_dir / "service.sqlite3")
         self._lock = threading.Lock()
         self.retention_s = retention_s
+        self.max_bytes = max_bytes
         self._prune_at = 0.0  # monotonic time of the next pruning: the first flush prunes
         # What requests ask on every call, kept until SQLite's data_version says another
         # connection (the CLI) wrote, or this one writes it: a warm fetch then costs a pragma.
@@ -292,6 +300,8 @@ class ServiceStore:
                 self._conn.execute(
                     "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
                 )
+            if len(self._pending_logs) >= 64:  # a full batch: records come fast
+                self._prune_to_size()
             if not self._pending_logs:
                 return
             self._conn.execute("BEGIN")
@@ -321,6 +331,24 @@ class ServiceStore:
             return
         self._pending_logs = []
         self._log_write_failing = False
+
+    def _prune_to_size(self) -> None:
+        """Delete the oldest records, a tenth at a time, until the database is within
+        ``max_bytes`` (their pages are reused: the file stops growing about there)."""
+        for _ in range(10):  # enough for any cap; each round's check is three pragmas
+            if self._size() <= self.max_bytes:
+                return
+            self._conn.execute(  # oldest by insertion order: rowid
+                "DELETE FROM request_logs WHERE rowid <= (SELECT min(rowid) + "
+                "(max(rowid) - min(rowid)) / 10 FROM request_logs)"
+            )
+
+    def _size(self) -> int:
+        """Bytes the database's pages in use take (the file keeps the free ones, for reuse)."""
+        (pages,) = self._conn.execute("PRAGMA page_count").fetchone()
+        (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = self._conn.execute("PRAGMA page_size").fetchone()
+        return (int(pages) - int(free)) * int(page_size)
 
     def logs(
         self,
