@@ -13,6 +13,7 @@ from pathlib import Path
 from tests._proc import script_with_lines
 from workerloader import Loader
 from workerloader.bindings import Documents, KvNamespace
+from workerloader.bindings._docs import fts_table
 
 WRITER = """
 import asyncio, sys
@@ -78,11 +79,9 @@ def check_integrity(path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
-def count_rows(path: Path, table: str, namespace: str) -> int:
+def count_rows(path: Path, table: str) -> int:
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        (count,) = conn.execute(
-            f"SELECT count(*) FROM {table} WHERE namespace = ?", (namespace,)
-        ).fetchone()
+        (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         assert isinstance(count, int)
         return count
 
@@ -109,7 +108,7 @@ async def check_committed(data_dir: Path, namespace: str, committed: int) -> Non
     }
     assert [d["id"] for d in await db.search("items", f"w{committed - 1}")] == [last]
     documents = data_dir / "documents.sqlite3"
-    assert count_rows(documents, "docs_fts", namespace) == len(ids)  # the index is in step
+    assert count_rows(documents, fts_table(namespace)) == len(ids)  # the index is in step
 
 
 async def test_killing_the_host_mid_write_loses_no_committed_write(tmp_path: Path) -> None:
@@ -121,7 +120,9 @@ async def test_killing_the_host_mid_write_loses_no_committed_write(tmp_path: Pat
         for path in (data_dir / "kv.sqlite3", data_dir / "documents.sqlite3"):
             check_integrity(path)
         with contextlib.closing(sqlite3.connect(data_dir / "documents.sqlite3")) as conn:
-            conn.execute("INSERT INTO docs_fts (docs_fts) VALUES ('integrity-check')")
+            for earlier in done:
+                index = fts_table(earlier)
+                conn.execute(f"INSERT INTO {index} ({index}) VALUES ('integrity-check')")
         for earlier, committed in done.items():  # earlier rounds' writes survive later kills
             assert committed >= 20
             await check_committed(data_dir, earlier, committed)

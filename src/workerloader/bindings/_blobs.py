@@ -14,16 +14,18 @@ import asyncio
 import builtins
 import contextlib
 import hashlib
+import heapq
 import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
+from ._kv import page_limit, utf8_length
 from ._sqlite import Grants, check_grant
 
 __all__ = ["BlobBucket"]
@@ -31,23 +33,72 @@ __all__ = ["BlobBucket"]
 MAX_OBJECT_BYTES: Final = 64 << 20
 CHUNK_BYTES: Final = 256 * 1024
 MAX_KEY_BYTES: Final = 1024
+MAX_METADATA_BYTES: Final = 8 * 1024
+"""An object's metadata as JSON (ASCII, so characters are bytes)."""
+MAX_HEAD_BYTES: Final = 16 * 1024
+"""The most ``list`` reads of one head file: a key (at most 6 KiB escaped), the metadata and a
+few fields. A head over it (metadata stored before ``MAX_METADATA_BYTES``) is not listed."""
+MAX_LEGACY_HEAD_BYTES: Final = 8 << 20
+"""The most ``get`` and ``head`` read of one head file: over anything a put could ever write
+(one RPC message carries 4 MiB)."""
+MAX_PAGE_BYTES: Final = 2 << 20
+"""The heads one ``list`` returns, as stored: a fuller page stops early (truncated, with a
+cursor), so it always fits one RPC message (4 MiB)."""
+CHUNK_TIMEOUT_S: Final = 30.0
+"""How long ``put`` waits for each chunk from a chunk function."""
+MAX_OPEN_PUTS: Final = 16
+"""Puts one bucket object runs at once (each with at most one data file and one chunk in
+memory); further puts wait for one to finish."""
 _NOT_BYTES: Final = "a blob value is bytes, str, or a list of bytes chunks"
+_BAD_METADATA: Final = "metadata is a dict of string keys to string values"
 
 
 def _key(key: object) -> str:
-    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+    if not isinstance(key, str) or not key or utf8_length(key, "a blob key") > MAX_KEY_BYTES:
         raise BindingError(f"a blob key is a non-empty string of at most {MAX_KEY_BYTES} bytes")
     return key
 
 
-async def _each(chunks: list[bytes]) -> AsyncIterator[bytes]:
+def _bound(value: object, what: str) -> str:
+    """A list prefix or cursor: a string no longer than a key."""
+    if not isinstance(value, str) or utf8_length(value, what) > MAX_KEY_BYTES:
+        raise BindingError(f"{what} is a string of at most {MAX_KEY_BYTES} bytes")
+    return value
+
+
+def _metadata(metadata: object) -> dict[str, str]:
+    """``metadata`` with its values as strings; BindingError unless it is a dict of str keys
+    to scalar values of at most ``MAX_METADATA_BYTES`` as JSON."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise BindingError(_BAD_METADATA)
+    meta: dict[str, str] = {}
+    for name, value in metadata.items():
+        if not isinstance(name, str) or not isinstance(value, (str, int, float, bool)):
+            raise BindingError(_BAD_METADATA)
+        meta[name] = str(value)
+    if len(json.dumps(meta)) > MAX_METADATA_BYTES:
+        raise BindingError(f"metadata may be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return meta
+
+
+async def _each(chunks: list[bytes]) -> AsyncGenerator[bytes]:
     for chunk in chunks:
         yield chunk
 
 
-async def _pull(source: Callable[[], Awaitable[bytes | None]]) -> AsyncIterator[bytes]:
+async def _pull(source: Callable[[], Awaitable[bytes | None]]) -> AsyncGenerator[bytes]:
+    """The chunks ``source`` gives until it gives b"" or None; BindingError if one takes
+    longer than ``CHUNK_TIMEOUT_S``."""
     while True:
-        chunk = await source()
+        try:
+            async with asyncio.timeout(CHUNK_TIMEOUT_S):
+                chunk = await source()
+        except TimeoutError:
+            raise BindingError(
+                f"the chunk function gave no chunk for {CHUNK_TIMEOUT_S:g} s; nothing was stored"
+            ) from None
         if not chunk:
             return
         yield chunk
@@ -69,6 +120,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_head(path: Path, most: int) -> dict[str, Any] | None:
+    """The head stored at ``path``, reading at most ``most`` bytes of it; None if it is missing,
+    larger, or not a head."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(most + 1)
+        if len(raw) > most:
+            return None
+        head = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("key"), str):
+        return None
+    return head
 
 
 class BlobObject(RpcTarget):
@@ -97,7 +164,14 @@ class BlobObject(RpcTarget):
 
     async def read(self, offset: int = 0, length: int = CHUNK_BYTES) -> builtins.bytes:
         """Up to ``length`` (at most 256 KiB) bytes from ``offset``; b"" at the end."""
-        if offset < 0 or not 0 < length <= CHUNK_BYTES:
+        if (
+            isinstance(offset, bool)
+            or isinstance(length, bool)
+            or not isinstance(offset, int)
+            or not isinstance(length, int)
+            or offset < 0
+            or not 0 < length <= CHUNK_BYTES
+        ):
             raise BindingError(f"read at most {CHUNK_BYTES} bytes from a non-negative offset")
 
         def work() -> builtins.bytes:
@@ -124,11 +198,14 @@ class BlobObject(RpcTarget):
 
 
 class BlobBucket(RpcTarget):
-    """One bucket: ``put``, ``get``, ``head``, ``delete``, ``list``."""
+    """One bucket: ``put``, ``get``, ``head``, ``delete``, ``list``. Every argument is checked
+    here, at the binding's boundary: a bad one is BindingError, never a Python error from inside
+    the host."""
 
     def __init__(self, root: Path, grants: Grants) -> None:
         self._root = root
         self._grants = grants
+        self._writers = asyncio.Semaphore(MAX_OPEN_PUTS)
 
     def _head_path(self, key: str) -> Path:
         return self._root / (hashlib.sha256(key.encode()).hexdigest() + ".head")
@@ -143,38 +220,67 @@ class BlobBucket(RpcTarget):
 
         ``value`` is bytes, str, a list of byte chunks, or, for objects larger than one call
         can carry, an async function the host calls for the next chunk until it returns
-        ``b""`` or None (from a worker: pass the function itself, it crosses as a stub).
+        ``b""`` or None (from a worker: pass the function itself, it crosses as a stub). Each
+        call must answer within ``CHUNK_TIMEOUT_S``. ``metadata`` is at most
+        ``MAX_METADATA_BYTES`` as JSON. A bucket object writes at most ``MAX_OPEN_PUTS``
+        objects at once, and opens a data file only once there is a chunk to write to it.
         """
         check_grant(self._grants, "write", "this bucket")
         key = _key(key)
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta = _metadata(metadata)
         if callable(value):
             chunks = _pull(value)
         else:
             # A value whose size is known up front is checked before anything is written.
             if isinstance(value, str):
-                value = value.encode()
-            items: list[object] = [value] if isinstance(value, bytes) else list(value)
+                try:
+                    value = value.encode()
+                except UnicodeEncodeError:
+                    raise BindingError("a str blob value is not valid Unicode text") from None
+            if isinstance(value, bytes):
+                items: list[object] = [value]
+            elif isinstance(value, Iterable):
+                items = list(value)
+            else:
+                raise BindingError(_NOT_BYTES)
             given = [c for c in items if isinstance(c, bytes)]
             if len(given) != len(items):
                 raise BindingError(_NOT_BYTES)
             if sum(len(c) for c in given) > MAX_OBJECT_BYTES:
                 raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
             chunks = _each(given)
+        # The slot is taken before the first chunk is asked for: a put holds at most one chunk
+        # in the host's memory, so waiting puts hold none. A source that never answers holds a
+        # slot (until CHUNK_TIMEOUT_S), never a file: the file is opened with the first chunk.
+        async with self._writers, contextlib.aclosing(chunks):
+            first = await anext(chunks, None)
+            head = await self._write(key, meta, first, chunks)
+        return await asyncio.to_thread(self._commit, key, head)
+
+    async def _write(
+        self,
+        key: str,
+        meta: dict[str, str],
+        first: builtins.bytes | None,
+        rest: AsyncIterator[builtins.bytes],
+    ) -> dict[str, Any]:
+        """Write ``first`` and ``rest`` to a new data file, synced; the head that names it."""
         await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
         data_path = self._root / f"{uuid.uuid4().hex}.data"  # never reused: old heads stay valid
         digest = hashlib.md5(usedforsecurity=False)
         size = 0
         f = await asyncio.to_thread(open, data_path, "wb")
         try:
-            async for chunk in chunks:
-                if not isinstance(chunk, bytes):
+            chunk = first
+            while chunk is not None:
+                if not isinstance(chunk, builtins.bytes):
                     raise BindingError(_NOT_BYTES)
                 size += len(chunk)
                 if size > MAX_OBJECT_BYTES:
                     raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
                 digest.update(chunk)
                 await asyncio.to_thread(f.write, chunk)
+                chunk = await anext(rest, None)
             await asyncio.to_thread(_flush_and_sync, f)
         except BaseException:
             f.close()
@@ -182,7 +288,7 @@ class BlobBucket(RpcTarget):
                 data_path.unlink()
             raise
         f.close()
-        head = {
+        return {
             "key": key,
             "size": size,
             "etag": digest.hexdigest(),
@@ -190,7 +296,6 @@ class BlobBucket(RpcTarget):
             "uploaded": time.time(),
             "data": data_path.name,
         }
-        return await asyncio.to_thread(self._commit, key, head)
 
     def _commit(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
         """Point the key's head at the new data (the commit point), then drop the old data."""
@@ -207,59 +312,77 @@ class BlobBucket(RpcTarget):
         return _public(head)
 
     def _read_head(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        try:
-            head: dict[str, Any] = json.loads(self._head_path(_key(key)).read_text())
-        except (OSError, ValueError):
+        """The data file and head of ``key`` (a checked key), or None (blocking I/O)."""
+        head = _load_head(self._head_path(key), MAX_LEGACY_HEAD_BYTES)
+        if head is None:
             return None
         data = self._root / str(head.get("data", ""))
-        if head.get("key") != key or data.parent != self._root or not data.is_file():
+        if head["key"] != key or data.parent != self._root or not data.is_file():
             return None
         return data, head
 
     async def head(self, key: str) -> dict[str, Any] | None:
         """The object's head (key, size, etag, metadata, uploaded), or None."""
         check_grant(self._grants, "read", "this bucket")
-        found = self._read_head(key)
+        found = await asyncio.to_thread(self._read_head, _key(key))
         return None if found is None else _public(found[1])
 
     async def get(self, key: str) -> BlobObject | None:
         """The object, to read whole or in chunks; None if absent."""
         check_grant(self._grants, "read", "this bucket")
-        found = self._read_head(key)
+        found = await asyncio.to_thread(self._read_head, _key(key))
         return None if found is None else BlobObject(*found)
 
     async def delete(self, key: str) -> bool:
         """Remove the object; True if it existed."""
         check_grant(self._grants, "write", "this bucket")
-        found = self._read_head(key)
-        with contextlib.suppress(FileNotFoundError):
-            self._head_path(_key(key)).unlink()
-        if found is not None:
+        key = _key(key)
+
+        def work() -> bool:
+            found = self._read_head(key)
             with contextlib.suppress(FileNotFoundError):
-                found[0].unlink()
-        return found is not None
+                self._head_path(key).unlink()
+            if found is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    found[0].unlink()
+            return found is not None
+
+        return await asyncio.to_thread(work)
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None
     ) -> dict[str, Any]:
         """Heads of objects whose key starts with ``prefix``, in key order:
-        ``{"objects": [...], "truncated", "cursor"}``."""
+        ``{"objects": [...], "truncated", "cursor"}``; pass ``cursor`` on while ``truncated``.
+        A page holds at most ``limit`` (1 to 1000) objects, and fewer where their heads would
+        pass ``MAX_PAGE_BYTES``. Each head file is read up to ``MAX_HEAD_BYTES`` only."""
         check_grant(self._grants, "read", "this bucket")
-        if not 1 <= limit <= 1000:
-            raise BindingError("limit must be between 1 and 1000")
+        limit = page_limit(limit, 1000)
+        prefix = _bound(prefix, "prefix")
+        after = "" if cursor is None else _bound(cursor, "cursor")
 
-        def work() -> list[dict[str, Any]]:
-            heads = []
-            for path in self._root.glob("*.head") if self._root.exists() else ():
-                with contextlib.suppress(OSError, ValueError):
-                    head = json.loads(path.read_text())
-                    if head["key"].startswith(prefix) and head["key"] > (cursor or ""):
-                        heads.append(_public(head))
-            return sorted(heads, key=lambda h: h["key"])
+        def matching() -> Iterator[tuple[str, int, dict[str, Any]]]:
+            with contextlib.suppress(FileNotFoundError), os.scandir(self._root) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".head"):
+                        continue
+                    head = _load_head(Path(entry.path), MAX_HEAD_BYTES)
+                    if head is not None and head["key"].startswith(prefix) and head["key"] > after:
+                        yield head["key"], len(json.dumps(head)), head
 
-        heads = await asyncio.to_thread(work)
-        page = heads[:limit]
-        truncated = len(heads) > limit
+        def work() -> tuple[builtins.list[dict[str, Any]], bool]:
+            # The first limit + 1 by key, never more in memory, however many the bucket has.
+            first = heapq.nsmallest(limit + 1, matching(), key=lambda found: found[0])
+            page: builtins.list[dict[str, Any]] = []
+            size = 0
+            for _, head_size, head in first[:limit]:
+                size += head_size
+                if page and size > MAX_PAGE_BYTES:
+                    return page, True
+                page.append(_public(head))
+            return page, len(first) > limit
+
+        page, truncated = await asyncio.to_thread(work)
         return {
             "objects": page,
             "truncated": truncated,
