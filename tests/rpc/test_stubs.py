@@ -928,3 +928,35 @@ async def test_unawaited_promises_in_arguments_arrive_as_the_callees_own_objects
         await client.main.batch([awaited])
     await client.aclose()
     await server.aclose()
+
+
+class _Sized(RpcTarget):
+    @property
+    def size(self) -> int:
+        return 3
+
+
+class _Owner(RpcTarget):
+    def get(self) -> _Sized:
+        return _Sized()
+
+
+class _Returner(RpcTarget):
+    def __init__(self) -> None:
+        self.owner: Any = None
+
+    async def sized(self, wait: bool) -> dict[str, object]:
+        obj = await self.owner.get()
+        return {"size": await obj.size if wait else obj.size}
+
+
+async def test_returning_an_unawaited_promise_is_a_clone_error_not_a_broken_session() -> None:
+    # The promise went out as a reference to an answer, which a result may not carry: the peer
+    # ended the session (in a sandboxed worker: WorkerCrashed for a missing `await`).
+    returner = _Returner()
+    caller, callee = await memory_pair(_Owner(), returner)
+    returner.owner = callee.main
+    async with caller, callee:
+        with pytest.raises(DataCloneError, match="cannot be returned: await it"):
+            await caller.main.sized(False)
+        assert await caller.main.sized(True) == {"size": 3}  # the session goes on

@@ -291,6 +291,7 @@ class Session:
         self._next_answer = 1
         self._encoding_exports: list[int] | None = None
         self._decoding_refs: list[_AnswerRef] | None = None  # answers named in a push's args
+        self._encoding_result = False  # see encoding_result
         self._close_error: SessionClosed | None = None
         self._send(Hello(_wire.PROTOCOL_VERSION, self.limits.max_frame_bytes))
 
@@ -534,8 +535,18 @@ class Session:
 
     # -- internals: answers -----------------------------------------------------------------
 
+    @property
+    def encoding_result(self) -> bool:
+        """Whether a value being encoded is a result: it may not name an answer (a promise),
+        which the peer takes only in a push's arguments."""
+        return self._encoding_result
+
     def _send_resolve(self, answer_id: int, value: object) -> None:
-        wire_value, exports = self._encode(value, "result")
+        self._encoding_result = True
+        try:
+            wire_value, exports = self._encode(value, "result")
+        finally:
+            self._encoding_result = False
         self._send_checked(Resolve(answer_id, wire_value), exports, "the result")
 
     def _after_answer(self, answer: _Answer, answer_id: int) -> None:

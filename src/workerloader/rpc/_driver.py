@@ -62,6 +62,11 @@ class _Stubs:
     def answer_ref(self, session: Session, value: object) -> int | None:
         if type(value) is not RpcPromise or value._rpc is not self._rpc:
             return None
+        if session.encoding_result:  # the peer would end the session for it
+            raise DataCloneError(
+                "a promise (a stub's call or property, not awaited) cannot be returned: "
+                "await it and return its value"
+            )
         if value._future is not None:
             raise DataCloneError(
                 "an awaited promise cannot be passed on; pass its value, or pass the promise "
