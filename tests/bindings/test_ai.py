@@ -156,6 +156,15 @@ async def test_chat_returns_content_message_usage_and_sends_model_and_key(
     }
 
 
+async def test_the_model_is_the_hosts_to_choose(tmp_path: Path, provider: FakeProvider) -> None:
+    # A worker naming another model spent the host's key on it.
+    ai = Loader(tmp_path, ai=config(provider)).ai()
+    for option in ({"model": "gpt-4-32k"}, {"stream": True}):
+        with pytest.raises(BindingError, match=r"^chat\(\) takes no (model|stream): the host"):
+            await ai.chat([{"role": "user", "content": "x"}], **option)
+    assert provider.received == []
+
+
 async def test_a_trailing_slash_in_base_url_is_fine(tmp_path: Path, provider: FakeProvider) -> None:
     ai = Loader(tmp_path, ai=AiConfig(base_url=provider.url() + "/", model="m")).ai()
     assert (await ai.chat([{"role": "user", "content": "x"}]))["content"] == f"{REPLY}: x"

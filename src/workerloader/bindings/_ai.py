@@ -67,8 +67,17 @@ class AiBinding(RpcTarget):
         return result
 
     async def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-        """A chat completion: ``{"content", "message", "usage", "raw"}``."""
+        """A chat completion: ``{"content", "message", "usage", "raw"}``. ``options`` go to
+        the provider as they are (``temperature``, ``max_tokens``, ...), but ``model`` and
+        ``stream``: the model is the host's to choose (its key pays for it), and the answer
+        is read whole (BindingError)."""
         config = self._require()
+        refused = sorted({"model", "stream"} & set(options))
+        if refused:
+            raise BindingError(
+                f"chat() takes no {' or '.join(refused)}: the host sets the model "
+                f"({config.model}) and reads the answer whole"
+            )
         raw = await self._post(
             "/chat/completions", {"model": config.model, "messages": messages, **options}
         )
