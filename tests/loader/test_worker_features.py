@@ -783,3 +783,29 @@ async def test_the_codes_own_class_named_like_ours_arrives_as_a_worker_error(
     with pytest.raises(WorkerError) as info:
         await loader.get("w", lambda: code).get_entrypoint().raise_named(name)
     assert (info.value.type_name, info.value.message) == (name, "the code's own class")
+
+
+# ---------------------------------------------------------------------------------------------
+# Response.json: a constructor on the class, a reader on a response (as the Fetch API has both)
+
+JSON_BOTH_WAYS = """
+from workers import Response, WorkerEntrypoint
+
+class Default(WorkerEntrypoint):
+    async def fetch(self, request):
+        made = Response.json({"n": 1}, status=201, headers={"x-a": "b"})
+        read = await Response('{"read": [1, 2]}').json()  # as after fetch(...)
+        return Response.json({"made": [made.status, made.headers, await made.json()], **read})
+"""
+
+
+async def test_response_json_makes_one_and_reads_one(loader: Loader) -> None:
+    stub = loader.get(
+        "j", lambda: WorkerCode(main_module="main.py", modules={"main.py": JSON_BOTH_WAYS})
+    )
+    response = await stub.fetch("https://j/")
+    assert response.headers["content-type"] == "application/json"
+    assert await response.json() == {
+        "made": [201, {"content-type": "application/json", "x-a": "b"}, {"n": 1}],
+        "read": [1, 2],
+    }

@@ -35,7 +35,7 @@ class HttpGateway(RpcTarget):
         allow: Sequence[str],
         *,
         allow_private: bool = False,
-        max_response_bytes: int = 10 << 20,
+        max_response_bytes: int = (4 << 20) - (64 << 10),
         timeout_s: float = 30.0,
         max_redirects: int = 5,
     ) -> None:

@@ -119,8 +119,27 @@ class Request:
         return cls(data["url"], data["method"], data["headers"], data["body"])
 
 
+class _JsonMethod:
+    """``Response.json`` as the Fetch API has it, both ways: on the class it makes a JSON
+    response (``Response.json(data, status=200, headers=None)``), on a response it reads the
+    body as JSON (``await response.json()``, after ``fetch``)."""
+
+    def __get__(self, response: Response | None, cls: type[Response]) -> Any:
+        if response is not None:
+            return response._read_json
+
+        def make(
+            data: object, status: int = 200, headers: Mapping[str, str] | None = None
+        ) -> Response:
+            merged = {"content-type": "application/json", **(headers or {})}
+            return cls(_json.dumps(data), status=status, headers=merged)
+
+        return make
+
+
 class Response:
-    """An HTTP response: ``Response(body, status=200, headers=None)``; ``Response.json(data)``.
+    """An HTTP response: ``Response(body, status=200, headers=None)``; ``Response.json(data)``
+    makes one of JSON, ``await response.json()`` reads one.
 
     ``body`` is bytes, text, or an async iterable of either (an async generator, say): then the
     body streams, each chunk sent to the caller as it is produced, and the caller may read the
@@ -152,12 +171,7 @@ class Response:
             )
         self._body = body.encode() if isinstance(body, str) else bytes(body or b"")
 
-    @classmethod
-    def json(
-        cls, data: object, status: int = 200, headers: Mapping[str, str] | None = None
-    ) -> Response:
-        merged = {"content-type": "application/json", **(headers or {})}
-        return cls(_json.dumps(data), status=status, headers=merged)
+    json: Any = _JsonMethod()
 
     async def bytes(self) -> bytes:
         if self._stream is not None:  # read to its end, once
@@ -170,6 +184,9 @@ class Response:
 
     async def text(self) -> str:
         return (await self.bytes()).decode()
+
+    async def _read_json(self) -> Any:
+        return _json.loads(await self.bytes())
 
     def to_wire(self) -> dict[str, object]:
         wire: dict[str, object] = {"status": self.status, "headers": self.headers}
