@@ -174,3 +174,26 @@ async def test_a_runaway_head_behind_a_running_request_is_refused_after_its_answ
     assert (await _answer(reader))[0] == 431
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
+
+
+async def test_a_refusal_waits_for_every_request_queued_before_it(
+    client: httpx.AsyncClient,
+) -> None:
+    # A slow request, a whole one queued behind it, then a runaway head: the second request
+    # got the 431 as its answer (and its own answer failed) when the refusal went out as soon
+    # as the first was answered.
+    reader, writer = await asyncio.open_connection(*_address(client))
+    body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.3)\nreturn 1"}).encode()
+    slow = (
+        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    ) + body
+    queued = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+    runaway = b"GET /health HTTP/1.1\r\nx-a: " + b"c" * (2 * MAX_HEAD_BYTES)
+    writer.write(slow + queued + runaway)
+    assert (await _answer(reader))[0] == 200
+    status, _, health = await _answer(reader)
+    assert (status, json.loads(health)["status"]) == (200, "ok")
+    assert (await _answer(reader))[0] == 431
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()

@@ -52,8 +52,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with its request heads bounded in size and time.
 
     A head's bytes are counted as they arrive, after the parser has taken them: a chunk that
-    completes the head resets the count, so a body sent with its head never counts. Memory
-    held for a head is then at most ``max_head_bytes`` and one read.
+    completes the head resets the count, so a body sent with its head never counts, nor does
+    the read a head begins in. Memory held for a head is then at most ``max_head_bytes`` and
+    two reads.
 
     Time: one timer per connection, which on firing compares the clock with when the wait
     for a head began and sets itself again if time is left (a timer set and cancelled for
@@ -84,10 +85,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        head_under_way = self._reading_head
         super().data_received(data)
         if not self._reading_head or self.transport.is_closing():
             return
-        self._head_bytes += len(data)
+        # A read in which a head began is not counted: most of it may be the previous
+        # request's body. A head is then held to at most max_head_bytes and two reads.
+        self._head_bytes += len(data) if head_under_way else 0
         if self._head_bytes > self.max_head_bytes:
             message = f"a request line and headers are limited to {self.max_head_bytes} bytes"
             self._refuse(_refusal(431, "RequestHeaderFieldsTooLarge", message))
@@ -106,7 +110,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._waiting_since = self.loop.time()  # the next request's time runs from here
         super().on_response_complete()
-        if self._pending_refusal is not None:
+        # Only once every request before the refused head has its answer: a pipelined one
+        # just started (its cycle runs) would otherwise read the refusal as its own.
+        if self._pending_refusal is not None and not self._busy() and not self.pipeline:
             response, self._pending_refusal = self._pending_refusal, None
             self._send_refusal(response)
 
