@@ -224,8 +224,10 @@ def test_the_request_log_stops_growing_at_its_size_cap(tmp_path: Path) -> None:
     # Any caller makes records, with up to 64 KiB of output each, as fast as it is answered.
     store = ServiceStore(tmp_path, max_bytes=256 << 10)
     anonymous = Caller(None, "default", False, ())
-    for i in range(3000):  # ~3 MB of records
+    for i in range(3000):  # ~3 MB of records, flushed 40 at a time (a slower caller)
         store.log(anonymous, "execute", 200, float(i), logs=["x" * 1000])
+        if i % 40 == 39:
+            store.flush(when_due=True)  # as the service's timer does
     store.flush()
     assert store._size() < 512 << 10
     kept = store.logs("default", limit=1000)
@@ -250,11 +252,19 @@ def test_records_the_database_refuses_are_held_not_raised_and_written_later(
     store.flush()
     assert "request log records not written" in caplog.text
     assert store.logs("default") == []  # readable still, nothing written
+    # Requests go on meanwhile; the held records are not tried again with each one.
+    began: list[str] = []
+    store._conn.set_trace_callback(lambda sql: began.append(sql) if sql == "BEGIN" else None)
+    for i in range(500):
+        store.log(anonymous, "execute", 200, 1000.0 + i)
+        store.flush(when_due=True)
+    assert len(began) <= 1, len(began)
+    store._conn.set_trace_callback(None)
     store._conn.execute("PRAGMA query_only = OFF")  # space again
     store.flush()
     kept = store.logs("default", limit=1000)
     assert len(kept) == 100
-    assert sorted(r["duration_ms"] for r in kept) == [float(i) for i in range(50, 150)]
+    assert sorted(r["duration_ms"] for r in kept) == [1400.0 + i for i in range(100)]
 
 
 async def test_a_warm_stored_worker_never_serves_one_caller_with_anothers_grants(

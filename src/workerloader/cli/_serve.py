@@ -57,7 +57,8 @@ from ._common import config_option, config_path_or_default, option
     type=click.IntRange(min=1),
     default=None,
     envvar="WORKERLOADER_LOG_MAX_MB",
-    help="Past this size of the request log, its oldest tenth is deleted. [default: 1024]",
+    help="Past this size of the service's database (its request log, mostly), the oldest "
+    "request records are deleted. [default: 1024]",
 )
 @option(
     "--auth",

@@ -55,7 +55,8 @@ class ServerConfig:
     max_concurrent_executions: int = 64
     log_retention_s: float = 7 * 86400
     log_max_bytes: int = 1 << 30
-    """Past this size of the request log's database, its oldest tenth is deleted."""
+    """Past this size of the service's database (its request log, mostly), the oldest request
+    records are deleted."""
     ai: AiConfig | None = None
     require_auth: bool = False
     """Refuse anonymous requests even while no API key exists (no dev mode)."""
@@ -214,7 +215,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             async def flush_logs() -> None:  # request logs are written in batches
                 while True:
                     await asyncio.sleep(0.2)
-                    store.flush()
+                    store.flush(when_due=True)
 
             flusher = asyncio.ensure_future(flush_logs())
             # Everything made so far lives as long as the service. Out of the collector's

@@ -58,9 +58,12 @@ _SERVER_OPTIONS = {
 }
 
 
-def _at_least_one(path: Path | None, name: str, value: int) -> int:
+def _at_least_one(name: str, value: int) -> int:
     if value < 1:
-        raise ValueError(f"{path or 'the environment'}: [server] {name} must be at least 1")
+        raise ValueError(
+            f"{name} must be at least 1 (from --{name.replace('_', '-')}, "
+            f"WORKERLOADER_{name.upper()} or [server] {name}): {value}"
+        )
     return int(value)
 
 
@@ -132,7 +135,7 @@ def load_config(
         pool_size=int(values.get("pool_size", 8)),
         max_concurrent_executions=int(values.get("max_concurrent", 64)),
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
-        log_max_bytes=_at_least_one(path, "log_max_mb", values.get("log_max_mb", 1024)) << 20,
+        log_max_bytes=_at_least_one("log_max_mb", values.get("log_max_mb", 1024)) << 20,
         ai=ai_config,
         require_auth=bool(values.get("auth", False)),
         execute_limits=_limits(path, dict(file.get("limits", {})), environ),

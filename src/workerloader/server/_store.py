@@ -59,8 +59,14 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
 )
 _LOG_LINES_KEPT = 100
-_PENDING_LOGS_MAX = 10_000
-"""Request records held in memory while they cannot be written; the oldest go past it."""
+_PENDING_LOGS_MAX = 1_000
+"""Request records held in memory while they cannot be written (at most ~64 MiB of their
+output); the oldest go past it."""
+_RETRY_S = 2.0
+"""How often records that could not be written are tried again."""
+_PRUNE_BATCH = 500
+"""Most records one flush deletes for the size cap: 5x the records a batch writes, so the
+log shrinks back under the cap while it is written to (a flush every 0.2 s: 2,500/s)."""
 _logger = logging.getLogger("workerloader.server")
 
 
@@ -99,7 +105,7 @@ class ServiceStore:
         self, data_dir: Path, retention_s: float = 7 * 86400, max_bytes: int = 1 << 30
     ) -> None:
         """``retention_s``: request records older are deleted. ``max_bytes``: past this size
-        of the database, the oldest tenth of the records go too (any caller can make records,
+        of the database, the oldest records go too (any caller can make records,
         up to 64 KiB of output each, as fast as the service answers)."""
         self._conn: sqlite3.Connection = open_database(data_dir / "service.sqlite3")
         self._lock = threading.Lock()
@@ -277,20 +283,28 @@ class ServiceStore:
             self._pending_logs.append(
                 (*[record[k] for k in list(record)[:-1]], json.dumps(record["logs"]))
             )
-            if len(self._pending_logs) >= 64 or time.monotonic() >= self._flush_at:
+            if len(self._pending_logs) > _PENDING_LOGS_MAX:  # writes failing: oldest go
+                del self._pending_logs[0]
+            full = len(self._pending_logs) >= 64 and not self._log_write_failing
+            if full or time.monotonic() >= self._flush_at:
                 self._flush_logs()
         return record
 
-    def flush(self) -> None:
-        """Write the records still held in memory (``log`` batches them)."""
+    def flush(self, *, when_due: bool = False) -> None:
+        """Write the records still held in memory (``log`` batches them). ``when_due``: not
+        while writes are failing and their next retry has not come (the service's periodic
+        flush; a caller's own flush tries at once)."""
         with self._lock:
+            if when_due and self._log_write_failing and time.monotonic() < self._flush_at:
+                return
             self._flush_logs()
 
     def _flush_logs(self) -> None:
         """Write the pending records. Never raises: a request's answer does not depend on
         its record being written. If the database refuses them (a full disk, say), they stay
-        pending, up to ``_PENDING_LOGS_MAX`` (the oldest dropped past it), and a warning
-        says so once until a write succeeds again."""
+        pending, up to ``_PENDING_LOGS_MAX`` (the oldest dropped past it), retried every
+        ``_RETRY_S`` (not with each request), and a warning says so once until a write
+        succeeds again."""
         # One transaction for many records: a commit per request cost more than the request.
         now = time.monotonic()
         self._flush_at = now + 0.2
@@ -300,7 +314,7 @@ class ServiceStore:
                 self._conn.execute(
                     "DELETE FROM request_logs WHERE time < ?", (time.time() - self.retention_s,)
                 )
-            if len(self._pending_logs) >= 64:  # a full batch: records come fast
+            if self._pending_logs:
                 self._prune_to_size()
             if not self._pending_logs:
                 return
@@ -317,30 +331,33 @@ class ServiceStore:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, MemoryError) as exc:  # MemoryError: SQLite's heap limit
+            self._flush_at = now + _RETRY_S
             dropped = len(self._pending_logs) - _PENDING_LOGS_MAX
             if dropped > 0:
                 del self._pending_logs[:dropped]
             if not self._log_write_failing:
                 self._log_write_failing = True
                 _logger.warning(
-                    "request log records not written (%s): %d held, retried every 0.2 s",
+                    "request log records not written (%s): %d held, retried every %g s",
                     exc,
                     len(self._pending_logs),
+                    _RETRY_S,
                 )
             return
         self._pending_logs = []
         self._log_write_failing = False
 
     def _prune_to_size(self) -> None:
-        """Delete the oldest records, a tenth at a time, until the database is within
-        ``max_bytes`` (their pages are reused: the file stops growing about there)."""
-        for _ in range(10):  # enough for any cap; each round's check is three pragmas
-            if self._size() <= self.max_bytes:
-                return
+        """Delete the oldest records while the database is over ``max_bytes``, at most
+        ``_PRUNE_BATCH`` a flush (a flush runs on the event loop; deleting a tenth of a large
+        log at once took a quarter of a second). Their pages are reused: the file stops
+        growing about there."""
+        if self._size() > self.max_bytes:  # three pragmas: cheap enough for every flush
             self._conn.execute(  # oldest by insertion order: rowid
-                "DELETE FROM request_logs WHERE rowid <= (SELECT min(rowid) + "
-                "(max(rowid) - min(rowid)) / 10 FROM request_logs)"
+                "DELETE FROM request_logs WHERE rowid IN "
+                "(SELECT rowid FROM request_logs ORDER BY rowid LIMIT ?)",
+                (_PRUNE_BATCH,),
             )
 
     def _size(self) -> int:
