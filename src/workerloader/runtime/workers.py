@@ -212,7 +212,7 @@ class _BodyStream(RpcTarget):
 
     def __init__(self, chunks: AsyncIterable[bytes | str]) -> None:
         self._chunks: AsyncIterator[bytes | str] = aiter(chunks)
-        self._pending = b""
+        self._pending = memoryview(b"")  # the rest of the current chunk, not copied
 
     async def read(self) -> bytes:
         while not self._pending:
@@ -226,9 +226,11 @@ class _BodyStream(RpcTarget):
                 raise TypeError(
                     f"a streamed body must yield bytes or str, not {type(chunk).__name__}"
                 )
-            self._pending = bytes(chunk)
+            self._pending = memoryview(bytes(chunk))
+        # A view of the rest: slicing bytes copied what remained at every read (64 MiB
+        # given whole took 4 s to stream).
         data, self._pending = self._pending[:_CHUNK_MAX], self._pending[_CHUNK_MAX:]
-        return data
+        return bytes(data)
 
 
 _CHUNK_MAX = 256 * 1024
