@@ -159,8 +159,8 @@ async def test_chat_returns_content_message_usage_and_sends_model_and_key(
 async def test_the_model_is_the_hosts_to_choose(tmp_path: Path, provider: FakeProvider) -> None:
     # A worker naming another model spent the host's key on it.
     ai = Loader(tmp_path, ai=config(provider)).ai()
-    for option in ({"model": "gpt-4-32k"}, {"stream": True}):
-        with pytest.raises(BindingError, match=r"^chat\(\) takes no (model|stream): the host"):
+    for option in ({"model": "gpt-4-32k"}, {"stream": True}, {"models": ["x"]}, {"n": 8}):
+        with pytest.raises(BindingError, match=r"^chat\(\) takes no (models?|stream|n): it "):
             await ai.chat([{"role": "user", "content": "x"}], **option)
     assert provider.received == []
 

@@ -221,6 +221,10 @@ async def test_document_ids_are_bounded_strings(db: Documents) -> None:
         (lambda db: db.search("c", ["x"]), "search text must be a string"),
         (lambda db: db.update("c", "a", [1, 2]), "a document is a dict of its fields"),
         (lambda db: db.update("c", "a", {"x": {"y": math.inf}}), None),
+        (
+            lambda db: db.list("c", where={"x": 10**30}),
+            "where ints must fit in 64 bits (as SQLite stores them)",
+        ),
     ],
 )
 async def test_bad_document_arguments_are_binding_errors(
@@ -358,6 +362,7 @@ async def test_a_kv_prefix_or_cursor_is_a_bounded_string(kv: KvNamespace) -> Non
         (math.inf, "ttl must be a finite number of seconds"),
         ("60", "ttl must be a number of seconds"),
         (True, "ttl must be a number of seconds"),
+        (10**400, "ttl must be at most 3153600000 seconds"),  # was an OverflowError
     ],
 )
 async def test_a_ttl_is_a_finite_number(kv: KvNamespace, ttl: Any, message: str) -> None:
@@ -460,7 +465,7 @@ async def test_a_blob_read_takes_int_offsets_and_lengths(bucket: BlobBucket) -> 
     await bucket.put("k", b"abc")
     obj = await bucket.get("k")
     assert obj is not None
-    for offset, length in ((0, "x"), ("0", 1), (0, 1.5), (True, 1)):
+    for offset, length in ((0, "x"), ("0", 1), (0, 1.5), (True, 1), (10**30, 1)):
         with pytest.raises(BindingError, match=r"^read at most 262144 bytes from"):
             await obj.read(offset, length)  # type: ignore[arg-type]
     assert await obj.read(1, 5) == b"bc"

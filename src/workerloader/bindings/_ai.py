@@ -28,6 +28,25 @@ class AiConfig:
     timeout_s: float = 60.0
 
 
+CHAT_OPTIONS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "user",
+    }
+)
+"""What ``chat(messages, **options)`` passes on to the provider."""
+
+
 class AiBinding(RpcTarget):
     """``chat(messages)`` and ``embed(texts)`` through the configured provider."""
 
@@ -67,16 +86,17 @@ class AiBinding(RpcTarget):
         return result
 
     async def chat(self, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-        """A chat completion: ``{"content", "message", "usage", "raw"}``. ``options`` go to
-        the provider as they are (``temperature``, ``max_tokens``, ...), but ``model`` and
-        ``stream``: the model is the host's to choose (its key pays for it), and the answer
-        is read whole (BindingError)."""
+        """A chat completion: ``{"content", "message", "usage", "raw"}``. ``options`` are
+        the OpenAI-style ones in ``CHAT_OPTIONS`` (``temperature``, ``max_tokens``, ...),
+        sent as they are; any other is a BindingError: the model is the host's to choose and
+        its key pays (``model``, a provider's ``models`` fallbacks, ``n`` copies), and the
+        answer is read whole (``stream``)."""
         config = self._require()
-        refused = sorted({"model", "stream"} & set(options))
+        refused = sorted(set(options) - CHAT_OPTIONS)
         if refused:
             raise BindingError(
-                f"chat() takes no {' or '.join(refused)}: the host sets the model "
-                f"({config.model}) and reads the answer whole"
+                f"chat() takes no {', '.join(refused)}: it takes {', '.join(sorted(CHAT_OPTIONS))}"
+                f" (the host sets the model, {config.model}, and reads the answer whole)"
             )
         raw = await self._post(
             "/chat/completions", {"model": config.model, "messages": messages, **options}

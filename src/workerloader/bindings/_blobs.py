@@ -169,7 +169,7 @@ class BlobObject(RpcTarget):
             or isinstance(length, bool)
             or not isinstance(offset, int)
             or not isinstance(length, int)
-            or offset < 0
+            or not 0 <= offset < 1 << 62  # f.seek refuses past it (ValueError)
             or not 0 < length <= CHUNK_BYTES
         ):
             raise BindingError(f"read at most {CHUNK_BYTES} bytes from a non-negative offset")

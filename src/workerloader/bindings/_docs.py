@@ -218,6 +218,8 @@ def _body(data: object) -> tuple[dict[str, Any], str]:
 def _where_value(value: object) -> object:
     if not isinstance(value, (str, int, float, bool, type(None))):
         raise BindingError("where values must be str, int, float, bool or None")
+    if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
+        raise BindingError("where ints must fit in 64 bits (as SQLite stores them)")
     if isinstance(value, str):
         utf8_length(value, "a where value")
     return value

@@ -142,6 +142,11 @@ class SqliteStore:
                 ) from None
             if isinstance(exc, sqlite3.Error):
                 raise BindingError(f"the {self.what} failed: {exc}") from None
+            if isinstance(exc, MemoryError):  # SQLITE_NOMEM: the host's heap limit for SQLite
+                raise BindingError(
+                    f"the {self.what} ran out of the memory the host gives SQLite; try again, "
+                    "or ask for less at once"
+                ) from None
             raise
 
 
@@ -199,11 +204,16 @@ def _bound(value: object, what: str) -> str:
     return value
 
 
+_TTL_MAX_S = 100 * 365 * 86400
+
+
 def _expiry(ttl: object) -> float | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise BindingError("ttl must be a number of seconds")
+    if isinstance(ttl, int) and ttl > _TTL_MAX_S:  # a 400-digit int overflows a float
+        raise BindingError(f"ttl must be at most {_TTL_MAX_S} seconds")
     if not math.isfinite(ttl):
         raise BindingError("ttl must be a finite number of seconds")
     if ttl <= 0:
