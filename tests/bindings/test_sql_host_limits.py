@@ -172,6 +172,14 @@ async def test_first_fetches_only_the_first_row(tmp_path: Path) -> None:
     assert await db.prepare(fails_after(2)).first("x") == 1
 
 
+async def test_first_has_the_result_budget_too(tmp_path: Path) -> None:
+    # A first row of many big values went back whole (457 MiB through first()).
+    db = small(tmp_path, max_result_bytes=1000)
+    with pytest.raises(BindingError, match="SQL result too large"):
+        await db.prepare("SELECT zeroblob(600) AS a, zeroblob(600) AS b").first()
+    assert await db.prepare("SELECT zeroblob(600) AS a").first("a") == bytes(600)
+
+
 # ---------------------------------------------------------------------------------------------
 # No transaction outlives the call that opened it
 

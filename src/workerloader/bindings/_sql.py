@@ -152,7 +152,15 @@ class _Db:
         # threads, one namespace's burst of slow statements held every thread of the pool
         # that all bindings share (another tenant's blob write waited 9 s).
         async with self.turn:
-            return await asyncio.to_thread(locked)
+            running = asyncio.ensure_future(asyncio.to_thread(locked))
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                # The caller is gone, the statement is not: the turn stays taken until its
+                # thread is done (released at once, the next caller's thread would wait in
+                # the pool for the lock). The statement ends by its deadline.
+                await asyncio.wait([running])
+                raise
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -188,8 +196,9 @@ class _Budget:
         self._bytes = limits.max_result_bytes
         self._values = limits.max_result_values
 
-    def fetch(self, cursor: sqlite3.Cursor, as_dicts: bool) -> list[Any]:
-        """The rest of ``cursor``'s rows, as dicts of column name to value or as lists.
+    def fetch(self, cursor: sqlite3.Cursor, as_dicts: bool, most: int | None = None) -> list[Any]:
+        """The rest of ``cursor``'s rows (its next ``most`` if given), as dicts of column
+        name to value or as lists.
 
         Raises:
             BindingError: the rows went over the budget; ``cursor`` is closed, and nothing past
@@ -206,6 +215,8 @@ class _Budget:
                 cursor.close()
                 raise BindingError(self._too_large())
             rows.append(dict(zip(columns, row, strict=True)) if as_dicts else list(row))
+            if len(rows) == most:  # before the cursor steps to a row not asked for
+                break
         return rows
 
     def _too_large(self) -> str:
@@ -280,14 +291,13 @@ class Statement(RpcTarget):
 
     async def first(self, column: str | None = None) -> Any:
         """The first row as a dict (or its ``column``), None if there is none. Only that row is
-        fetched."""
+        fetched, within the result budget (BindingError past it)."""
 
         def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
             cursor = self._execute(conn)
-            columns = [d[0] for d in cursor.description or ()]
-            row = cursor.fetchone()
+            rows = _Budget(self._db.limits).fetch(cursor, as_dicts=True, most=1)
             cursor.close()
-            return None if row is None else dict(zip(columns, row, strict=True))
+            return rows[0] if rows else None
 
         row = await self._db.run(self._grants, work)
         if row is None:
