@@ -592,3 +592,16 @@ async def test_a_worker_gets_binding_errors_for_the_audits_calls(
         assert await api.attempt(op) == [BINDING_ERROR, False, message], op
     assert await sandboxed.kv("t1").get("k") is None
     assert list((tmp_path / "data" / "blobs" / "t1").glob("*.data")) == []
+
+
+async def test_closing_the_loader_stops_the_stores_threads(tmp_path: Path) -> None:
+    # Each Loader left two threads and two open databases behind.
+    def store_threads() -> int:
+        return sum(t.name.startswith("workerloader-store") for t in threading.enumerate())
+
+    before = store_threads()
+    async with Loader(tmp_path / "data", pool_size=1) as loader:
+        await loader.kv("a").put("k", "v")
+        await loader.db("a").create("c", {"x": 1})
+        assert store_threads() == before + 2
+    assert store_threads() == before

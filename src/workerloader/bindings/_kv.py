@@ -77,6 +77,12 @@ class SqliteStore:
             # Not on the caller's thread: a large migration would stall the event loop.
             self._thread.submit(self._set_up)
 
+    def close(self) -> None:
+        """Stop the store's thread, once what it runs is done, and close the connection.
+        Blocks: from a coroutine, run it in a thread."""
+        self._thread.shutdown(wait=True)
+        self.conn.close()
+
     def _set_up(self) -> None:
         """Run ``setup`` unless it has succeeded already (on the store's thread only)."""
         with self._busy:

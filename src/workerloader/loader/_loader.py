@@ -72,6 +72,11 @@ class _Stores:
         self.kv = KvStore(open_database(data_dir / "kv.sqlite3"))
         self.docs = DocumentStore(open_database(data_dir / "documents.sqlite3"))
 
+    def close(self) -> None:
+        """Stop the stores' threads and close their databases (blocks until their calls end)."""
+        self.kv.close()
+        self.docs.close()
+
 
 class Loader:
     """Loads worker code into sandboxed workers on demand (see ``docs/design.md``).
@@ -208,6 +213,9 @@ class Loader:
         for worker in list(self._workers):
             await self._forget(worker)
         await self._sandbox.aclose()
+        if self._stores_cache is not None:  # no worker is left to call them
+            stores, self._stores_cache = self._stores_cache, None
+            await asyncio.to_thread(stores.close)
 
     async def _forget(self, worker: RunningWorker) -> None:
         self._workers.discard(worker)
