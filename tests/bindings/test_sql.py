@@ -423,6 +423,21 @@ async def test_each_statement_gets_its_own_deadline(tmp_path: Path) -> None:
         assert await db.prepare(quick + "SELECT count(*) FROM c").raw() == [[1000]]
 
 
+async def test_a_call_that_waits_out_its_deadline_in_line_says_it_never_ran(
+    tmp_path: Path,
+) -> None:
+    # Three slow calls queued on one database: the last waits 0.4 s for its turn. It said
+    # "interrupted after 0.2 s", as if it had run.
+    db = SqlDatabase.open(tmp_path / "slow.sqlite3", RW, deadline_s=0.2)
+    calls = [db.prepare(COUNT_TO_1E9).raw() for _ in range(3)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    messages = [str(e) for e in outcomes]
+    assert messages[0] == "SQL statement interrupted after 0.2 s"
+    assert messages[2].startswith("the SQL call could not start before its deadline: the "), (
+        messages
+    )
+
+
 async def test_an_interrupted_batch_leaves_no_effect(tmp_path: Path) -> None:
     db = SqlDatabase.open(tmp_path / "slow.sqlite3", RW, deadline_s=0.2)
     await db.exec("CREATE TABLE t (a)")

@@ -124,6 +124,12 @@ class _Db:
 
         def locked() -> _T:
             with self.lock, guard:
+                if guard.expired():  # it waited its turn past the deadline: never ran
+                    raise BindingError(
+                        "the SQL call could not start before its deadline: the database was "
+                        "busy with other calls the whole time (the calling worker's wall time "
+                        f"or {self.deadline_s:g} s); try again, or make its other calls shorter"
+                    )
                 self.authorizer.allow_write = "write" in grants
                 self.authorizer.refused_write = False
                 try:

@@ -141,6 +141,10 @@ class guarded:
         if call_ends is not None:
             self._deadline = min(self._deadline, call_ends)
 
+    def expired(self) -> bool:
+        """Whether the deadline has passed (a call that waited its turn that long)."""
+        return time.monotonic() > self._deadline
+
     def __enter__(self) -> None:
         deadline = self._deadline
         self._conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
