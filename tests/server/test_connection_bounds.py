@@ -130,15 +130,15 @@ async def test_a_connection_that_sends_nothing_is_closed_quietly(
 
 
 async def test_a_slow_answer_or_body_is_not_a_slow_head(quick: httpx.AsyncClient) -> None:
-    # The time bounds the head only: a call running past it is answered, on a connection that
-    # goes on to serve a pipelined request sent while the first one ran.
+    # The head's time bounds the head: a call running past it is answered, on a connection
+    # that goes on to serve a pipelined request sent while the first one ran.
     reader, writer = await asyncio.open_connection(*_address(quick))
     body = json.dumps({"code": "import time\ntime.sleep(1.2)\nreturn 1"}).encode()
     writer.write(
         b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n" % len(body)
     )
-    await asyncio.sleep(0.8)  # the body comes late too
+    await asyncio.sleep(0.3)  # the body comes late too (a pause under the 0.5 s)
     writer.write(body + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     status, _, answer = await _answer(reader)
     assert (status, json.loads(answer)["result"]) == (200, 1)
@@ -196,4 +196,30 @@ async def test_a_refusal_waits_for_every_request_queued_before_it(
     assert (status, json.loads(health)["status"]) == (200, "ok")
     assert (await _answer(reader))[0] == 431
     assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_a_body_that_stops_coming_ends_its_connection(quick: httpx.AsyncClient) -> None:
+    # A declared body trickled, then stalled: the connection (and the handler waiting on the
+    # body) was held as long as the client liked.
+    reader, writer = await asyncio.open_connection(*_address(quick))
+    writer.write(
+        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b'content-length: 1000\r\n\r\n{"code": '
+    )
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
+    writer.close()
+    assert (await quick.get("/health")).status_code == 200
+    # A body whose pauses are each shorter goes through, however long it takes in all.
+    body = json.dumps({"code": "return 7"}).encode()
+    reader, writer = await asyncio.open_connection(*_address(quick))
+    writer.write(
+        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    for i in range(0, len(body), 4):
+        await asyncio.sleep(0.1)  # 0.1 s pauses, ~0.5 s in all: past the 0.5 s for a pause
+        writer.write(body[i : i + 4])
+    status, _, answer = await _answer(reader)
+    assert (status, json.loads(answer)["result"]) == (200, 7)
     writer.close()

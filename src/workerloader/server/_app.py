@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
@@ -134,6 +135,8 @@ class SizeCap:
 
         try:
             await self.app(scope, capped_receive, watched_send)
+        except ClientDisconnect:  # gone before its body was all there: nobody to answer
+            return
         except _BodyTooLarge:
             if started:  # too late for a status: the connection ends without the rest
                 raise

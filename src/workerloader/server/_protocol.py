@@ -28,7 +28,8 @@ connection closes. (Headers alone past ``MAX_HEADER_BYTES`` are 431 from ``SizeC
 
 HEAD_TIMEOUT_S = 30.0
 """How long a connection may take to send a request's head: from its opening, or from the
-end of its previous response (uvicorn closes an idle keep-alive connection sooner)."""
+end of its previous response (uvicorn closes an idle keep-alive connection sooner); and how
+long a request's body may pause between two reads."""
 
 LINGER_S = 2.0
 """After refusing a request, how long the connection goes on reading (and dropping) what the
@@ -68,6 +69,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._reading_head = False  # from a request's first byte to its last header
         self._head_bytes = 0
         self._waiting_since = 0.0  # when the connection began to owe a head (loop time)
+        self._last_data = 0.0  # when bytes last came in (loop time)
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # a refusal is sent: what comes in is dropped until the close
         self._pending_refusal: bytes | None = None  # waits for the answer going out
@@ -85,6 +87,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._last_data = self.loop.time()
         head_under_way = self._reading_head
         super().data_received(data)
         if not self._reading_head or self.transport.is_closing():
@@ -128,11 +131,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         left = self.head_timeout_s
         if self._reading_head or not self._busy():
             left -= self.loop.time() - self._waiting_since
+        elif self.cycle.more_body:  # a body still coming: the pause since its last bytes
+            left -= self.loop.time() - self._last_data
         if left > 0:
             self._head_timer = self.loop.call_later(left, self._check_head_time)
             return
         self._head_timer = None
-        if not self._reading_head:  # between requests with none begun: closed quietly
+        if not self._reading_head:
+            # Between requests with none begun, or a body that stopped coming: closed (the
+            # handler waiting for the body learns that the client is gone).
             self.transport.close()
             return
         message = f"a request's head must arrive within {self.head_timeout_s:g} s"
