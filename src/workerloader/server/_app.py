@@ -96,7 +96,8 @@ class SizeCap:
     it is refused before the body is read, and a body sent without one (chunked) is counted
     as it arrives and refused once it passes the cap, if no response has started by then.
     The service and ``workerloader dev`` both sit behind it. (The headers are read by then:
-    their connection bounds them on the wire, see ``_protocol``.)"""
+    their connection bounds them on the wire, see ``_protocol``.) A MemoryError before the
+    answer started is a 503, and a client gone mid-body gets no answer."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -137,6 +138,13 @@ class SizeCap:
             await self.app(scope, capped_receive, watched_send)
         except ClientDisconnect:  # gone before its body was all there: nobody to answer
             return
+        except MemoryError:
+            # SQLite at its heap limit (a worker's query can hold most of it for seconds) or
+            # the host short of memory: a passing state, not the request's fault.
+            if started:
+                raise
+            message = "the service is short of memory for this request right now; try again"
+            await error_answer(503, "ServiceUnavailable", message)(scope, receive, send)
         except _BodyTooLarge:
             if started:  # too late for a status: the connection ends without the rest
                 raise
