@@ -1,0 +1,67 @@
+"""The host's open-file limit: each live worker holds a few of its descriptors. Starting the
+sandbox lifts the soft limit to the hard one (a common soft 1,024 ran out at 337 live
+workers), and running out anyway is an error that says so (it was an IndexError). Each case
+runs in a process of its own: the limit is process-wide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import asyncio, resource, sys, tempfile
+soft, hard = 1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from workerloader.sandbox import _host
+if sys.argv[1] == "keep-limit":
+    _host.raise_open_files_limit = lambda: None
+from workerloader import Loader, WorkerCode, WorkerloaderError
+
+MAIN = (
+    "from workers import WorkerEntrypoint\\n"
+    "class E(WorkerEntrypoint):\\n"
+    "    async def one(self):\\n"
+    "        return 1\\n"
+)
+
+async def main():
+    with tempfile.TemporaryDirectory() as data:
+        async with Loader(data, pool_size=2, max_workers=1000) as loader:
+            print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)
+            try:
+                for i in range(int(sys.argv[2])):
+                    code = WorkerCode(main_module="main.py", modules={"main.py": MAIN})
+                    await loader.get(f"w{i}", lambda: code).get_entrypoint("E").one()
+                print("live", i + 1)
+            except WorkerloaderError as exc:
+                print("refused:", exc)
+
+asyncio.run(main())
+"""
+
+
+def run(tmp_path: Path, mode: str, workers: int) -> list[str]:
+    script = tmp_path / "open_files.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), mode, str(workers)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_sandbox_lifts_the_soft_limit_so_hundreds_of_workers_fit(tmp_path: Path) -> None:
+    assert run(tmp_path, "lift", 400) == ["soft True", "live 400"]
+
+
+def test_running_out_of_descriptors_is_an_error_that_says_so(tmp_path: Path) -> None:
+    soft, result = run(tmp_path, "keep-limit", 400)
+    assert soft == "soft False"
+    assert result.startswith(
+        "refused: this process is out of file descriptors (RLIMIT_NOFILE 1024): each live "
+        "worker holds a few; raise the limit (ulimit -n) or lower max_workers"
+    ), result
