@@ -605,3 +605,17 @@ async def test_closing_the_loader_stops_the_stores_threads(tmp_path: Path) -> No
         await loader.db("a").create("c", {"x": 1})
         assert store_threads() == before + 2
     assert store_threads() == before
+
+
+async def test_expired_keys_are_deleted_not_only_hidden(loader: Loader) -> None:
+    # Reads skipped them, but a worker putting short-lived keys grew the database forever.
+    kv = loader.kv("t1")
+    for i in range(100):
+        await kv.put(f"gone-{i}", "x", ttl=0.001)
+    await asyncio.sleep(0.05)  # all of them expire
+    for i in range(64):  # puts go on; every 64th also deletes expired keys
+        await kv.put(f"kept-{i}", "y")
+    with contextlib.closing(sqlite3.connect(loader.data_dir / "kv.sqlite3")) as conn:
+        (expired,) = conn.execute("SELECT count(*) FROM kv WHERE key LIKE 'gone-%'").fetchone()
+        (kept,) = conn.execute("SELECT count(*) FROM kv WHERE key LIKE 'kept-%'").fetchone()
+    assert (expired, kept) == (0, 64)

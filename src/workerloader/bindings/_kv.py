@@ -36,8 +36,13 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     expires_at REAL,
     PRIMARY KEY (namespace, key)
-) WITHOUT ROWID
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_by_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
 """
+_PURGE_EVERY: Final = 64
+"""Every this many puts, a put also deletes up to ``_PURGE_BATCH`` expired keys: reads skip
+them, but kept, a worker putting keys with a short ttl grew the database without end."""
+_PURGE_BATCH: Final = 256
 
 
 class SqliteStore:
@@ -177,8 +182,14 @@ class KvStore(SqliteStore):
     column of the primary key, never by prefixing keys."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
         super().__init__(conn, "KV store")
+        self.puts = 0  # counted on the store's thread (see _PURGE_EVERY)
+
+    def purge_now(self) -> bool:
+        """Whether this put should purge expired keys (on the store's thread)."""
+        self.puts += 1
+        return self.puts % _PURGE_EVERY == 0
 
 
 def _successor(prefix: str) -> str | None:
@@ -292,6 +303,8 @@ class KvNamespace(RpcTarget):
             raise BindingError(f"a KV value may be at most {MAX_VALUE_BYTES} bytes")
         params = (self._namespace, key, data, _expiry(ttl))
 
+        store = self._store
+
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?) "
@@ -299,6 +312,12 @@ class KvNamespace(RpcTarget):
                 "expires_at = excluded.expires_at",
                 params,
             )
+            if store.purge_now():
+                conn.execute(
+                    "DELETE FROM kv WHERE (namespace, key) IN (SELECT namespace, key FROM kv "
+                    "WHERE expires_at <= ? LIMIT ?)",
+                    (time.time(), _PURGE_BATCH),
+                )
 
         await self._store.run(work)
 
