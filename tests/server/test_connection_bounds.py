@@ -35,6 +35,14 @@ def _address(client: httpx.AsyncClient) -> tuple[str, int]:
     return url.host, url.port
 
 
+def _execute_head(length: int) -> bytes:
+    """The head of a ``POST /execute`` whose JSON body is ``length`` bytes."""
+    return (
+        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % length
+    )
+
+
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     """One response off ``reader``: status, headers, body (by its content-length)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -97,10 +105,7 @@ async def test_a_body_sent_with_its_head_is_not_counted(client: httpx.AsyncClien
     # Head and a 900 KB body in one write: the body is the request's, however it arrives.
     code = "return len(" + repr("z" * 900_000) + ")"
     body = json.dumps({"code": code}).encode()
-    head = (
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body)
-    )
+    head = _execute_head(len(body))
     reader, writer = await asyncio.open_connection(*_address(client))
     writer.write(head + body)
     status, _, answer = await _answer(reader)
@@ -134,10 +139,7 @@ async def test_a_slow_answer_or_body_is_not_a_slow_head(quick: httpx.AsyncClient
     # that goes on to serve a pipelined request sent while the first one ran.
     reader, writer = await asyncio.open_connection(*_address(quick))
     body = json.dumps({"code": "import time\ntime.sleep(1.2)\nreturn 1"}).encode()
-    writer.write(
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body)
-    )
+    writer.write(_execute_head(len(body)))
     await asyncio.sleep(0.3)  # the body comes late too (a pause under the 0.5 s)
     writer.write(body + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     status, _, answer = await _answer(reader)
@@ -163,10 +165,7 @@ async def test_a_runaway_head_behind_a_running_request_is_refused_after_its_answ
     # Answers go out in order: the first request's, then the 431 for the second one's head.
     reader, writer = await asyncio.open_connection(*_address(client))
     body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.5)\nreturn 1"}).encode()
-    head = (
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body)
-    )
+    head = _execute_head(len(body))
     runaway = b"GET /health HTTP/1.1\r\nx-a: " + b"c" * (2 * MAX_HEAD_BYTES)
     writer.write(head + body + runaway)
     status, _, answer = await _answer(reader)
@@ -184,10 +183,7 @@ async def test_a_refusal_waits_for_every_request_queued_before_it(
     # as the first was answered.
     reader, writer = await asyncio.open_connection(*_address(client))
     body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.3)\nreturn 1"}).encode()
-    slow = (
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body)
-    ) + body
+    slow = _execute_head(len(body)) + body
     queued = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
     runaway = b"GET /health HTTP/1.1\r\nx-a: " + b"c" * (2 * MAX_HEAD_BYTES)
     writer.write(slow + queued + runaway)
@@ -203,20 +199,14 @@ async def test_a_body_that_stops_coming_ends_its_connection(quick: httpx.AsyncCl
     # A declared body trickled, then stalled: the connection (and the handler waiting on the
     # body) was held as long as the client liked.
     reader, writer = await asyncio.open_connection(*_address(quick))
-    writer.write(
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b'content-length: 1000\r\n\r\n{"code": '
-    )
+    writer.write(_execute_head(1000) + b'{"code": ')
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
     writer.close()
     assert (await quick.get("/health")).status_code == 200
     # A body whose pauses are each shorter goes through, however long it takes in all.
     body = json.dumps({"code": "return 7"}).encode()
     reader, writer = await asyncio.open_connection(*_address(quick))
-    writer.write(
-        b"POST /execute HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body)
-    )
+    writer.write(_execute_head(len(body)))
     for i in range(0, len(body), 4):
         await asyncio.sleep(0.1)  # 0.1 s pauses, ~0.5 s in all: past the 0.5 s for a pause
         writer.write(body[i : i + 4])

@@ -302,7 +302,7 @@ class ServiceStore:
     def _flush_logs(self) -> None:
         """Write the pending records. Never raises: a request's answer does not depend on
         its record being written. If the database refuses them (a full disk, say), they stay
-        pending, up to ``_PENDING_LOGS_MAX`` (the oldest dropped past it), retried every
+        pending, up to ``_PENDING_LOGS_MAX`` (``log`` drops the oldest past it), retried every
         ``_RETRY_S`` (not with each request), and a warning says so once until a write
         succeeds again."""
         # One transaction for many records: a commit per request cost more than the request.
@@ -332,10 +332,7 @@ class ServiceStore:
                     self._conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, MemoryError) as exc:  # MemoryError: SQLite's heap limit
-            self._flush_at = now + _RETRY_S
-            dropped = len(self._pending_logs) - _PENDING_LOGS_MAX
-            if dropped > 0:
-                del self._pending_logs[:dropped]
+            self._flush_at = now + _RETRY_S  # the records stay pending (log() bounds them)
             if not self._log_write_failing:
                 self._log_write_failing = True
                 _logger.warning(
@@ -353,7 +350,7 @@ class ServiceStore:
         ``_PRUNE_BATCH`` a flush (a flush runs on the event loop; deleting a tenth of a large
         log at once took a quarter of a second). Their pages are reused: the file stops
         growing about there."""
-        if self._size() > self.max_bytes:  # three pragmas: cheap enough for every flush
+        if self._size() > self.max_bytes:  # one query: cheap enough for every flush
             self._conn.execute(  # oldest by insertion order: rowid
                 "DELETE FROM request_logs WHERE rowid IN "
                 "(SELECT rowid FROM request_logs ORDER BY rowid LIMIT ?)",
@@ -362,10 +359,11 @@ class ServiceStore:
 
     def _size(self) -> int:
         """Bytes the database's pages in use take (the file keeps the free ones, for reuse)."""
-        (pages,) = self._conn.execute("PRAGMA page_count").fetchone()
-        (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
-        (page_size,) = self._conn.execute("PRAGMA page_size").fetchone()
-        return (int(pages) - int(free)) * int(page_size)
+        (size,) = self._conn.execute(
+            "SELECT (page_count - freelist_count) * page_size "
+            "FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
+        ).fetchone()
+        return int(size)
 
     def logs(
         self,
