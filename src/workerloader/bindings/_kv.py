@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
-from ._sqlite import Grants, call_deadline, check_grant, guarded
+from ._sqlite import Grants, check_grant, guarded
 
 __all__ = ["KvNamespace", "KvStore", "SqliteStore", "page_limit", "utf8_length"]
 
@@ -108,10 +108,6 @@ class SqliteStore:
         back."""
         deadline_s = STORE_DEADLINE_S
         guard = guarded(self.conn, deadline_s)  # reads the calling worker's deadline, here
-        start_by = time.monotonic() + deadline_s
-        call_ends = call_deadline.get()
-        if call_ends is not None:
-            start_by = min(start_by, call_ends)
         if lookup and self._setup is None and self._busy.acquire(blocking=False):
             try:
                 return self._work(work, guard, deadline_s)
@@ -119,7 +115,7 @@ class SqliteStore:
                 self._busy.release()
 
         def job() -> _T:
-            if time.monotonic() >= start_by:
+            if guard.expired():
                 # A queue of calls that waited out their callers is dropped, not worked off.
                 raise BindingError(
                     f"the {self.what} is busy: the call could not start before its deadline"
