@@ -16,6 +16,7 @@ from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import OutputLimitExceeded as OutputLimitExceeded
 from ._errors import PermissionDenied as PermissionDenied
 from ._errors import ProtocolError as ProtocolError
+from ._errors import QuotaExceeded as QuotaExceeded
 from ._errors import RemoteError as RemoteError
 from ._errors import RpcError as RpcError
 from ._errors import SandboxUnavailable as SandboxUnavailable
@@ -87,6 +88,7 @@ __all__ = [
     "OutputLimitExceeded",
     "PermissionDenied",
     "ProtocolError",
+    "QuotaExceeded",
     "RemoteError",
     "Request",
     "Response",

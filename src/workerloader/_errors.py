@@ -11,7 +11,9 @@
     ├── PermissionDenied (also             fix the caller's grants: a binding refused an
     │   PermissionError)                   operation its namespace or permissions do not allow
     ├── BindingError                       fix the configuration or the call: a binding could
-    │                                      not do what was asked (message says why)
+    │   │                                  not do what was asked (message says why)
+    │   └── QuotaExceeded                  delete data: the namespace's store is at its
+    │                                      storage quota (the operator sets it)
     ├── WorkerLoadError                    fix the worker's code: bad module map, syntax error,
     │                                      import failure (carries file and line)
     ├── WorkerError                        fix the worker's code: it raised (type, message and
@@ -48,6 +50,7 @@ __all__ = [
     "OutputLimitExceeded",
     "PermissionDenied",
     "ProtocolError",
+    "QuotaExceeded",
     "RemoteError",
     "RpcError",
     "SandboxUnavailable",
@@ -114,6 +117,12 @@ class PermissionDenied(WorkerloaderError, PermissionError):
 
 class BindingError(WorkerloaderError):
     """A binding could not do what was asked (not configured, too large, bad argument)."""
+
+
+class QuotaExceeded(BindingError):
+    """A write would take a namespace's store (its KV, documents, SQL database or blob
+    bucket) past the storage quota the host set; nothing of the write was kept. Deleting data
+    makes room; writes that do not grow the store still work."""
 
 
 class WorkerLoadError(WorkerloaderError):

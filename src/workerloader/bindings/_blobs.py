@@ -26,6 +26,7 @@ from typing import IO, Any, Final
 from .._errors import BindingError
 from ..rpc import RpcTarget
 from ._kv import page_limit, utf8_length
+from ._quota import BucketUsage
 from ._sqlite import Grants, check_grant
 
 __all__ = ["BlobBucket"]
@@ -112,6 +113,24 @@ def _flush_and_sync(f: IO[Any]) -> None:
 def _public(head: dict[str, Any]) -> dict[str, Any]:
     """A head as callers see it (without the internal data file name)."""
     return {k: v for k, v in head.items() if k != "data"}
+
+
+def _size_of(path: Path) -> int:
+    """The size of the file at ``path``; 0 if there is none."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _remove(path: Path) -> int:
+    """Remove the file at ``path`` if it is there; the bytes that freed."""
+    size = _size_of(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,10 +221,14 @@ class BlobBucket(RpcTarget):
     here, at the binding's boundary: a bad one is BindingError, never a Python error from inside
     the host."""
 
-    def __init__(self, root: Path, grants: Grants) -> None:
+    def __init__(self, root: Path, grants: Grants, usage: BucketUsage | None = None) -> None:
+        """The bucket stored in directory ``root``. ``usage`` counts its bytes against a
+        quota; share one among every BlobBucket on the same directory (the Loader does). None:
+        a count of this object's own, with no quota."""
         self._root = root
         self._grants = grants
         self._writers = asyncio.Semaphore(MAX_OPEN_PUTS)
+        self._usage = usage or BucketUsage(root, None, f"the bucket {root.name!r}")
 
     def _head_path(self, key: str) -> Path:
         return self._root / (hashlib.sha256(key.encode()).hexdigest() + ".head")
@@ -255,7 +278,16 @@ class BlobBucket(RpcTarget):
         async with self._writers, contextlib.aclosing(chunks):
             first = await anext(chunks, None)
             head = await self._write(key, meta, first, chunks)
-        return await asyncio.to_thread(self._commit, key, head)
+        text = json.dumps(head)
+        try:
+            await self._usage.reserve(len(text))
+        except BaseException:
+            await asyncio.to_thread(_remove, self._root / head["data"])
+            self._usage.release(head["size"])
+            raise
+        freed = await asyncio.to_thread(self._commit, key, text)
+        self._usage.release(freed)
+        return _public(head)
 
     async def _write(
         self,
@@ -275,17 +307,18 @@ class BlobBucket(RpcTarget):
             while chunk is not None:
                 if not isinstance(chunk, builtins.bytes):
                     raise BindingError(_NOT_BYTES)
-                size += len(chunk)
-                if size > MAX_OBJECT_BYTES:
+                if size + len(chunk) > MAX_OBJECT_BYTES:
                     raise BindingError(f"a blob may be at most {MAX_OBJECT_BYTES} bytes")
+                await self._usage.reserve(len(chunk))  # before the bytes reach the disk
+                size += len(chunk)
                 digest.update(chunk)
                 await asyncio.to_thread(f.write, chunk)
                 chunk = await anext(rest, None)
             await asyncio.to_thread(_flush_and_sync, f)
         except BaseException:
             f.close()
-            with contextlib.suppress(FileNotFoundError):
-                data_path.unlink()
+            _remove(data_path)
+            self._usage.release(size)
             raise
         f.close()
         return {
@@ -297,19 +330,21 @@ class BlobBucket(RpcTarget):
             "data": data_path.name,
         }
 
-    def _commit(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
-        """Point the key's head at the new data (the commit point), then drop the old data."""
+    def _commit(self, key: str, head: str) -> int:
+        """Point the key's head at the new data (the commit point), then drop the old data;
+        the bytes of the old head and data, now gone."""
         previous = self._read_head(key)
+        head_path = self._head_path(key)
+        freed = _size_of(head_path)
         head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
         with open(head_tmp, "w") as f:
-            f.write(json.dumps(head))
+            f.write(head)
             _flush_and_sync(f)
-        os.replace(head_tmp, self._head_path(key))
+        os.replace(head_tmp, head_path)
         _fsync_dir(self._root)
         if previous is not None:
-            with contextlib.suppress(FileNotFoundError):
-                previous[0].unlink()
-        return _public(head)
+            freed += _remove(previous[0])
+        return freed
 
     def _read_head(self, key: str) -> tuple[Path, dict[str, Any]] | None:
         """The data file and head of ``key`` (a checked key), or None (blocking I/O)."""
@@ -338,16 +373,16 @@ class BlobBucket(RpcTarget):
         check_grant(self._grants, "write", "this bucket")
         key = _key(key)
 
-        def work() -> bool:
+        def work() -> tuple[bool, int]:
             found = self._read_head(key)
-            with contextlib.suppress(FileNotFoundError):
-                self._head_path(key).unlink()
+            freed = _remove(self._head_path(key))
             if found is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    found[0].unlink()
-            return found is not None
+                freed += _remove(found[0])
+            return found is not None, freed
 
-        return await asyncio.to_thread(work)
+        existed, freed = await asyncio.to_thread(work)
+        self._usage.release(freed)
+        return existed
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None

@@ -19,6 +19,7 @@ from typing import Any, Final
 from .._errors import BindingError
 from ..rpc import RpcTarget
 from ._kv import SqliteStore, page_limit, utf8_length
+from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant
 
 __all__ = ["DocumentStore", "Documents", "fts_table"]
@@ -135,15 +136,27 @@ def _move_legacy_index(conn: sqlite3.Connection) -> None:
         conn.execute(f"DROP TABLE {_LEGACY_FTS}")
 
 
+_ROW_BYTES: Final = "length(body) + length(CAST(id AS BLOB))"
+"""What a document counts toward its namespace's quota (see ``_quota``), in SQL: its JSON is
+ASCII, so its length is its bytes."""
+
+
+def _set_up(conn: sqlite3.Connection) -> None:
+    _move_legacy_index(conn)
+    count_usage(conn, "docs", _ROW_BYTES)
+
+
 class DocumentStore(SqliteStore):
     """The database behind every namespace's documents. Namespaces and collections are
     columns of the primary key, never prefixes of ids; each namespace has its own full-text
     table (``fts_table``)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, quota_bytes: int | None = None) -> None:
         for statement in _SCHEMA:
             conn.execute(statement)
-        super().__init__(conn, "document store", setup=_move_legacy_index)
+        super().__init__(conn, "document store", setup=_set_up)
+        self.quota_bytes = quota_bytes
+        """The most each namespace's documents may take (None: no quota; see ``_quota``)."""
         self._indexed: set[str] = set()  # namespaces whose table exists (store thread only)
 
     def index_for_write(self, conn: sqlite3.Connection, namespace: str) -> str:
@@ -275,6 +288,7 @@ class Documents(RpcTarget):
         self._store = store
         self._namespace = namespace
         self._grants = grants
+        self._what = f"the documents of namespace {namespace!r}"
 
     async def list(
         self,
@@ -338,6 +352,7 @@ class Documents(RpcTarget):
         given = data.get("id")
         doc_id = uuid.uuid4().hex if given is None or given == "" else _doc_id(given)
         now = time.time()
+        size = len(body) + len(doc_id.encode())
 
         def work(conn: sqlite3.Connection) -> None:
             index = self._store.index_for_write(conn, self._namespace)
@@ -350,6 +365,7 @@ class Documents(RpcTarget):
                     )
                 except sqlite3.IntegrityError:
                     raise BindingError(f"{collection}/{doc_id} already exists") from None
+                charge(conn, self._namespace, size, self._store.quota_bytes, self._what)
                 _index(conn, index, self._namespace, collection, doc_id, _text_of(fields))
 
         await self._store.run(work)
@@ -370,6 +386,8 @@ class Documents(RpcTarget):
                 if stored is None:
                     raise KeyError(f"{collection}/{doc_id}")
                 fields, body = _body({**json.loads(stored), **data})
+                grows = len(body) - len(stored)
+                charge(conn, self._namespace, grows, self._store.quota_bytes, self._what)
                 conn.execute(
                     "UPDATE docs SET body = ?, updated = ? "
                     "WHERE namespace = ? AND collection = ? AND id = ?",
@@ -389,13 +407,16 @@ class Documents(RpcTarget):
             index = self._store.index_for_read(conn, self._namespace)
             with conn:
                 conn.execute("BEGIN")
-                cursor = conn.execute(
-                    "DELETE FROM docs WHERE namespace = ? AND collection = ? AND id = ?",
+                row = conn.execute(
+                    "DELETE FROM docs WHERE namespace = ? AND collection = ? AND id = ? "
+                    f"RETURNING {_ROW_BYTES}",
                     (self._namespace, collection, doc_id),
-                )
+                ).fetchone()
+                if row is not None:
+                    charge(conn, self._namespace, -int(row[0]), None, self._what)
                 if index is not None:
                     _unindex(conn, index, self._namespace, collection, doc_id)
-            return cursor.rowcount > 0
+            return row is not None
 
         return await self._store.run(work)
 

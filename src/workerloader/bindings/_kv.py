@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
+from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant, guarded
 
 __all__ = ["KvNamespace", "KvStore", "SqliteStore", "page_limit", "utf8_length"]
@@ -173,19 +174,43 @@ def page_limit(limit: object, most: int) -> int:
     return limit
 
 
+_ROW_BYTES: Final = "length(CAST(key AS BLOB)) + length(value)"
+"""What a row counts toward its namespace's quota (see ``_quota``), in SQL."""
+
+
+def _count_usage(conn: sqlite3.Connection) -> None:
+    count_usage(conn, "kv", _ROW_BYTES)
+
+
 class KvStore(SqliteStore):
     """The database behind every KV namespace of a Loader. Namespaces are separated by a
-    column of the primary key, never by prefixing keys."""
+    column of the primary key, never by prefixing keys. Each namespace may keep at most
+    ``quota_bytes`` of keys and values (None: no quota; see ``_quota``)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, quota_bytes: int | None = None) -> None:
         conn.executescript(_SCHEMA)
-        super().__init__(conn, "KV store")
+        super().__init__(conn, "KV store", setup=_count_usage)
+        self.quota_bytes = quota_bytes
         self.puts = 0  # counted on the store's thread (see _PURGE_EVERY)
 
     def purge_now(self) -> bool:
         """Whether this put should purge expired keys (on the store's thread)."""
         self.puts += 1
         return self.puts % _PURGE_EVERY == 0
+
+
+def _purge_expired(conn: sqlite3.Connection) -> None:
+    """Delete up to ``_PURGE_BATCH`` expired keys, of any namespace, and give their bytes back
+    to their namespaces' usage (inside the caller's transaction)."""
+    freed: dict[str, int] = {}
+    for namespace, size in conn.execute(
+        "DELETE FROM kv WHERE (namespace, key) IN (SELECT namespace, key FROM kv "
+        f"WHERE expires_at <= ? LIMIT ?) RETURNING namespace, {_ROW_BYTES}",
+        (time.time(), _PURGE_BATCH),
+    ).fetchall():
+        freed[namespace] = freed.get(namespace, 0) + int(size)
+    for namespace, size in freed.items():
+        charge(conn, namespace, -size, None, "")
 
 
 def _successor(prefix: str) -> str | None:
@@ -246,6 +271,7 @@ class KvNamespace(RpcTarget):
         self._store = store
         self._namespace = namespace
         self._grants = grants
+        self._what = f"the KV namespace {namespace!r}"
 
     async def get(self, key: str, type: str = "text") -> Any:
         """The value of ``key`` as ``"text"``, ``"json"`` or ``"bytes"``; None if absent."""
@@ -297,23 +323,28 @@ class KvNamespace(RpcTarget):
                 raise BindingError(f"a KV value must be str, bytes or JSON data: {exc}") from None
         if len(data) > MAX_VALUE_BYTES:
             raise BindingError(f"a KV value may be at most {MAX_VALUE_BYTES} bytes")
-        params = (self._namespace, key, data, _expiry(ttl))
-
+        namespace = self._namespace
+        params = (namespace, key, data, _expiry(ttl))
+        size = len(key.encode()) + len(data)
         store = self._store
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                params,
-            )
-            if store.purge_now():
+            with conn:
+                conn.execute("BEGIN")
+                row = conn.execute(
+                    f"SELECT {_ROW_BYTES} FROM kv WHERE namespace = ? AND key = ?",
+                    (namespace, key),
+                ).fetchone()
+                was = 0 if row is None else int(row[0])
+                charge(conn, namespace, size - was, store.quota_bytes, self._what)
                 conn.execute(
-                    "DELETE FROM kv WHERE (namespace, key) IN (SELECT namespace, key FROM kv "
-                    "WHERE expires_at <= ? LIMIT ?)",
-                    (time.time(), _PURGE_BATCH),
+                    "INSERT INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
+                    "expires_at = excluded.expires_at",
+                    params,
                 )
+                if store.purge_now():
+                    _purge_expired(conn)
 
         await self._store.run(work)
 
@@ -323,7 +354,14 @@ class KvNamespace(RpcTarget):
         params = (self._namespace, _key(key))
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", params)
+            with conn:
+                conn.execute("BEGIN")
+                row = conn.execute(
+                    f"DELETE FROM kv WHERE namespace = ? AND key = ? RETURNING {_ROW_BYTES}",
+                    params,
+                ).fetchone()
+                if row is not None:
+                    charge(conn, params[0], -int(row[0]), None, self._what)
 
         await self._store.run(work)
 

@@ -27,6 +27,7 @@ from typing import Any, Final, TypeVar
 from .._errors import BindingError, PermissionDenied
 from ..rpc import RpcTarget
 from . import _sqlite
+from ._quota import quota_error
 from ._sqlite import (
     Authorizer,
     Grants,
@@ -83,9 +84,13 @@ _DEFAULT_LIMITS: Final = SqlLimits()
 
 
 class _Db:
-    def __init__(self, path: Path, deadline_s: float, limits: SqlLimits) -> None:
+    def __init__(
+        self, path: Path, deadline_s: float, limits: SqlLimits, quota_bytes: int | None
+    ) -> None:
         self.authorizer = Authorizer()
-        self.conn = open_database(path, self.authorizer)
+        self.conn = open_database(path, self.authorizer, quota_bytes)
+        self.quota_bytes = quota_bytes
+        self.what = f"the SQL database {path.stem!r}"
         # SQLite checks these as it builds a value or prepares a statement, so a worker's
         # ``zeroblob(900000000)`` fails in SQLite before any memory is taken for it.
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limits.max_value_bytes)
@@ -187,11 +192,30 @@ class _Db:
             return BindingError(
                 f"SQL statement too long: at most {self.limits.max_sql_bytes} bytes of UTF-8"
             )
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return self._full()
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_TOOBIG:
             return BindingError(
                 f"{exc}: SQL strings and blobs may be at most {self.limits.max_value_bytes} bytes"
             )
         return BindingError(str(exc))
+
+    def _full(self) -> BindingError:
+        """The error for SQLITE_FULL: the database or its temporary tables at the quota
+        (``max_page_count``: the fuller of the two), or else the host's disk full."""
+        quota = self.quota_bytes
+        if quota is None:
+            return BindingError(f"{self.what} could not grow: the host's disk is full")
+        self.conn.set_authorizer(None)  # the page counts are the host's to read
+        try:
+            (page_size,) = self.conn.execute("PRAGMA main.page_size").fetchone()
+            (pages,) = self.conn.execute("PRAGMA main.page_count").fetchone()
+            (temp_pages,) = self.conn.execute("PRAGMA temp.page_count").fetchone()
+        finally:
+            self.conn.set_authorizer(self.authorizer)
+        if temp_pages > pages:
+            return quota_error(f"{self.what}'s temporary tables", None, None, quota)
+        return quota_error(self.what, pages * page_size, None, quota)
 
 
 class _Budget:
@@ -350,9 +374,11 @@ class SqlDatabase(RpcTarget):
         grants: Grants,
         deadline_s: float = 5.0,
         limits: SqlLimits = _DEFAULT_LIMITS,
+        quota_bytes: int | None = None,
     ) -> SqlDatabase:
-        """The database at ``path`` (created if missing) with ``grants``."""
-        return cls(_Db(path, deadline_s, limits), grants)
+        """The database at ``path`` (created if missing) with ``grants``, its file held to
+        ``quota_bytes`` if given (``QuotaExceeded`` past it)."""
+        return cls(_Db(path, deadline_s, limits, quota_bytes), grants)
 
     def with_grants(self, grants: Grants) -> SqlDatabase:
         """The same database under other grants (for another caller)."""

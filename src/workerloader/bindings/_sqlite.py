@@ -95,10 +95,14 @@ and the statement with it, instead of the host. Each value is capped (8 MiB for 
 worker's row can hold 2,000 of them: 16 GB."""
 
 
-def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.Connection:
+def open_database(
+    path: Path, authorizer: Authorizer | None = None, max_bytes: int | None = None
+) -> sqlite3.Connection:
     """A connection in WAL mode; with ``authorizer`` for databases whose statements come from
     workers (no ATTACH, no extension loading, no PRAGMA but read-only introspection, no
-    transaction control)."""
+    transaction control). With ``max_bytes``, SQLite refuses to grow the database file past
+    it (``SQLITE_FULL``), and the connection's temporary tables likewise (they live in a file
+    of the host's, outside the data dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # SQLite consults the authorizer only when it prepares a statement, so statements from
     # workers are never cached: a cached INSERT would skip the write check of the next caller.
@@ -113,6 +117,11 @@ def open_database(path: Path, authorizer: Authorizer | None = None) -> sqlite3.C
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA hard_heap_limit={HEAP_LIMIT_BYTES}")
+    if max_bytes is not None:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        pages = max(1, max_bytes // page_size)
+        conn.execute(f"PRAGMA main.max_page_count={pages}")
+        conn.execute(f"PRAGMA temp.max_page_count={pages}")
     if authorizer is not None:
         conn.set_authorizer(authorizer)
     return conn

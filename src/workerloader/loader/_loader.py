@@ -25,6 +25,7 @@ from ..bindings import (
 )
 from ..bindings._docs import DocumentStore
 from ..bindings._kv import KvStore
+from ..bindings._quota import BucketUsage
 from ..bindings._sqlite import open_database
 from ..rpc._loop import spin_unless
 from ..runtime._main import SESSION_LIMITS
@@ -50,6 +51,11 @@ _BETWEEN_CALLS_ALL_EVERY = 10
 after that (one clock read per worker: ~1 ms per poll with 1,000 live workers)."""
 
 
+DEFAULT_STORAGE_QUOTA_MB = 1024
+"""Each namespace's quota in each store, unless the host sets another (``storage_quota_mb``):
+a tenant's code cannot fill the host's disk, and a gigabyte is room enough for what a worker
+keeps in KV, documents, SQL or blobs on one machine."""
+
 _NAMESPACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -68,9 +74,9 @@ def _grants(read: bool, write: bool) -> frozenset[str]:
 class _Stores:
     """The SQLite databases behind KV and documents, opened on first use."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.kv = KvStore(open_database(data_dir / "kv.sqlite3"))
-        self.docs = DocumentStore(open_database(data_dir / "documents.sqlite3"))
+    def __init__(self, data_dir: Path, quota_bytes: int | None) -> None:
+        self.kv = KvStore(open_database(data_dir / "kv.sqlite3"), quota_bytes)
+        self.docs = DocumentStore(open_database(data_dir / "documents.sqlite3"), quota_bytes)
 
     def close(self) -> None:
         """Stop the stores' threads and close their databases (blocks until their calls end)."""
@@ -87,6 +93,10 @@ class Loader:
     Where namespaces, seccomp or Landlock are missing (or not root), entering refuses with
     ``SandboxUnavailable`` unless ``insecure=True``; then workers run unconfined and every
     call's logs say so.
+
+    ``storage_quota_mb`` is the most each namespace may keep in each of its stores (KV,
+    documents, a SQL database, a blob bucket); a write past it raises ``QuotaExceeded``.
+    None: no quota (the host's disk is the limit).
     """
 
     def __init__(
@@ -98,8 +108,14 @@ class Loader:
         pool_size: int = 8,
         insecure: bool = False,
         ai: AiConfig | None = None,
+        storage_quota_mb: int | None = DEFAULT_STORAGE_QUOTA_MB,
     ) -> None:
+        if storage_quota_mb is not None and storage_quota_mb < 1:
+            raise ValueError("storage_quota_mb must be at least 1 (or None: no quota)")
         self.data_dir = Path(data_dir)
+        self.storage_quota_bytes = None if storage_quota_mb is None else storage_quota_mb << 20
+        """The most each namespace may keep in each store (None: no quota)."""
+        self._bucket_usage: dict[Path, BucketUsage] = {}  # one count per bucket directory
         self.ai_config = ai
         self.max_workers = max_workers
         self.idle_ttl_s = idle_ttl_s
@@ -283,12 +299,18 @@ class Loader:
         path = self.data_dir / "sql" / f"{valid_namespace(name)}.sqlite3"
         db = self._sql_dbs.get(path)
         if db is None:
-            db = self._sql_dbs[path] = SqlDatabase.open(path, frozenset())
+            db = SqlDatabase.open(path, frozenset(), quota_bytes=self.storage_quota_bytes)
+            self._sql_dbs[path] = db
         return db.with_grants(_grants(read, write))
 
     def blobs(self, bucket: str, *, read: bool = True, write: bool = True) -> BlobBucket:
         """The blob bucket ``bucket`` (files under the data dir, written atomically)."""
-        return BlobBucket(self.data_dir / "blobs" / valid_namespace(bucket), _grants(read, write))
+        root = self.data_dir / "blobs" / valid_namespace(bucket)
+        usage = self._bucket_usage.get(root)
+        if usage is None:
+            what = f"the blob bucket {bucket!r}"
+            usage = self._bucket_usage[root] = BucketUsage(root, self.storage_quota_bytes, what)
+        return BlobBucket(root, _grants(read, write), usage)
 
     def export(self, cls: _E) -> _E:
         """Register a host-side ``WorkerEntrypoint`` class (use as a decorator); then
@@ -361,7 +383,7 @@ class Loader:
     def _stores(self) -> _Stores:
         if self._stores_cache is None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._stores_cache = _Stores(self.data_dir)
+            self._stores_cache = _Stores(self.data_dir, self.storage_quota_bytes)
         return self._stores_cache
 
     def _drop_soon(self, worker: RunningWorker) -> None:

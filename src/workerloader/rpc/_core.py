@@ -20,6 +20,7 @@ from .._errors import (
     FrameTooLarge,
     PermissionDenied,
     ProtocolError,
+    QuotaExceeded,
     RemoteError,
     SessionClosed,
     SubrequestLimitExceeded,
@@ -114,6 +115,7 @@ _CROSSABLE: Final[dict[str, type[BaseException]]] = {
     "workerloader.FrameTooLarge": FrameTooLarge,
     "workerloader.PermissionDenied": PermissionDenied,
     "workerloader.BindingError": BindingError,
+    "workerloader.QuotaExceeded": QuotaExceeded,
     "workerloader.SubrequestLimitExceeded": SubrequestLimitExceeded,
 }
 _RECEIVED_AS: dict[str, type[BaseException]] = {}

@@ -1,0 +1,136 @@
+"""Storage quotas: the most each namespace may keep in each of its stores.
+
+A quota is per namespace and per store: a namespace's KV, its documents, its SQL database and
+its blob bucket may each hold up to ``quota_bytes`` (``Loader(storage_quota_mb=...)``, the
+service's ``[storage] quota_mb``). A write that would grow a store past it fails with
+``QuotaExceeded`` and keeps nothing; one that does not grow it (an overwrite with less, a
+delete) always goes through, so a namespace at its quota can make room.
+
+What counts, per store:
+
+- KV: the UTF-8 bytes of each key and its value (expired keys too, until they are purged);
+- documents: each document's stored JSON and id (its full-text index comes on top, about the
+  size of its text);
+- SQL: the database file's pages (``PRAGMA max_page_count``, kept by SQLite itself);
+- blobs: every file in the bucket's directory, data and heads.
+
+KV and documents keep their counts in a ``usage`` table of their database, updated in the
+transaction of each write (so every process that opens the database agrees); a database made
+before it existed is counted once, as it is opened. Blob buckets are counted by a scan of their
+directory the first time a process writes to one, then kept in memory (``BucketUsage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+from typing import Final
+
+from .._errors import QuotaExceeded
+
+__all__ = ["BucketUsage", "charge", "count_usage", "quota_error"]
+
+_USAGE_TABLE: Final = (
+    "CREATE TABLE usage (namespace TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID"
+)
+
+
+def quota_error(what: str, used: int | None, adding: int | None, quota: int) -> QuotaExceeded:
+    """The error for a write to ``what`` (a namespace's store), which holds ``used`` bytes
+    (None: not known) and would grow by ``adding`` (None: not known) past ``quota``."""
+    holds = "is full" if used is None else f"holds {used} bytes"
+    more = "this write" if adding is None else f"this write of {adding} more bytes"
+    return QuotaExceeded(
+        f"{what} {holds}: {more} would take it past its storage quota of {quota} bytes "
+        f"({quota / (1 << 20):g} MB). Nothing of the write was kept: delete what is no longer "
+        "needed, or ask the operator to raise the quota (Loader(storage_quota_mb=...); "
+        "[storage] quota_mb in the service's config)"
+    )
+
+
+def count_usage(conn: sqlite3.Connection, table: str, size: str) -> None:
+    """Make the ``usage`` table of a store's database if it is missing, with each namespace's
+    bytes in ``table`` as ``size`` (an SQL expression of one row) sums them. One transaction:
+    a crash leaves no table, and the next open counts again. Run before the store's calls."""
+    exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
+    if conn.execute(exists).fetchone() is not None:
+        return
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        if conn.execute(exists).fetchone() is not None:  # another process counted meanwhile
+            return
+        conn.execute(_USAGE_TABLE)
+        conn.execute(
+            f"INSERT INTO usage SELECT namespace, SUM({size}) FROM {table} GROUP BY namespace"
+        )
+
+
+def charge(
+    conn: sqlite3.Connection, namespace: str, delta: int, quota: int | None, what: str
+) -> None:
+    """Add ``delta`` bytes to ``namespace``'s usage, inside the caller's transaction.
+    QuotaExceeded (and nothing added) if ``delta`` grows the usage past ``quota``; a write
+    that does not grow it never fails here."""
+    if delta == 0:
+        return
+    if delta > 0 and quota is not None:
+        row = conn.execute("SELECT bytes FROM usage WHERE namespace = ?", (namespace,)).fetchone()
+        used = 0 if row is None else int(row[0])
+        if used + delta > quota:
+            raise quota_error(what, used, delta, quota)
+    conn.execute(
+        "INSERT INTO usage VALUES (?, ?) "
+        "ON CONFLICT (namespace) DO UPDATE SET bytes = bytes + excluded.bytes",
+        (namespace, delta),
+    )
+
+
+def _bytes_under(root: Path) -> int:
+    """The sizes of the files directly in ``root`` (0 if it does not exist)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # removed since it was listed
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+class BucketUsage:
+    """The bytes one blob bucket's files take, shared by every ``BlobBucket`` on it in this
+    process. Counted by a scan on first use; from then on each put reserves its bytes as they
+    arrive (so puts in flight together cannot pass the quota) and each removal gives its
+    bytes back. Another process writing the same bucket is not seen until the next scan (a
+    restart)."""
+
+    def __init__(self, root: Path, quota: int | None, what: str) -> None:
+        self.root = root
+        self.quota = quota
+        self.what = what
+        self._used: int | None = None
+        self._counting: asyncio.Lock | None = None
+
+    async def used(self) -> int:
+        """The bucket's bytes, counted on the first call."""
+        if self._used is None:
+            self._counting = self._counting or asyncio.Lock()
+            async with self._counting:
+                if self._used is None:
+                    self._used = await asyncio.to_thread(_bytes_under, self.root)
+        return self._used
+
+    async def reserve(self, size: int) -> None:
+        """Count ``size`` more bytes, or raise QuotaExceeded (counting nothing) past the
+        quota."""
+        used = await self.used()
+        if self.quota is not None and size > 0 and used + size > self.quota:
+            raise quota_error(self.what, used, size, self.quota)
+        self._used = used + size
+
+    def release(self, size: int) -> None:
+        """Count ``size`` fewer bytes (files removed, or a reservation not used)."""
+        if self._used is not None:
+            self._used = max(0, self._used - size)
