@@ -15,11 +15,22 @@ import pytest
 
 from tests.bindings._helpers import DESCRIBE
 from workerloader import BindingError, Loader, QuotaExceeded, WorkerCode
-from workerloader.bindings import _kv
+from workerloader.bindings import _docs, _kv
+from workerloader.bindings._quota import on_disk
 
 MB = 1 << 20
 KV_VALUE = 512 * 1024  # the largest KV value
 DOC_FIELD = 200 * 1024  # one field of a document under its 256 KiB cap
+
+
+def kv_row(namespace: str, key: str, value: int) -> int:
+    """What a KV row counts: its namespace, key, value and overhead."""
+    return len(namespace) + len(key) + value + _kv.ROW_OVERHEAD
+
+
+def doc_row(namespace: str, collection: str, doc_id: str, body: str) -> int:
+    """What a document counts: its JSON, names and overhead."""
+    return len(body) + len(namespace + collection + doc_id) + _docs.ROW_OVERHEAD
 
 
 def kv_usage(data: Path, namespace: str) -> int | None:
@@ -66,20 +77,21 @@ async def test_kv_refuses_a_put_past_the_quota_and_keeps_nothing_of_it(tmp_path:
     with pytest.raises(QuotaExceeded) as refused:
         await kv.put("k1", b"x" * KV_VALUE)
     message = str(refused.value)
+    row = kv_row("acme", "k1", KV_VALUE)
     assert message.startswith(
-        f"the KV namespace 'acme' holds {2 + KV_VALUE} bytes: this write of {2 + KV_VALUE} "
+        f"the KV namespace 'acme' holds {row} bytes: this write of {row} "
         "more bytes would take it past its storage quota of 1048576 bytes (1 MB)"
     )
     assert "[storage] quota_mb" in message
-    assert kv_usage(tmp_path, "acme") == 2 + KV_VALUE
+    assert kv_usage(tmp_path, "acme") == row
 
 
 async def test_kv_writes_that_do_not_grow_it_go_through_at_the_quota(tmp_path: Path) -> None:
     loader = Loader(tmp_path, storage_quota_mb=1)
     kv = loader.kv("acme")
     await kv.put("a", b"x" * KV_VALUE)
-    await kv.put("b", b"x" * (MB - KV_VALUE - 2))  # exactly full
-    assert kv_usage(tmp_path, "acme") == MB
+    await kv.put("b", b"x" * (MB - kv_row("acme", "a", KV_VALUE) - kv_row("acme", "b", 0)))
+    assert kv_usage(tmp_path, "acme") == MB  # exactly full
     with pytest.raises(QuotaExceeded):
         await kv.put("c", "1")
     await kv.put("a", b"y" * KV_VALUE)  # the same size again
@@ -87,7 +99,7 @@ async def test_kv_writes_that_do_not_grow_it_go_through_at_the_quota(tmp_path: P
     assert kv_usage(tmp_path, "acme") == MB - KV_VALUE + 5
     await kv.delete("b")
     await kv.delete("b")  # absent: nothing more to give back
-    assert kv_usage(tmp_path, "acme") == 1 + 5
+    assert kv_usage(tmp_path, "acme") == kv_row("acme", "a", 5)
     await kv.put("c", b"z" * KV_VALUE)  # room again
     assert await kv.get("c", "bytes") == b"z" * KV_VALUE
 
@@ -96,7 +108,7 @@ async def test_kv_quotas_are_per_namespace(tmp_path: Path) -> None:
     loader = Loader(tmp_path, storage_quota_mb=1)
     await fill(lambda i: loader.kv("full").put(f"k{i}", b"x" * KV_VALUE))
     await loader.kv("other").put("k", b"x" * KV_VALUE)  # its own megabyte
-    assert kv_usage(tmp_path, "other") == 1 + KV_VALUE
+    assert kv_usage(tmp_path, "other") == kv_row("other", "k", KV_VALUE)
 
 
 async def test_expired_kv_keys_give_their_bytes_back_as_they_are_purged(
@@ -108,7 +120,7 @@ async def test_expired_kv_keys_give_their_bytes_back_as_they_are_purged(
     await kv.put("short", b"x" * KV_VALUE, ttl=0.001)
     await loader.kv("other").put("k", "v")  # the second put: purges every namespace
     assert kv_usage(tmp_path, "acme") == 0
-    assert kv_usage(tmp_path, "other") == 2
+    assert kv_usage(tmp_path, "other") == kv_row("other", "k", 1)
     await kv.put("a", b"x" * KV_VALUE)  # the expired key's bytes are free again
 
 
@@ -119,7 +131,7 @@ async def test_kv_usage_is_counted_for_a_database_from_before_quotas(tmp_path: P
     kv = Loader(tmp_path, storage_quota_mb=1).kv("acme")
     with pytest.raises(QuotaExceeded):
         await kv.put("k2", b"x" * KV_VALUE)
-    assert kv_usage(tmp_path, "acme") == 1 + KV_VALUE
+    assert kv_usage(tmp_path, "acme") == kv_row("acme", "k", KV_VALUE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +153,9 @@ async def test_documents_refuse_a_create_or_update_past_the_quota(tmp_path: Path
     assert "more" not in (await db.get("notes", "n0") or {})
     await db.update("notes", "n0", {"text": "short"})  # shrinks it
     await db.delete("notes", "n1")
-    big, small = len(json.dumps({"text": "x" * DOC_FIELD})), len(json.dumps({"text": "short"}))
-    assert docs_usage(tmp_path, "acme") == used - (big - small) - (big + len("n1"))
+    big, small = json.dumps({"text": "x" * DOC_FIELD}), json.dumps({"text": "short"})
+    shrunk = len(big) - len(small)
+    assert docs_usage(tmp_path, "acme") == used - shrunk - doc_row("acme", "notes", "n1", big)
     await db.create("notes", {"id": "n9", "text": "x" * DOC_FIELD})  # room again
 
 
@@ -154,7 +167,7 @@ async def test_documents_usage_is_counted_for_a_database_from_before_quotas(
         conn.execute("DROP TABLE usage")  # as written by a version without quotas
     db = Loader(tmp_path, storage_quota_mb=1).db("acme")
     await db.get("notes", "a")  # opens the store, which counts what is there
-    assert docs_usage(tmp_path, "acme") == len('{"text": "hello"}a')
+    assert docs_usage(tmp_path, "acme") == doc_row("acme", "notes", "a", '{"text": "hello"}')
     await db.delete("notes", "a")  # uncounted, this would take the usage below zero
     assert docs_usage(tmp_path, "acme") == 0
 
@@ -195,7 +208,7 @@ async def test_sql_temporary_tables_are_held_to_the_quota_too(tmp_path: Path) ->
 
 
 def bucket_bytes(tmp_path: Path, bucket: str) -> int:
-    return sum(f.stat().st_size for f in (tmp_path / "blobs" / bucket).iterdir())
+    return sum(on_disk(f.stat().st_size) for f in (tmp_path / "blobs" / bucket).iterdir())
 
 
 async def test_blobs_refuse_a_put_past_the_quota_and_leave_no_file(tmp_path: Path) -> None:
@@ -212,6 +225,13 @@ async def test_blobs_refuse_a_put_past_the_quota_and_leave_no_file(tmp_path: Pat
     assert await bucket.delete("o1")
     await bucket.put("o9", b"z" * 300_000)  # room again
     assert (await bucket.head("o9") or {})["size"] == 300_000
+
+
+async def test_empty_blobs_count_the_blocks_their_files_take(tmp_path: Path) -> None:
+    bucket = Loader(tmp_path, storage_quota_mb=1).blobs("acme")
+    stored = await fill(lambda i: bucket.put(f"o{i}", b""), most=200)
+    assert stored == 128  # a block for the (empty) data, one for the head: 8 KiB each
+    assert bucket_bytes(tmp_path, "acme") == MB
 
 
 async def test_a_chunked_blob_put_is_stopped_at_the_quota(tmp_path: Path) -> None:
@@ -247,7 +267,7 @@ async def test_no_quota_with_none(tmp_path: Path) -> None:
     kv = loader.kv("acme")
     for i in range(3):
         await kv.put(f"k{i}", b"x" * KV_VALUE)
-    assert kv_usage(tmp_path, "acme") == 3 * (2 + KV_VALUE)  # counted all the same
+    assert kv_usage(tmp_path, "acme") == 3 * kv_row("acme", "k0", KV_VALUE)  # counted all the same
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import IO, Any, Final
 from .._errors import BindingError
 from ..rpc import RpcTarget
 from ._kv import page_limit, utf8_length
-from ._quota import BucketUsage
+from ._quota import BucketUsage, on_disk
 from ._sqlite import Grants, check_grant
 
 __all__ = ["BlobBucket"]
@@ -115,22 +115,22 @@ def _public(head: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in head.items() if k != "data"}
 
 
-def _size_of(path: Path) -> int:
-    """The size of the file at ``path``; 0 if there is none."""
+def _counted(path: Path) -> int:
+    """What the file at ``path`` counts toward the bucket's quota; 0 if there is none."""
     try:
-        return path.stat().st_size
+        return on_disk(path.stat().st_size)
     except OSError:
         return 0
 
 
 def _remove(path: Path) -> int:
-    """Remove the file at ``path`` if it is there; the bytes that freed."""
-    size = _size_of(path)
+    """Remove the file at ``path`` if it is there; what that gave back to the quota."""
+    counted = _counted(path)
     try:
         path.unlink()
     except FileNotFoundError:
         return 0
-    return size
+    return counted
 
 
 def _fsync_dir(path: Path) -> None:
@@ -279,8 +279,10 @@ class BlobBucket(RpcTarget):
             first = await anext(chunks, None)
             head = await self._write(key, meta, first, chunks)
         text = json.dumps(head)
+        # The chunks reserved their bytes; the files take whole blocks (see _quota).
+        rest = on_disk(len(text)) + on_disk(head["size"]) - head["size"]
         try:
-            await self._usage.reserve(len(text))
+            await self._usage.reserve(rest)
         except BaseException:
             await asyncio.to_thread(_remove, self._root / head["data"])
             self._usage.release(head["size"])
@@ -298,6 +300,7 @@ class BlobBucket(RpcTarget):
     ) -> dict[str, Any]:
         """Write ``first`` and ``rest`` to a new data file, synced; the head that names it."""
         await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
+        await self._usage.used()  # counted first: the count must not see this put's own file
         data_path = self._root / f"{uuid.uuid4().hex}.data"  # never reused: old heads stay valid
         digest = hashlib.md5(usedforsecurity=False)
         size = 0
@@ -335,7 +338,7 @@ class BlobBucket(RpcTarget):
         the bytes of the old head and data, now gone."""
         previous = self._read_head(key)
         head_path = self._head_path(key)
-        freed = _size_of(head_path)
+        freed = _counted(head_path)
         head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
         with open(head_tmp, "w") as f:
             f.write(head)

@@ -136,7 +136,14 @@ def _move_legacy_index(conn: sqlite3.Connection) -> None:
         conn.execute(f"DROP TABLE {_LEGACY_FTS}")
 
 
-_ROW_BYTES: Final = "length(body) + length(CAST(id AS BLOB))"
+ROW_OVERHEAD: Final = 64
+"""Bytes a document's rows take beyond its JSON and names (its record and timestamps, its row
+in the full-text table and the map to it): counted, so that a quota holds for a million tiny
+documents as well."""
+_ROW_BYTES: Final = (
+    "length(body) + length(CAST(namespace AS BLOB)) + length(CAST(collection AS BLOB)) "
+    f"+ length(CAST(id AS BLOB)) + {ROW_OVERHEAD}"
+)
 """What a document counts toward its namespace's quota (see ``_quota``), in SQL: its JSON is
 ASCII, so its length is its bytes."""
 
@@ -352,7 +359,8 @@ class Documents(RpcTarget):
         given = data.get("id")
         doc_id = uuid.uuid4().hex if given is None or given == "" else _doc_id(given)
         now = time.time()
-        size = len(body) + len(doc_id.encode())
+        names = self._namespace + collection + doc_id
+        size = len(body) + len(names.encode()) + ROW_OVERHEAD
 
         def work(conn: sqlite3.Connection) -> None:
             index = self._store.index_for_write(conn, self._namespace)

@@ -174,7 +174,12 @@ def page_limit(limit: object, most: int) -> int:
     return limit
 
 
-_ROW_BYTES: Final = "length(CAST(key AS BLOB)) + length(value)"
+ROW_OVERHEAD: Final = 32
+"""Bytes a KV row takes beyond its namespace, key and value (SQLite's record and b-tree cell,
+measured at ~29): counted, so that a quota holds for a million tiny keys as well."""
+_ROW_BYTES: Final = (
+    f"length(CAST(namespace AS BLOB)) + length(CAST(key AS BLOB)) + length(value) + {ROW_OVERHEAD}"
+)
 """What a row counts toward its namespace's quota (see ``_quota``), in SQL."""
 
 
@@ -325,7 +330,7 @@ class KvNamespace(RpcTarget):
             raise BindingError(f"a KV value may be at most {MAX_VALUE_BYTES} bytes")
         namespace = self._namespace
         params = (namespace, key, data, _expiry(ttl))
-        size = len(key.encode()) + len(data)
+        size = len(namespace.encode()) + len(key.encode()) + len(data) + ROW_OVERHEAD
         store = self._store
 
         def work(conn: sqlite3.Connection) -> None:

@@ -8,11 +8,13 @@ delete) always goes through, so a namespace at its quota can make room.
 
 What counts, per store:
 
-- KV: the UTF-8 bytes of each key and its value (expired keys too, until they are purged);
-- documents: each document's stored JSON and id (its full-text index comes on top, about the
-  size of its text);
+- KV: each key's row: its namespace, key and value, and ``ROW_OVERHEAD`` (expired keys too,
+  until they are purged);
+- documents: each document's row: its JSON, namespace, collection and id, and
+  ``ROW_OVERHEAD`` (its full-text index comes on top, about the size of its text);
 - SQL: the database file's pages (``PRAGMA max_page_count``, kept by SQLite itself);
-- blobs: every file in the bucket's directory, data and heads.
+- blobs: every file in the bucket's directory, data and heads, each rounded up to whole
+  ``BLOCK`` s (a file takes at least one on disk: a million empty objects are not free).
 
 KV and documents keep their counts in a ``usage`` table of their database, updated in the
 transaction of each write (so every process that opens the database agrees); a database made
@@ -31,7 +33,7 @@ from typing import Final
 
 from .._errors import QuotaExceeded
 
-__all__ = ["BucketUsage", "charge", "count_usage", "quota_error"]
+__all__ = ["BLOCK", "BucketUsage", "charge", "count_usage", "on_disk", "quota_error"]
 
 _USAGE_TABLE: Final = (
     "CREATE TABLE usage (namespace TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID"
@@ -88,14 +90,23 @@ def charge(
     )
 
 
+BLOCK: Final = 4096
+"""The unit a blob bucket's files are counted in: the block size of common file systems."""
+
+
+def on_disk(size: int) -> int:
+    """What a file of ``size`` bytes counts: whole ``BLOCK`` s, at least one."""
+    return max(1, -(-size // BLOCK)) * BLOCK
+
+
 def _bytes_under(root: Path) -> int:
-    """The sizes of the files directly in ``root`` (0 if it does not exist)."""
+    """What the files directly in ``root`` count (0 if it does not exist)."""
     total = 0
     with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
         for entry in entries:
             with contextlib.suppress(OSError):  # removed since it was listed
                 if entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
+                    total += on_disk(entry.stat(follow_symlinks=False).st_size)
     return total
 
 
