@@ -28,7 +28,7 @@ from tests._net import free_port
 from tests.cli._running import running_cli
 from workerloader.bindings import AiConfig
 from workerloader.cli import main as cli
-from workerloader.server._config import load_config
+from workerloader.server._config import load_config, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = {"duration_ms", "cpu_ms"}
@@ -106,14 +106,15 @@ def the_readme_worker(directory: Path) -> str:
 
 
 def config_state(path: Path, environ: dict[str, str]) -> tuple[object, ...]:
-    """What ``load_config`` makes of ``path`` and ``environ``, as comparable values."""
-    config, host, port = load_config(path, {}, environ=environ)
+    """What ``load_serve_config`` makes of ``path`` and ``environ``, as comparable values."""
+    config, listen = load_serve_config(path, {}, environ=environ)
     gateway = config.api
     allow = None if gateway is None else (tuple(gateway._allow), gateway._allow_private)
     limits = config.execute_limits
     return (
-        host,
-        port,
+        listen.host,
+        listen.port,
+        listen.max_connections,
         config.data_dir,
         config.insecure,
         config.pool_size,
@@ -132,9 +133,10 @@ def test_the_config_file_sample_loads_as_serve_loads_it(tmp_path: Path) -> None:
     shown = tomllib.loads(toml)
     path = tmp_path / "workerloader.toml"
     path.write_text(toml)
-    config, host, port = load_config(path, {}, environ={"OPENAI_API_KEY": "sk-test"})
+    config, listen = load_serve_config(path, {}, environ={"OPENAI_API_KEY": "sk-test"})
     server = shown["server"]
-    assert (host, port) == (server["host"], server["port"])
+    assert (listen.host, listen.port) == (server["host"], server["port"])
+    assert listen.max_connections == server["max_connections"]
     assert config.data_dir == Path(server["data_dir"])
     assert config.insecure is server["insecure"]
     assert config.pool_size == server["pool_size"]

@@ -13,7 +13,8 @@ from tests.server.conftest import running
 from workerloader.bindings import HttpGateway
 from workerloader.server import ServerConfig
 from workerloader.server._app import ExecuteLimits
-from workerloader.server._config import load_config
+from workerloader.server._config import Listen, load_config, load_serve_config
+from workerloader.server._protocol import MAX_CONNECTIONS
 
 
 def test_defaults() -> None:
@@ -56,6 +57,64 @@ def test_unknown_options_and_bad_values_are_errors(tmp_path: Path) -> None:
     file.write_text("[server\n")
     with pytest.raises(ValueError, match=r"workerloader.toml: not TOML: "):
         load_config(file, {}, environ={})
+
+
+def test_max_connections_comes_from_the_file_the_environment_and_the_flag(
+    tmp_path: Path,
+) -> None:
+    assert load_serve_config(None, {}, environ={})[1] == Listen("127.0.0.1", 8787, 512)
+    assert MAX_CONNECTIONS == 512  # the default the docs and --help give
+    file = tmp_path / "workerloader.toml"
+    file.write_text("[server]\nmax_connections = 100\n")
+    assert load_serve_config(file, {}, environ={})[1].max_connections == 100
+    env = {"WORKERLOADER_MAX_CONNECTIONS": "200"}
+    assert load_serve_config(file, {}, environ=env)[1].max_connections == 200
+    flags = {"max_connections": 300}
+    assert load_serve_config(file, flags, environ=env)[1].max_connections == 300
+    # The commands that do not serve read the same file: the option is known there too.
+    assert load_config(file, {}, environ=env)[1:] == ("127.0.0.1", 8787)
+
+
+@pytest.mark.parametrize(
+    ("file", "environ", "message"),
+    [
+        (
+            "max_connections = 0",
+            {},
+            r"^max_connections must be at least 1 \(from --max-connections, "
+            r"WORKERLOADER_MAX_CONNECTIONS or \[server\] max_connections\): 0$",
+        ),
+        (
+            "",
+            {"WORKERLOADER_MAX_CONNECTIONS": "-5"},
+            r"^max_connections must be at least 1 .*: -5$",
+        ),
+        (
+            "",
+            {"WORKERLOADER_MAX_CONNECTIONS": "many"},
+            r"^WORKERLOADER_MAX_CONNECTIONS='many': not an",
+        ),
+        ("max_connections = 1.5", {}, r"\[server\] max_connections: 1.5 is not an integer$"),
+    ],
+)
+def test_max_connections_below_one_or_not_a_number_is_an_error(
+    tmp_path: Path, file: str, environ: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "workerloader.toml"
+    path.write_text(f"[server]\n{file}\n")
+    with pytest.raises(ValueError, match=message):
+        load_serve_config(path, {}, environ=environ)
+
+
+def test_serve_refuses_max_connections_below_one() -> None:
+    from workerloader.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["serve", "--max-connections", "0"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--max-connections'" in result.output
+    assert "0 is not in the range x>=1." in result.output
+    help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
+    assert f"[default: {MAX_CONNECTIONS}]" in " ".join(help_text.split())
 
 
 def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:

@@ -177,6 +177,8 @@ def dev(
                 return StreamingResponse(streamed(), response.status, headers=headers)
 
             app.add_middleware(SizeCap)  # requests capped as the service's are (413, 431)
+            # Heads bounded as the service's are (431, 408), and connections at serve's
+            # default cap (503): BoundedHttpProtocol's own max_connections.
             server = uvicorn.Server(
                 uvicorn.Config(
                     app, host=host, port=port, http=BoundedHttpProtocol, log_level="info"

@@ -46,6 +46,13 @@ from ._common import config_option, config_path_or_default, option
     help="Executions in flight before 429. [default: 64]",
 )
 @option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="WORKERLOADER_MAX_CONNECTIONS",
+    help="HTTP connections open at once; one more is answered 503 and closed. [default: 512]",
+)
+@option(
     "--log-retention-days",
     type=float,
     default=None,
@@ -74,11 +81,11 @@ def serve(config_path: Path | None, **flags: object) -> None:
 
     from ..rpc._loop import run
     from ..server import create_app
-    from ..server._config import load_config
-    from ..server._protocol import BoundedHttpProtocol
+    from ..server._config import load_serve_config
+    from ..server._protocol import capped
 
     try:
-        config, host, port = load_config(config_path_or_default(config_path), flags)
+        config, listen = load_serve_config(config_path_or_default(config_path), flags)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(config)
@@ -87,9 +94,9 @@ def serve(config_path: Path | None, **flags: object) -> None:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            host=host,
-            port=port,
-            http=BoundedHttpProtocol,
+            host=listen.host,
+            port=listen.port,
+            http=capped(listen.max_connections),
             log_level="info",
             access_log=False,
         )

@@ -10,6 +10,7 @@ beats the default. Every option has one name in each source::
     [server] insecure            WORKERLOADER_INSECURE             --insecure
     [server] pool_size           WORKERLOADER_POOL_SIZE            --pool-size
     [server] max_concurrent      WORKERLOADER_MAX_CONCURRENT       --max-concurrent
+    [server] max_connections     WORKERLOADER_MAX_CONNECTIONS      --max-connections
     [server] log_retention_days  WORKERLOADER_LOG_RETENTION_DAYS   --log-retention-days
     [server] log_max_mb          WORKERLOADER_LOG_MAX_MB           --log-max-mb
     [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
@@ -27,7 +28,9 @@ beats the default. Every option has one name in each source::
 ``[limits]`` are the defaults of ``POST /execute`` workers (a request's ``limits`` and
 ``timeout_ms`` override them). ``[bindings.api]`` makes the HTTP gateway that ``/execute`` code
 gets as ``api`` (``sdk.api``) and stored workers get through ``sdk`` and ``api`` bindings; without
-it they have no outbound HTTP. An unknown section or option is an error, not ignored.
+it they have no outbound HTTP. ``max_connections`` is the HTTP server's, as host and port are,
+not the app's: it is in ``Listen``, not ``ServerConfig``. An unknown section or option is an
+error, not ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,9 @@ from pydantic import ValidationError
 
 from ..bindings import AiConfig, HttpGateway
 from ._app import ExecuteLimits, ServerConfig
+from ._protocol import MAX_CONNECTIONS
 
-__all__ = ["load_config"]
+__all__ = ["Listen", "load_config", "load_serve_config"]
 
 _SERVER_OPTIONS = {
     "host": str,
@@ -52,6 +57,7 @@ _SERVER_OPTIONS = {
     "insecure": bool,
     "pool_size": int,
     "max_concurrent": int,
+    "max_connections": int,
     "log_retention_days": float,
     "log_max_mb": int,
     "auth": bool,
@@ -75,12 +81,22 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def load_config(
+@dataclass(frozen=True)
+class Listen:
+    """How the HTTP server takes connections: uvicorn's options, not the app's."""
+
+    host: str = "127.0.0.1"
+    port: int = 8787
+    max_connections: int = MAX_CONNECTIONS
+    """Connections open at once; one more is answered 503 and closed (see ``_protocol``)."""
+
+
+def load_serve_config(
     path: Path | None,
     flags: Mapping[str, object],
     environ: Mapping[str, str] | None = None,
-) -> tuple[ServerConfig, str, int]:
-    """The service's config, host and port. ``flags`` holds only the options given on the
+) -> tuple[ServerConfig, Listen]:
+    """The service's config and how it listens. ``flags`` holds only the options given on the
     command line (None values are ignored). Raises ValueError naming the bad option."""
     environ = os.environ if environ is None else environ
     file: dict[str, Any] = {}
@@ -141,7 +157,24 @@ def load_config(
         execute_limits=_limits(path, dict(file.get("limits", {})), environ),
         api=_gateway(path, dict(file.get("bindings", {})), environ),
     )
-    return config, str(values["host"]), int(values["port"])
+    listen = Listen(
+        host=str(values["host"]),
+        port=int(values["port"]),
+        max_connections=_at_least_one(
+            "max_connections", values.get("max_connections", MAX_CONNECTIONS)
+        ),
+    )
+    return config, listen
+
+
+def load_config(
+    path: Path | None,
+    flags: Mapping[str, object],
+    environ: Mapping[str, str] | None = None,
+) -> tuple[ServerConfig, str, int]:
+    """``load_serve_config``'s config, host and port, for the commands that do not serve."""
+    config, listen = load_serve_config(path, flags, environ)
+    return config, listen.host, listen.port
 
 
 _KINDS: dict[type, tuple[type | tuple[type, ...], str]] = {

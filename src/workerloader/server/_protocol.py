@@ -8,20 +8,35 @@ only runs once the head is complete, so it cannot bound either. ``BoundedHttpPro
 on the connection: a head past ``MAX_HEAD_BYTES`` is answered 431 and a head not complete
 ``HEAD_TIMEOUT_S`` after its connection opened (or its previous response ended) 408, in the
 service's error shape, and the connection closed.
+
+Connections are bounded in number too: each holds a file descriptor (and a protocol object)
+until its head times out, and a client opening them without end ran the process out of
+descriptors, after which no worker could start, for any tenant. A connection arriving while
+``max_connections`` are open is answered 503 at once and closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from ._app import MAX_HEADER_BYTES
 
-__all__ = ["HEAD_TIMEOUT_S", "LINGER_S", "MAX_HEAD_BYTES", "BoundedHttpProtocol"]
+__all__ = [
+    "HEAD_TIMEOUT_S",
+    "LINGER_S",
+    "MAX_CONNECTIONS",
+    "MAX_HEAD_BYTES",
+    "MAX_LINGERING_REFUSALS",
+    "BoundedHttpProtocol",
+    "capped",
+]
 
 MAX_HEAD_BYTES = 2 * MAX_HEADER_BYTES
 """A request line and headers as sent, with their separators: past this, 431 and the
@@ -37,15 +52,53 @@ LINGER_S = 2.0
 client still sends before it closes: closed with unread data, a socket resets the connection,
 and the client's kernel would throw the refusal away unread."""
 
+# The default leaves room for the workers under the kernel's default hard limit on open
+# files, 4,096 (what a process gets where nothing raises it; systemd and container runtimes
+# commonly allow 524,288 or more, and the host lifts its soft limit to the hard one): a
+# thousand live workers (Loader's max_workers) hold ~3,000 descriptors, three each; the
+# service's own were 17 idle and 28 beside 20 live workers (measured). 512 connections and
+# 64 lingering refusals leave ~490 for the rest: databases opened as they are used (three
+# each, with their WAL), outbound HTTP. 1,024 connections would not fit. No client needs
+# hundreds: uvicorn closes an idle keep-alive connection after 5 s, and a proxy pools a few.
+MAX_CONNECTIONS = 512
+"""Connections a server holds open at once (``[server] max_connections``): one more is
+answered 503 and closed."""
 
-def _refusal(status: int, kind: str, message: str) -> bytes:
-    """A whole HTTP response in the service's error shape (see ``error_answer``)."""
+MAX_LINGERING_REFUSALS = 64
+"""Connections refused at the cap that may linger at once (see ``LINGER_S``): past these, a
+refusal is written and the connection closed without waiting, its answer perhaps lost to a
+reset. A client that reads its refusal and closes frees its place within a round trip; one
+that does neither would otherwise hold a descriptor for ``LINGER_S`` per connection it
+opens, and at a few thousand connections a second that is the descriptors the cap saves."""
+
+
+def _refusal(status: int, kind: str, message: str, retry_after_s: int | None = None) -> bytes:
+    """A whole HTTP response in the service's error shape (see ``error_answer``), with a
+    ``retry-after`` header if ``retry_after_s`` is given."""
     body = json.dumps({"ok": False, "error": {"type": kind, "message": message}}).encode()
+    retry = b"" if retry_after_s is None else b"retry-after: %d\r\n" % retry_after_s
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body))
+        b"%sconnection: close\r\n\r\n"
+        % (status, HTTPStatus(status).phrase.encode(), len(body), retry)
     )
     return head + body
+
+
+class _Tally:
+    """One server's open connections, by how each is counted (see ``BoundedHttpProtocol``)."""
+
+    __slots__ = ("lingering", "served")
+
+    def __init__(self) -> None:
+        self.served = 0  # taken under the cap, whatever became of them since (a 431 too)
+        self.lingering = 0  # refused at the cap, their 503 going out (MAX_LINGERING_REFUSALS)
+
+
+_TALLIES: weakref.WeakKeyDictionary[ServerState, _Tally] = weakref.WeakKeyDictionary()
+"""Each server's tally, by its ``ServerState``: uvicorn makes one per server and hands it to
+every connection's protocol, so servers sharing a protocol class in one process (tests run
+many) are counted apart."""
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -59,10 +112,27 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     Time: one timer per connection, which on firing compares the clock with when the wait
     for a head began (or, while a body comes, with its last read) and sets itself again if
     time is left (a timer set and cancelled for every request cost ~3% of warm
-    requests/s)."""
+    requests/s).
+
+    Number: a server holds at most ``max_connections`` open, each counted from
+    ``connection_made`` to ``connection_lost`` (one refused 431 or 408 too, until it closes:
+    it holds its descriptor as long). One arriving past them is answered 503 at once and
+    closed, lingering as the other refusals do, and is not counted: counting it would keep
+    the next client out for up to ``LINGER_S`` after a place came free, and bound nothing,
+    since it is open either way. ``max_lingering_refusals`` bounds those: past that many
+    lingering, a refusal closes at once. In all, ``max_connections + max_lingering_refusals``
+    descriptors (and, for a moment, what one wake of asyncio's accept loop takes: up to
+    uvicorn's backlog). The count is our own: uvicorn's ``server_state.connections`` holds the
+    refused connections too (its ``limit_concurrency`` reads that set, to answer requests 503
+    on connections it keeps open).
+
+    The bounds are class attributes; ``capped`` makes a class with another cap (uvicorn makes
+    each connection's protocol itself, from the class it is given)."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
+    max_connections = MAX_CONNECTIONS
+    max_lingering_refusals = MAX_LINGERING_REFUSALS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,16 +143,50 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False  # a refusal is sent: what comes in is dropped until the close
         self._pending_refusal: bytes | None = None  # waits for the answer going out
+        tally = _TALLIES.get(self.server_state)
+        if tally is None:
+            tally = _TALLIES[self.server_state] = _Tally()
+        self._tally = tally
+        self._served = False  # counted in the tally's served until connection_lost
+        self._lingering = False  # counted in the tally's lingering until connection_lost
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self._tally.served >= self.max_connections:
+            self._refuse_connection()
+            return
+        self._tally.served += 1
+        self._served = True
         self._waiting_since = self.loop.time()
         self._timer = self.loop.call_later(self.head_timeout_s, self._check_time)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._served:
+            self._tally.served -= 1
+        elif self._lingering:
+            self._tally.lingering -= 1
         if self._timer is not None:
             self._timer.cancel()
         super().connection_lost(exc)
+
+    def _refuse_connection(self) -> None:
+        """Answer a connection past ``max_connections`` 503 and close it: lingering if fewer
+        than ``max_lingering_refusals`` do, else at once."""
+        message = (
+            f"too many connections open: the service holds at most {self.max_connections} "
+            "(max_connections); retry later, or close idle ones"
+        )
+        response = _refusal(503, "TooManyConnections", message, retry_after_s=1)
+        if self._tally.lingering < self.max_lingering_refusals:
+            self._tally.lingering += 1
+            self._lingering = True
+            self._refuse(response)
+            return
+        # Sent whole if the socket takes it (a client that sent nothing yet reads it all);
+        # the close may reset the connection if the client did send something first.
+        self._refused = True
+        self.transport.write(response)
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -164,3 +268,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def capped(max_connections: int) -> type[BoundedHttpProtocol]:
+    """``BoundedHttpProtocol`` with at most ``max_connections`` open: the class to give uvicorn
+    (``http=``) for a server with that cap."""
+
+    class Capped(BoundedHttpProtocol):
+        pass
+
+    Capped.max_connections = max_connections
+    return Capped
