@@ -12,6 +12,7 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -441,6 +442,34 @@ async def test_list_reads_a_bounded_part_of_each_head(bucket: BlobBucket, tmp_pa
     obj = await bucket.get("old")
     assert obj is not None
     assert await obj.bytes() == b"o"
+
+
+async def test_lists_of_one_bucket_take_one_pool_thread_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    for bucket in ("a", "b"):
+        await loader.blobs(bucket).put("k", b"v")
+    active = {"a": 0, "b": 0}
+    peak = {"a": 0, "b": 0, "together": 0}
+    lock = threading.Lock()
+    load_head = _blobs._load_head
+
+    def slow_load_head(path: Path, most: int) -> dict[str, Any] | None:
+        bucket = path.parent.name
+        with lock:
+            active[bucket] += 1
+            peak[bucket] = max(peak[bucket], active[bucket])
+            peak["together"] = max(peak["together"], active["a"] + active["b"])
+        time.sleep(0.05)
+        with lock:
+            active[bucket] -= 1
+        return load_head(path, most)
+
+    monkeypatch.setattr(_blobs, "_load_head", slow_load_head)
+    # Four lists of each bucket at once, each through a binding of its own, as four workers'.
+    await asyncio.gather(*(loader.blobs(b).list() for b in "aabbaabb"))
+    assert peak == {"a": 1, "b": 1, "together": 2}  # buckets overlap, one bucket's lists never
 
 
 @pytest.mark.parametrize(

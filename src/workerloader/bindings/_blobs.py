@@ -393,7 +393,8 @@ class BlobBucket(RpcTarget):
         """Heads of objects whose key starts with ``prefix``, in key order:
         ``{"objects": [...], "truncated", "cursor"}``; pass ``cursor`` on while ``truncated``.
         A page holds at most ``limit`` (1 to 1000) objects, and fewer where their heads would
-        pass ``MAX_PAGE_BYTES``. Each head file is read up to ``MAX_HEAD_BYTES`` only."""
+        pass ``MAX_PAGE_BYTES``. Each head file is read up to ``MAX_HEAD_BYTES`` only; lists of
+        one bucket run one at a time."""
         check_grant(self._grants, "read", "this bucket")
         limit = page_limit(limit, 1000)
         prefix = _bound(prefix, "prefix")
@@ -420,7 +421,10 @@ class BlobBucket(RpcTarget):
                 page.append(_public(head))
             return page, len(first) > limit
 
-        page, truncated = await asyncio.to_thread(work)
+        # One list of a bucket at a time: each reads every head in a thread of the pool all
+        # bindings share, so a worker's burst of lists would otherwise take all of them.
+        async with self._usage.listing:
+            page, truncated = await asyncio.to_thread(work)
         return {
             "objects": page,
             "truncated": truncated,

@@ -123,6 +123,8 @@ class BucketUsage:
         self.what = what
         self._used: int | None = None
         self._counting: asyncio.Lock | None = None
+        self.listing = asyncio.Lock()
+        """Held by a ``list`` of the bucket while it reads the heads (see ``BlobBucket.list``)."""
 
     async def used(self) -> int:
         """The bucket's bytes, counted on the first call."""
