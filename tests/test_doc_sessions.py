@@ -121,6 +121,7 @@ def config_state(path: Path, environ: dict[str, str]) -> tuple[object, ...]:
         config.max_concurrent_executions,
         config.log_retention_s,
         config.log_max_bytes,
+        config.storage_quota_mb,
         config.require_auth,
         config.ai,
         (limits.cpu_ms, limits.memory_mb, limits.wall_ms),
@@ -143,6 +144,7 @@ def test_the_config_file_sample_loads_as_serve_loads_it(tmp_path: Path) -> None:
     assert config.max_concurrent_executions == server["max_concurrent"]
     assert config.log_retention_s == server["log_retention_days"] * 86400
     assert config.log_max_bytes == server["log_max_mb"] << 20
+    assert config.storage_quota_mb == server["storage_quota_mb"]
     assert config.require_auth is server["auth"]
     # The key comes from the variable the file names, never from the file.
     ai = shown["ai"]

@@ -82,7 +82,7 @@ async def test_kv_refuses_a_put_past_the_quota_and_keeps_nothing_of_it(tmp_path:
         f"the KV namespace 'acme' holds {row} bytes: this write of {row} "
         "more bytes would take it past its storage quota of 1048576 bytes (1 MB)"
     )
-    assert "[storage] quota_mb" in message
+    assert "[server] storage_quota_mb" in message
     assert kv_usage(tmp_path, "acme") == row
 
 

@@ -1,7 +1,7 @@
-"""``exec`` and ``dev`` give workers the AI provider and HTTP gateway ``serve`` would have from
-the same config (``--config``, ./workerloader.toml, ``WORKERLOADER_*``), and refuse an ``ai`` or
-``api`` binding they cannot serve up front; a half-configured ``[ai]`` is an error naming what
-is missing. The provider is a small OpenAI-compatible server on loopback."""
+"""``exec`` and ``dev`` give workers the AI provider, HTTP gateway and storage quota ``serve``
+would have from the same config (``--config``, ./workerloader.toml, ``WORKERLOADER_*``), and
+refuse an ``ai`` or ``api`` binding they cannot serve up front; a half-configured ``[ai]`` is an
+error naming what is missing. The provider is a small OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 
@@ -127,3 +127,17 @@ def test_workers_put_stores_an_ai_binding_it_cannot_check(tmp_path: Path) -> Non
     assert f"made {data}, which did not exist" in result.stderr
     again = CliRunner().invoke(cli, args)
     assert (again.stdout, again.stderr) == ("stored w version 2\n", "")
+
+
+def test_exec_holds_to_the_configured_storage_quota(tmp_path: Path) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text("[server]\nstorage_quota_mb = 1\n")
+    data = str(tmp_path / "data")
+    put = "await kv.put('{key}', 'x' * 524_288)"  # two do not fit in 1 MiB
+    args = ["--data-dir", data, "--config", str(config)]
+    assert CliRunner().invoke(cli, ["exec", put.format(key="a"), *args]).exit_code == 0
+    refused = CliRunner().invoke(cli, ["exec", put.format(key="b"), *args])
+    assert refused.exit_code == 1
+    assert "QuotaExceeded" in refused.output
+    unlimited = ["--data-dir", data]  # no quota file here: the default, 1024 MB
+    assert CliRunner().invoke(cli, ["exec", put.format(key="b"), *unlimited]).exit_code == 0

@@ -117,6 +117,44 @@ def test_serve_refuses_max_connections_below_one() -> None:
     assert f"[default: {MAX_CONNECTIONS}]" in " ".join(help_text.split())
 
 
+def test_the_storage_quota_comes_from_the_file_the_environment_and_the_flag(
+    tmp_path: Path,
+) -> None:
+    assert load_serve_config(None, {}, environ={})[0].storage_quota_mb == 1024
+    file = tmp_path / "workerloader.toml"
+    file.write_text("[server]\nstorage_quota_mb = 100\n")
+    assert load_config(file, {}, environ={})[0].storage_quota_mb == 100
+    env = {"WORKERLOADER_STORAGE_QUOTA_MB": "200"}
+    assert load_config(file, {}, environ=env)[0].storage_quota_mb == 200
+    assert load_config(file, {"storage_quota_mb": 0}, environ=env)[0].storage_quota_mb is None
+    file.write_text("[server]\nstorage_quota_mb = -1\n")
+    with pytest.raises(ValueError, match=r"^storage_quota_mb must be at least 0 \(0: no quota;"):
+        load_config(file, {}, environ={})
+    from workerloader.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["serve", "--storage-quota-mb", "-1"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--storage-quota-mb'" in result.output
+
+
+async def test_execute_answers_422_quota_exceeded_past_the_storage_quota(tmp_path: Path) -> None:
+    config = ServerConfig(data_dir=tmp_path / "data", pool_size=1, storage_quota_mb=1)
+    put = "await kv.put(key, 'x' * 524_288)"  # two do not fit in 1 MiB
+    async with running(config) as client:
+        first = await client.post("/execute", json={"code": f"key = 'a'\n{put}"})
+        assert first.json()["ok"] is True
+        refused = await client.post("/execute", json={"code": f"key = 'b'\n{put}"})
+        assert refused.status_code == 422
+        error = refused.json()["error"]
+        assert error["type"] == "QuotaExceeded"
+        assert error["message"].startswith("the KV namespace 'default' holds")
+        # A delete always goes through, and makes room.
+        freed = await client.post(
+            "/execute", json={"code": f"await kv.delete('a')\nkey = 'b'\n{put}"}
+        )
+        assert freed.json()["ok"] is True
+
+
 def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
     from workerloader.cli import main as cli
 

@@ -2,7 +2,7 @@
 
 A quota is per namespace and per store: a namespace's KV, its documents, its SQL database and
 its blob bucket may each hold up to ``quota_bytes`` (``Loader(storage_quota_mb=...)``, the
-service's ``[storage] quota_mb``). A write that would grow a store past it fails with
+service's ``[server] storage_quota_mb``). A write that would grow a store past it fails with
 ``QuotaExceeded`` and keeps nothing; one that does not grow it (an overwrite with less, a
 delete) always goes through, so a namespace at its quota can make room.
 
@@ -49,7 +49,7 @@ def quota_error(what: str, used: int | None, adding: int | None, quota: int) -> 
         f"{what} {holds}: {more} would take it past its storage quota of {quota} bytes "
         f"({quota / (1 << 20):g} MB). Nothing of the write was kept: delete what is no longer "
         "needed, or ask the operator to raise the quota (Loader(storage_quota_mb=...); "
-        "[storage] quota_mb in the service's config)"
+        "[server] storage_quota_mb in the service's config)"
     )
 
 

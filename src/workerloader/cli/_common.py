@@ -24,7 +24,7 @@ from ..server._store import ServiceStore
 from ..server._workers import Binding
 
 if TYPE_CHECKING:
-    from ..bindings import AiConfig, HttpGateway
+    from ..server import ServerConfig
 
 __all__ = [
     "announce_made_data_dir",
@@ -38,7 +38,7 @@ __all__ = [
     "insecure_option",
     "namespace_option",
     "option",
-    "service_bindings",
+    "service_config",
     "shown",
 ]
 
@@ -80,18 +80,18 @@ def config_path_or_default(config_path: Path | None) -> Path | None:
     return config_path
 
 
-def service_bindings(config_path: Path | None) -> tuple[AiConfig | None, HttpGateway | None]:
-    """The AI provider and the HTTP gateway (``[ai]``, ``[bindings.api]``) the service would
-    have with this config file (or ./workerloader.toml) and the ``WORKERLOADER_*`` variables,
-    for ``dev`` and ``exec`` to give their workers the same; click.ClickException naming what
-    is wrong in them."""
+def service_config(config_path: Path | None) -> ServerConfig:
+    """The config the service would have with this config file (or ./workerloader.toml) and
+    the ``WORKERLOADER_*`` variables, for ``dev`` and ``exec`` to give their workers the same
+    AI provider (``[ai]``), HTTP gateway (``[bindings.api]``) and storage quota;
+    click.ClickException naming what is wrong in them."""
     from ..server._config import load_config
 
     try:
         config, _, _ = load_config(config_path_or_default(config_path), {})
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    return config.ai, config.api
+    return config
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")

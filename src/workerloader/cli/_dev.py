@@ -17,7 +17,7 @@ from ._common import (
     env_option,
     insecure_option,
     option,
-    service_bindings,
+    service_config,
     shown,
 )
 
@@ -102,7 +102,8 @@ def dev(
     from ._workers import read_worker_dir
 
     check_env_and_bindings(env, bindings)
-    ai, api = service_bindings(config_path)  # the service's, from the same config
+    service = service_config(config_path)  # the service's AI, gateway and quota
+    ai, api = service.ai, service.api
     for name, binding in bindings.items():
         if binding["type"] == "ai" and ai is None:
             raise click.UsageError(f"--binding {name}=ai: {_NO_AI}")
@@ -126,7 +127,13 @@ def dev(
         return _code(loaders[0], caller, definition, api)
 
     async def main() -> None:
-        async with Loader(data_dir, pool_size=2, insecure=insecure, ai=ai) as loader:
+        async with Loader(
+            data_dir,
+            pool_size=2,
+            insecure=insecure,
+            ai=ai,
+            storage_quota_mb=service.storage_quota_mb,
+        ) as loader:
             loaders.append(loader)
             app = FastAPI(title="workerloader dev")
             quiet_broken_bodies()

@@ -18,7 +18,7 @@ from ._common import (
     insecure_option,
     namespace_option,
     option,
-    service_bindings,
+    service_config,
     shown,
 )
 
@@ -69,13 +69,20 @@ def exec_(
     from ..server._execute import execute
 
     source = sys.stdin.read() if code == "-" else code
-    ai, api = service_bindings(config_path)  # the service's, from the same config
+    service = service_config(config_path)  # the service's AI, gateway and quota
     fresh = not data_dir.exists()
 
     async def main() -> tuple[int, dict[str, object]]:
-        async with Loader(data_dir, pool_size=1, insecure=insecure, ai=ai) as loader:
+        async with Loader(
+            data_dir,
+            pool_size=1,
+            insecure=insecure,
+            ai=service.ai,
+            storage_quota_mb=service.storage_quota_mb,
+        ) as loader:
             limits = Limits(cpu_ms=cpu_ms, memory_mb=memory_mb, wall_ms=timeout_ms)
-            outcome = await execute(loader, source, limits, loader.sdk(namespace, api=api))
+            sdk = loader.sdk(namespace, api=service.api)
+            outcome = await execute(loader, source, limits, sdk)
         return outcome.status, outcome.body
 
     status, body = run(main())

@@ -68,6 +68,14 @@ from ._common import config_option, config_path_or_default, option
     "request records are deleted. [default: 1024]",
 )
 @option(
+    "--storage-quota-mb",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar="WORKERLOADER_STORAGE_QUOTA_MB",
+    help="The most each namespace keeps in each of its stores (KV, documents, SQL, blobs); "
+    "0: no quota. [default: 1024]",
+)
+@option(
     "--auth",
     is_flag=True,
     default=None,

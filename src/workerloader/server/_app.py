@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import Limits, Loader, __version__
 from ..bindings import AiConfig, HttpGateway
-from ..loader._loader import valid_namespace
+from ..loader._loader import DEFAULT_STORAGE_QUOTA_MB, valid_namespace
 from ._execute import execute
 from ._schema import bad_request, error_answer, json_body, statuses_as_answered
 from ._store import Caller, ServiceStore
@@ -58,6 +58,9 @@ class ServerConfig:
     log_max_bytes: int = 1 << 30
     """Past this size of the service's database (its request log, mostly), the oldest request
     records are deleted."""
+    storage_quota_mb: int | None = DEFAULT_STORAGE_QUOTA_MB
+    """The most each namespace keeps in each of its stores (None: no quota; see
+    ``Loader``)."""
     ai: AiConfig | None = None
     require_auth: bool = False
     """Refuse anonymous requests even while no API key exists (no dev mode)."""
@@ -212,7 +215,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with Loader(
-            config.data_dir, pool_size=config.pool_size, insecure=config.insecure, ai=config.ai
+            config.data_dir,
+            pool_size=config.pool_size,
+            insecure=config.insecure,
+            ai=config.ai,
+            storage_quota_mb=config.storage_quota_mb,
         ) as loader:
             state["loader"] = loader
             store = state["store"] = ServiceStore(

@@ -13,6 +13,7 @@ beats the default. Every option has one name in each source::
     [server] max_connections     WORKERLOADER_MAX_CONNECTIONS      --max-connections
     [server] log_retention_days  WORKERLOADER_LOG_RETENTION_DAYS   --log-retention-days
     [server] log_max_mb          WORKERLOADER_LOG_MAX_MB           --log-max-mb
+    [server] storage_quota_mb    WORKERLOADER_STORAGE_QUOTA_MB     --storage-quota-mb (0: none)
     [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
     [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only; both
     [ai] model                   WORKERLOADER_AI_MODEL              or neither: no AI then)
@@ -45,6 +46,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..bindings import AiConfig, HttpGateway
+from ..loader._loader import DEFAULT_STORAGE_QUOTA_MB
 from ._app import ExecuteLimits, ServerConfig
 from ._protocol import MAX_CONNECTIONS
 
@@ -60,8 +62,19 @@ _SERVER_OPTIONS = {
     "max_connections": int,
     "log_retention_days": float,
     "log_max_mb": int,
+    "storage_quota_mb": int,
     "auth": bool,
 }
+
+
+def _quota(value: int) -> int | None:
+    """``storage_quota_mb``: None (no quota) for 0."""
+    if value < 0:
+        raise ValueError(
+            "storage_quota_mb must be at least 0 (0: no quota; from --storage-quota-mb, "
+            f"WORKERLOADER_STORAGE_QUOTA_MB or [server] storage_quota_mb): {value}"
+        )
+    return int(value) or None
 
 
 def _at_least_one(name: str, value: int) -> int:
@@ -152,6 +165,7 @@ def load_serve_config(
         max_concurrent_executions=int(values.get("max_concurrent", 64)),
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
         log_max_bytes=_at_least_one("log_max_mb", values.get("log_max_mb", 1024)) << 20,
+        storage_quota_mb=_quota(values.get("storage_quota_mb", DEFAULT_STORAGE_QUOTA_MB)),
         ai=ai_config,
         require_auth=bool(values.get("auth", False)),
         execute_limits=_limits(path, dict(file.get("limits", {})), environ),
