@@ -31,11 +31,18 @@ def ids(docs: list[dict[str, Any]]) -> list[str]:
 
 async def people(db: Documents) -> None:
     for doc in (
-        {"id": "ada", "name": "Ada", "role": "admin", "age": 36, "active": True},
-        {"id": "alan", "name": "Alan", "role": "user", "age": 41, "active": False},
+        {"id": "ada", "name": "Ada", "role": "admin", "age": 36, "active": True, "flag": True},
+        {"id": "alan", "name": "Alan", "role": "user", "age": 41, "active": False, "flag": 1},
         {"id": "grace", "name": "Grace", "role": "admin", "age": 85, "active": True},
         {"id": "linus", "name": "Linus", "role": "user", "age": 36, "active": True},
-        {"id": "barbara", "name": "Barbara", "role": "user", "age": "36", "active": True},
+        {
+            "id": "barbara",
+            "name": "Barbara",
+            "role": "user",
+            "age": "36",
+            "active": True,
+            "flag": False,
+        },
     ):
         await db.create("people", doc)
 
@@ -137,6 +144,11 @@ async def test_list_without_order_is_by_id(db: Documents) -> None:
         ({"role": "admin", "age": 41}, []),
         ({"role": "nobody"}, []),
         ({"name": "ada"}, []),  # equality is exact, case included
+        ({"flag": True}, ["ada"]),  # a boolean matches JSON true only, not 1
+        ({"flag": 1}, ["alan"]),  # and a number never a boolean
+        ({"flag": 0}, []),
+        ({"flag": False}, ["barbara"]),
+        ({"flag": 1.0}, ["alan"]),  # 1 and 1.0 are the same JSON number
         ({}, ["ada", "alan", "barbara", "grace", "linus"]),
     ],
 )

@@ -320,9 +320,21 @@ class Documents(RpcTarget):
             raise BindingError("where is a dict of field names to values")
         if len(where) > MAX_WHERE_FIELDS:
             raise BindingError(f"where may name at most {MAX_WHERE_FIELDS} fields")
-        for name, value in where.items():
-            query += " AND json_extract(body, ?) IS ?"
-            params += ["$." + _field(name), _where_value(value)]
+        for name, wanted in where.items():
+            path, value = "$." + _field(name), _where_value(wanted)
+            # SQLite reads JSON true and false as 1 and 0: the field's JSON type keeps a
+            # boolean from matching a number, and a number from matching a boolean.
+            if isinstance(value, bool):
+                query += " AND json_type(body, ?) = ?"
+                params += [path, "true" if value else "false"]
+            elif isinstance(value, (int, float)):
+                query += (
+                    " AND json_extract(body, ?) IS ? AND json_type(body, ?) IN ('integer', 'real')"
+                )
+                params += [path, value, path]
+            else:
+                query += " AND json_extract(body, ?) IS ?"
+                params += [path, value]
         offset = 0
         if order_by is None:
             if cursor is not None:
