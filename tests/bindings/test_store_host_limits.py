@@ -135,6 +135,26 @@ async def test_a_call_that_cannot_start_before_its_deadline_is_not_run(
     assert await db.get("c", "a") is None
 
 
+@pytest.mark.parametrize("store", ["kv", "docs"])
+async def test_a_namespaces_burst_of_slow_calls_delays_another_namespace_by_one(
+    loader: Loader, store: str
+) -> None:
+    sqlite_store = getattr(loader._stores(), store)
+    finished: list[str] = []
+
+    async def call(namespace: str) -> None:
+        def slow(conn: sqlite3.Connection) -> None:
+            time.sleep(0.05)  # a slow statement, holding the store's thread
+
+        await sqlite_store.run(slow, namespace)
+        finished.append(namespace)
+
+    burst = [asyncio.ensure_future(call("hog")) for _ in range(6)]
+    await asyncio.sleep(0)  # the burst is queued first
+    await asyncio.gather(call("other"), *burst)
+    assert finished.index("other") == 1  # after the hog's call in the thread, not all six
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents: bounded searches, offsets, pages, ids and arguments
 

@@ -350,7 +350,9 @@ class Documents(RpcTarget):
             offset = _offset(cursor)
         query += " LIMIT ? OFFSET ?"
         params += [limit, offset]
-        return await self._store.run(lambda conn: _page(conn.execute(query, params)))
+        return await self._store.run(
+            lambda conn: _page(conn.execute(query, params)), self._namespace
+        )
 
     async def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
         """The document, or None."""
@@ -361,7 +363,7 @@ class Documents(RpcTarget):
             body = self._body_of(conn, collection, doc_id)
             return None if body is None else _doc(doc_id, body)
 
-        return await self._store.run(work, lookup=True)
+        return await self._store.run(work, self._namespace, lookup=True)
 
     async def create(self, collection: str, data: dict[str, Any]) -> dict[str, Any]:
         """Store a new document (``data["id"]`` or a new id) and return it."""
@@ -388,7 +390,7 @@ class Documents(RpcTarget):
                 charge(conn, self._namespace, size, self._store.quota_bytes, self._what)
                 _index(conn, index, self._namespace, collection, doc_id, _text_of(fields))
 
-        await self._store.run(work)
+        await self._store.run(work, self._namespace)
         return {**fields, "id": doc_id}
 
     async def update(self, collection: str, doc_id: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +418,7 @@ class Documents(RpcTarget):
                 _index(conn, index, self._namespace, collection, doc_id, _text_of(fields))
             return {**fields, "id": doc_id}
 
-        return await self._store.run(work)
+        return await self._store.run(work, self._namespace)
 
     async def delete(self, collection: str, doc_id: str) -> bool:
         """Remove the document; True if it existed."""
@@ -438,7 +440,7 @@ class Documents(RpcTarget):
                     _unindex(conn, index, self._namespace, collection, doc_id)
             return row is not None
 
-        return await self._store.run(work)
+        return await self._store.run(work, self._namespace)
 
     async def search(self, collection: str, text: str, limit: int = 20) -> _Page:
         """Documents of ``collection`` matching every word of ``text``, best first (ranked
@@ -475,7 +477,7 @@ class Documents(RpcTarget):
                 )
             )
 
-        return await self._store.run(work)
+        return await self._store.run(work, self._namespace)
 
     def _body_of(self, conn: sqlite3.Connection, collection: str, doc_id: str) -> str | None:
         row = conn.execute(

@@ -12,6 +12,7 @@ import math
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -49,9 +50,12 @@ _PURGE_BATCH: Final = 256
 class SqliteStore:
     """A SQLite connection shared by every namespace of a store, and the one thread that uses it.
 
-    ``run(work)`` runs ``work(conn)`` on that thread, one call after another: the host's event
-    loop never waits on SQLite (a slow statement stalls this store's callers, not every
-    tenant's requests), and the connection is never used by two threads at once. A call that
+    ``run(work, namespace)`` runs ``work(conn)`` on that thread, one call after another: the
+    host's event loop never waits on SQLite (a slow statement stalls this store's callers, not
+    every tenant's requests), and the connection is never used by two threads at once. Each
+    namespace has at most one call in the thread's queue at a time, its others waiting their
+    turn on the event loop: a namespace that sends a burst of slow calls delays another
+    namespace's call by one of them, not by the whole burst. A call that
     cannot start before its deadline is not started; one still running at it is interrupted.
     Either way it rolls back and raises BindingError. The deadline is ``STORE_DEADLINE_S`` from
     the call, or the end of the calling worker's wall time if that comes first.
@@ -78,6 +82,8 @@ class SqliteStore:
         # hold a queue entry, not an executor thread other bindings need (blob file I/O).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="workerloader-store")
         self._busy = threading.Lock()  # held while anything uses the connection
+        # Each namespace's turn (see run), for as long as a call holds or waits for it.
+        self._turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._setup = setup
         if setup is not None:
             # Not on the caller's thread: a large migration would stall the event loop.
@@ -102,11 +108,13 @@ class SqliteStore:
                 raise
             self._setup = None
 
-    async def run(self, work: Callable[[sqlite3.Connection], _T], *, lookup: bool = False) -> _T:
-        """``work(conn)``'s result, computed on the store's thread (or at once, for an idle
-        ``lookup``) under the call's deadline. ``sqlite3.Error`` becomes BindingError; other
-        exceptions pass through. A transaction ``work`` leaves open when it raises is rolled
-        back."""
+    async def run(
+        self, work: Callable[[sqlite3.Connection], _T], namespace: str, *, lookup: bool = False
+    ) -> _T:
+        """``work(conn)``'s result, computed on the store's thread after ``namespace``'s calls
+        before it (or at once, for an idle ``lookup``) under the call's deadline, waiting
+        included. ``sqlite3.Error`` becomes BindingError; other exceptions pass through. A
+        transaction ``work`` leaves open when it raises is rolled back."""
         deadline_s = STORE_DEADLINE_S
         guard = guarded(self.conn, deadline_s)  # reads the calling worker's deadline, here
         if lookup and self._setup is None and self._busy.acquire(blocking=False):
@@ -128,7 +136,11 @@ class SqliteStore:
             with self._busy:
                 return self._work(work, guard, deadline_s)
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, job)
+        turn = self._turns.get(namespace)
+        if turn is None:
+            turn = self._turns[namespace] = asyncio.Lock()
+        async with turn:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, job)
 
     def _work(
         self, work: Callable[[sqlite3.Connection], _T], guard: guarded, deadline_s: float
@@ -293,7 +305,7 @@ class KvNamespace(RpcTarget):
             ).fetchone()
             return None if row is None else bytes(row[0])
 
-        value = await self._store.run(work, lookup=True)
+        value = await self._store.run(work, self._namespace, lookup=True)
         if value is None:
             return None
         if type == "bytes":
@@ -351,7 +363,7 @@ class KvNamespace(RpcTarget):
                 if store.purge_now():
                     _purge_expired(conn)
 
-        await self._store.run(work)
+        await self._store.run(work, self._namespace)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (no error if absent)."""
@@ -368,7 +380,7 @@ class KvNamespace(RpcTarget):
                 if row is not None:
                     charge(conn, params[0], -int(row[0]), None, self._what)
 
-        await self._store.run(work)
+        await self._store.run(work, self._namespace)
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None
@@ -397,7 +409,7 @@ class KvNamespace(RpcTarget):
         def work(conn: sqlite3.Connection) -> list[tuple[str, float | None]]:
             return conn.execute(query, params).fetchall()
 
-        rows = await self._store.run(work)
+        rows = await self._store.run(work, self._namespace)
         complete = len(rows) <= limit
         rows = rows[:limit]
         return {
