@@ -29,8 +29,9 @@ def kv_row(namespace: str, key: str, value: int) -> int:
 
 
 def doc_row(namespace: str, collection: str, doc_id: str, body: str) -> int:
-    """What a document counts: its JSON, names and overhead."""
-    return len(body) + len(namespace + collection + doc_id) + _docs.ROW_OVERHEAD
+    """What a document counts: its JSON with its index, names and overhead."""
+    body_bytes = (1 + _docs.INDEX_FACTOR) * len(body)
+    return body_bytes + len(namespace + collection + doc_id) + _docs.ROW_OVERHEAD
 
 
 def kv_usage(data: Path, namespace: str) -> int | None:
@@ -139,22 +140,23 @@ async def test_kv_usage_is_counted_for_a_database_from_before_quotas(tmp_path: P
 
 
 async def test_documents_refuse_a_create_or_update_past_the_quota(tmp_path: Path) -> None:
-    loader = Loader(tmp_path, storage_quota_mb=1)
+    loader = Loader(tmp_path, storage_quota_mb=4)
     db = loader.db("acme")
     stored = await fill(lambda i: db.create("notes", {"id": f"n{i}", "text": "x" * DOC_FIELD}))
-    assert stored == 5  # each ~200 KiB
-    assert await db.get("notes", "n5") is None
+    big = json.dumps({"text": "x" * DOC_FIELD})
+    assert stored == 4 * MB // doc_row("acme", "notes", "n0", big)  # 6: ~200 KiB, three times
+    assert await db.get("notes", f"n{stored}") is None
     await fill(lambda i: db.create("small", {"id": f"s{i}", "text": "x" * 10_000}))
     used = docs_usage(tmp_path, "acme")
     assert used is not None
-    assert MB - 10_100 < used <= MB
+    assert 4 * MB - 3 * 10_100 < used <= 4 * MB
     with pytest.raises(QuotaExceeded, match=r"^the documents of namespace 'acme' holds"):
         await db.update("notes", "n0", {"more": "y" * 20_000})
     assert "more" not in (await db.get("notes", "n0") or {})
     await db.update("notes", "n0", {"text": "short"})  # shrinks it
     await db.delete("notes", "n1")
-    big, small = json.dumps({"text": "x" * DOC_FIELD}), json.dumps({"text": "short"})
-    shrunk = len(big) - len(small)
+    small = json.dumps({"text": "short"})
+    shrunk = (1 + _docs.INDEX_FACTOR) * (len(big) - len(small))
     assert docs_usage(tmp_path, "acme") == used - shrunk - doc_row("acme", "notes", "n1", big)
     await db.create("notes", {"id": "n9", "text": "x" * DOC_FIELD})  # room again
 
@@ -183,9 +185,7 @@ async def test_sql_refuses_to_grow_the_database_past_the_quota(tmp_path: Path) -
     insert = sql.prepare("INSERT INTO t (v) VALUES (zeroblob(200000))")
     stored = await fill(lambda i: insert.run())
     assert 3 <= stored <= 5
-    with pytest.raises(
-        QuotaExceeded, match=r"^the SQL database 'acme' holds \d+ bytes: this write"
-    ):
+    with pytest.raises(QuotaExceeded, match=r"^the SQL database 'acme' holds \d+ bytes and its"):
         await insert.run()
     count = sql.prepare("SELECT count(*) AS n FROM t")
     assert await count.first("n") == stored  # nothing of the refused statements was kept
@@ -199,7 +199,9 @@ async def test_sql_temporary_tables_are_held_to_the_quota_too(tmp_path: Path) ->
     await sql.exec("CREATE TEMP TABLE scratch (v BLOB)")
     insert = sql.prepare("INSERT INTO scratch VALUES (zeroblob(300000))")
     assert await fill(lambda i: insert.run()) == 3  # 300 kB rows in 1 MiB
-    with pytest.raises(QuotaExceeded, match=r"^the SQL database 'acme''s temporary tables is full"):
+    with pytest.raises(
+        QuotaExceeded, match=r"^the SQL database 'acme' holds 4096 bytes and its temporary tables 9"
+    ):
         await insert.run()
 
 
@@ -221,7 +223,7 @@ async def test_blobs_refuse_a_put_past_the_quota_and_leave_no_file(tmp_path: Pat
         await bucket.put("big", [b"y" * 100_000] * 5)  # refused at a chunk midway
     assert sorted(p.name for p in (tmp_path / "blobs" / "acme").iterdir()) == files
     assert await bucket.head("big") is None
-    await bucket.put("o0", b"small")  # a replacement that shrinks it
+    await bucket.put("o0", b"small")  # a replacement that shrinks it (with room beside it)
     assert await bucket.delete("o1")
     await bucket.put("o9", b"z" * 300_000)  # room again
     assert (await bucket.head("o9") or {})["size"] == 300_000

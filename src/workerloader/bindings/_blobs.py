@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeVar
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
@@ -113,6 +113,32 @@ def _flush_and_sync(f: IO[Any]) -> None:
 def _public(head: dict[str, Any]) -> dict[str, Any]:
     """A head as callers see it (without the internal data file name)."""
     return {k: v for k, v in head.items() if k != "data"}
+
+
+_T = TypeVar("_T")
+
+
+async def _to_the_end(work: Awaitable[_T]) -> _T:
+    """``work``'s result. Cancelled meanwhile, the caller still waits for ``work`` to end and
+    is then cancelled: a file operation or a commit is never cut short (nor left running
+    behind a caller that goes on as if it were over)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _open_into(opened: list[IO[bytes]], path: Path) -> None:
+    """Open ``path`` for writing into ``opened`` (the caller closes it)."""
+    opened.append(open(path, "wb"))  # noqa: SIM115 - the caller closes it, whatever happens
+
+
+def _close_and_remove(opened: list[IO[bytes]], path: Path) -> None:
+    for f in opened:
+        f.close()
+    _remove(path)
 
 
 def _counted(path: Path) -> int:
@@ -278,16 +304,35 @@ class BlobBucket(RpcTarget):
         async with self._writers, contextlib.aclosing(chunks):
             first = await anext(chunks, None)
             head = await self._write(key, meta, first, chunks)
+        # From here the put runs to its end even if its caller goes: a commit cut short would
+        # leave a data file no head names, and the bucket's count wrong.
+        return await _to_the_end(self._commit_put(key, head))
+
+    async def _commit_put(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
+        """Make ``head`` (its data written and counted) the key's, under the key's lock; on
+        any failure remove its data and give its count back."""
+        data_path, size = self._root / head["data"], head["size"]
         text = json.dumps(head)
         # The chunks reserved their bytes; the files take whole blocks (see _quota).
-        rest = on_disk(len(text)) + on_disk(head["size"]) - head["size"]
+        rest = on_disk(len(text)) + on_disk(size) - size
         try:
             await self._usage.reserve(rest)
         except BaseException:
-            await asyncio.to_thread(_remove, self._root / head["data"])
-            self._usage.release(head["size"])
+            self._usage.release(size)
+            await asyncio.to_thread(_remove, data_path)
             raise
-        freed = await asyncio.to_thread(self._commit, key, text)
+        try:
+            async with self._usage.key_lock(key):
+                freed = await asyncio.to_thread(self._commit, key, text)
+        except BaseException as exc:
+            self._usage.release(size + rest)
+            await asyncio.to_thread(_remove, data_path)
+            if isinstance(exc, OSError):  # never the host's path: say what happened
+                raise BindingError(
+                    f"the object {key!r} could not be stored: the host's disk refused the "
+                    f"write ({exc.strerror}); nothing was stored"
+                ) from None
+            raise
         self._usage.release(freed)
         return _public(head)
 
@@ -304,8 +349,12 @@ class BlobBucket(RpcTarget):
         data_path = self._root / f"{uuid.uuid4().hex}.data"  # never reused: old heads stay valid
         digest = hashlib.md5(usedforsecurity=False)
         size = 0
-        f = await asyncio.to_thread(open, data_path, "wb")
+        opened: list[IO[bytes]] = []  # kept by the thread that opens it: a cancel loses none
         try:
+            # Each file operation ends before the put does (cancelled, it waits for it): the
+            # file is then closed and removed, never written behind its back.
+            await _to_the_end(asyncio.to_thread(_open_into, opened, data_path))
+            f = opened[0]
             chunk = first
             while chunk is not None:
                 if not isinstance(chunk, builtins.bytes):
@@ -315,13 +364,17 @@ class BlobBucket(RpcTarget):
                 await self._usage.reserve(len(chunk))  # before the bytes reach the disk
                 size += len(chunk)
                 digest.update(chunk)
-                await asyncio.to_thread(f.write, chunk)
+                await _to_the_end(asyncio.to_thread(f.write, chunk))
                 chunk = await anext(rest, None)
-            await asyncio.to_thread(_flush_and_sync, f)
-        except BaseException:
-            f.close()
-            _remove(data_path)
+            await _to_the_end(asyncio.to_thread(_flush_and_sync, f))
+        except BaseException as exc:
             self._usage.release(size)
+            await _to_the_end(asyncio.to_thread(_close_and_remove, opened, data_path))
+            if isinstance(exc, OSError):  # never the host's path: say what happened
+                raise BindingError(
+                    f"the object {key!r} could not be stored: the host's disk refused the "
+                    f"write ({exc.strerror}); nothing was stored"
+                ) from None
             raise
         f.close()
         return {
@@ -335,15 +388,20 @@ class BlobBucket(RpcTarget):
 
     def _commit(self, key: str, head: str) -> int:
         """Point the key's head at the new data (the commit point), then drop the old data;
-        the bytes of the old head and data, now gone."""
+        what the old head and data counted, now gone. Hold the key's lock: the old ones are
+        then this commit's alone to remove and give back. OSError leaves no new file."""
         previous = self._read_head(key)
         head_path = self._head_path(key)
         freed = _counted(head_path)
         head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
-        with open(head_tmp, "w") as f:
-            f.write(head)
-            _flush_and_sync(f)
-        os.replace(head_tmp, head_path)
+        try:
+            with open(head_tmp, "w") as f:
+                f.write(head)
+                _flush_and_sync(f)
+            os.replace(head_tmp, head_path)
+        except OSError:
+            _remove(head_tmp)
+            raise
         _fsync_dir(self._root)
         if previous is not None:
             freed += _remove(previous[0])
@@ -383,9 +441,13 @@ class BlobBucket(RpcTarget):
                 freed += _remove(found[0])
             return found is not None, freed
 
-        existed, freed = await asyncio.to_thread(work)
-        self._usage.release(freed)
-        return existed
+        async def delete() -> bool:
+            async with self._usage.key_lock(key):  # not between a put's reading and removing
+                existed, freed = await asyncio.to_thread(work)
+            self._usage.release(freed)
+            return existed
+
+        return await _to_the_end(delete())
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None
@@ -423,8 +485,8 @@ class BlobBucket(RpcTarget):
 
         # One list of a bucket at a time: each reads every head in a thread of the pool all
         # bindings share, so a worker's burst of lists would otherwise take all of them.
-        async with self._usage.listing:
-            page, truncated = await asyncio.to_thread(work)
+        async with self._usage.listing:  # held until the thread is done, even if cancelled
+            page, truncated = await _to_the_end(asyncio.to_thread(work))
         return {
             "objects": page,
             "truncated": truncated,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from .._errors import BindingError
+from .._errors import BindingError, QuotaExceeded
 from ..rpc import RpcTarget
 from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant, guarded
@@ -188,9 +188,12 @@ def page_limit(limit: object, most: int) -> int:
 
 ROW_OVERHEAD: Final = 32
 """Bytes a KV row takes beyond its namespace, key and value (SQLite's record and b-tree cell,
-measured at ~29): counted, so that a quota holds for a million tiny keys as well."""
+measured at ~29); a key with a ttl is in the expiry index too, which takes its namespace and
+key again and as much more. Counted, so that a quota holds for a million tiny keys as well."""
 _ROW_BYTES: Final = (
-    f"length(CAST(namespace AS BLOB)) + length(CAST(key AS BLOB)) + length(value) + {ROW_OVERHEAD}"
+    "length(CAST(namespace AS BLOB)) + length(CAST(key AS BLOB)) + length(value) "
+    f"+ {ROW_OVERHEAD} + CASE WHEN expires_at IS NULL THEN 0 ELSE "
+    f"length(CAST(namespace AS BLOB)) + length(CAST(key AS BLOB)) + {ROW_OVERHEAD} END"
 )
 """What a row counts toward its namespace's quota (see ``_quota``), in SQL."""
 
@@ -216,18 +219,29 @@ class KvStore(SqliteStore):
         return self.puts % _PURGE_EVERY == 0
 
 
-def _purge_expired(conn: sqlite3.Connection) -> None:
-    """Delete up to ``_PURGE_BATCH`` expired keys, of any namespace, and give their bytes back
-    to their namespaces' usage (inside the caller's transaction)."""
+def _purge_expired(conn: sqlite3.Connection, namespace: str | None = None) -> int:
+    """Delete up to ``_PURGE_BATCH`` expired keys, of ``namespace`` or of any, and give their
+    bytes back to their namespaces' usage (inside the caller's transaction); how many."""
+    query = "SELECT namespace, key FROM kv WHERE expires_at <= ?"
+    params: list[object] = [time.time()]
+    if namespace is not None:
+        query += " AND namespace = ?"
+        params.append(namespace)
+    # Sizes read first, then the rows deleted: DELETE … RETURNING evaluates the expiry test
+    # in _ROW_BYTES wrongly (SQLite 3.40, with the partial index on expires_at).
+    rows = conn.execute(
+        f"SELECT namespace, key, {_ROW_BYTES} FROM kv WHERE (namespace, key) IN ({query} LIMIT ?)",
+        [*params, _PURGE_BATCH],
+    ).fetchall()
+    conn.executemany(
+        "DELETE FROM kv WHERE namespace = ? AND key = ?", [(ns, key) for ns, key, _ in rows]
+    )
     freed: dict[str, int] = {}
-    for namespace, size in conn.execute(
-        "DELETE FROM kv WHERE (namespace, key) IN (SELECT namespace, key FROM kv "
-        f"WHERE expires_at <= ? LIMIT ?) RETURNING namespace, {_ROW_BYTES}",
-        (time.time(), _PURGE_BATCH),
-    ).fetchall():
-        freed[namespace] = freed.get(namespace, 0) + int(size)
-    for namespace, size in freed.items():
-        charge(conn, namespace, -size, None, "")
+    for owner, _, size in rows:
+        freed[owner] = freed.get(owner, 0) + int(size)
+    for owner, size in freed.items():
+        charge(conn, owner, -size, None, "")
+    return len(rows)
 
 
 def _successor(prefix: str) -> str | None:
@@ -341,19 +355,31 @@ class KvNamespace(RpcTarget):
         if len(data) > MAX_VALUE_BYTES:
             raise BindingError(f"a KV value may be at most {MAX_VALUE_BYTES} bytes")
         namespace = self._namespace
-        params = (namespace, key, data, _expiry(ttl))
-        size = len(namespace.encode()) + len(key.encode()) + len(data) + ROW_OVERHEAD
+        expires = _expiry(ttl)
+        params = (namespace, key, data, expires)
+        names = len(namespace.encode()) + len(key.encode()) + ROW_OVERHEAD
+        size = names + len(data) + (0 if expires is None else names)  # see ROW_OVERHEAD
         store = self._store
+
+        def stored(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                f"SELECT {_ROW_BYTES} FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
 
         def work(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.execute("BEGIN")
-                row = conn.execute(
-                    f"SELECT {_ROW_BYTES} FROM kv WHERE namespace = ? AND key = ?",
-                    (namespace, key),
-                ).fetchone()
-                was = 0 if row is None else int(row[0])
-                charge(conn, namespace, size - was, store.quota_bytes, self._what)
+                # IMMEDIATE: a deferred transaction that reads first cannot wait for another
+                # process's write (SQLITE_BUSY at once); this one waits its busy timeout.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    charge(conn, namespace, size - stored(conn), store.quota_bytes, self._what)
+                except QuotaExceeded:
+                    # Expired keys count until purged, and no call can name them to delete
+                    # them: a namespace at its quota has its own purged before it is refused.
+                    if not _purge_expired(conn, namespace):
+                        raise
+                    charge(conn, namespace, size - stored(conn), store.quota_bytes, self._what)
                 conn.execute(
                     "INSERT INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
@@ -372,12 +398,12 @@ class KvNamespace(RpcTarget):
 
         def work(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.execute("BEGIN")
-                row = conn.execute(
-                    f"DELETE FROM kv WHERE namespace = ? AND key = ? RETURNING {_ROW_BYTES}",
-                    params,
+                conn.execute("BEGIN IMMEDIATE")  # see put
+                row = conn.execute(  # not DELETE … RETURNING: see _purge_expired
+                    f"SELECT {_ROW_BYTES} FROM kv WHERE namespace = ? AND key = ?", params
                 ).fetchone()
                 if row is not None:
+                    conn.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", params)
                     charge(conn, params[0], -int(row[0]), None, self._what)
 
         await self._store.run(work, self._namespace)

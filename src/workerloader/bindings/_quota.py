@@ -4,15 +4,18 @@ A quota is per namespace and per store: a namespace's KV, its documents, its SQL
 its blob bucket may each hold up to ``quota_bytes`` (``Loader(storage_quota_mb=...)``, the
 service's ``[server] storage_quota_mb``). A write that would grow a store past it fails with
 ``QuotaExceeded`` and keeps nothing; one that does not grow it (an overwrite with less, a
-delete) always goes through, so a namespace at its quota can make room.
+delete) always goes through, so a namespace at its quota can make room (a blob put needs room
+beside the object it replaces until its commit: there, delete first).
 
 What counts, per store:
 
-- KV: each key's row: its namespace, key and value, and ``ROW_OVERHEAD`` (expired keys too,
-  until they are purged);
-- documents: each document's row: its JSON, namespace, collection and id, and
-  ``ROW_OVERHEAD`` (its full-text index comes on top, about the size of its text);
-- SQL: the database file's pages (``PRAGMA max_page_count``, kept by SQLite itself);
+- KV: each key's row: its namespace, key and value, and ``ROW_OVERHEAD``, twice the names for a
+  key with an expiry (expired keys too, until they are purged: a put at the quota purges its
+  namespace's first);
+- documents: each document's row: its JSON (``1 + INDEX_FACTOR`` times: its full-text index
+  too), namespace, collection and id, and ``ROW_OVERHEAD``;
+- SQL: the database file's pages, and its temporary tables' (``PRAGMA max_page_count``, kept
+  by SQLite itself; its WAL and sort files are not counted);
 - blobs: every file in the bucket's directory, data and heads, each rounded up to whole
   ``BLOCK`` s (a file takes at least one on disk: a million empty objects are not free).
 
@@ -28,28 +31,40 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Final
 
 from .._errors import QuotaExceeded
 
-__all__ = ["BLOCK", "BucketUsage", "charge", "count_usage", "on_disk", "quota_error"]
+__all__ = [
+    "BLOCK",
+    "QUOTA_ADVICE",
+    "BucketUsage",
+    "charge",
+    "count_usage",
+    "on_disk",
+    "quota_error",
+]
 
 _USAGE_TABLE: Final = (
     "CREATE TABLE usage (namespace TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID"
 )
 
 
-def quota_error(what: str, used: int | None, adding: int | None, quota: int) -> QuotaExceeded:
-    """The error for a write to ``what`` (a namespace's store), which holds ``used`` bytes
-    (None: not known) and would grow by ``adding`` (None: not known) past ``quota``."""
-    holds = "is full" if used is None else f"holds {used} bytes"
-    more = "this write" if adding is None else f"this write of {adding} more bytes"
+QUOTA_ADVICE: Final = (
+    "Nothing of the write was kept: delete what is no longer needed, or ask the operator to "
+    "raise the quota (Loader(storage_quota_mb=...); [server] storage_quota_mb in the "
+    "service's config)"
+)
+
+
+def quota_error(what: str, used: int, adding: int, quota: int) -> QuotaExceeded:
+    """The error for a write of ``adding`` bytes to ``what`` (a namespace's store), which
+    holds ``used`` bytes under a quota of ``quota``."""
     return QuotaExceeded(
-        f"{what} {holds}: {more} would take it past its storage quota of {quota} bytes "
-        f"({quota / (1 << 20):g} MB). Nothing of the write was kept: delete what is no longer "
-        "needed, or ask the operator to raise the quota (Loader(storage_quota_mb=...); "
-        "[server] storage_quota_mb in the service's config)"
+        f"{what} holds {used} bytes: this write of {adding} more bytes would take it past its "
+        f"storage quota of {quota} bytes ({quota / (1 << 20):g} MB). {QUOTA_ADVICE}"
     )
 
 
@@ -125,6 +140,16 @@ class BucketUsage:
         self._counting: asyncio.Lock | None = None
         self.listing = asyncio.Lock()
         """Held by a ``list`` of the bucket while it reads the heads (see ``BlobBucket.list``)."""
+        self._keys: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def key_lock(self, key: str) -> asyncio.Lock:
+        """The lock that a commit or delete of ``key`` holds while it reads, replaces and
+        removes the key's files: without it, a delete racing a put gave the old files' count
+        back twice, and two puts of one key left a data file no head names."""
+        lock = self._keys.get(key)
+        if lock is None:
+            lock = self._keys[key] = asyncio.Lock()
+        return lock
 
     async def used(self) -> int:
         """The bucket's bytes, counted on the first call."""
@@ -146,4 +171,4 @@ class BucketUsage:
     def release(self, size: int) -> None:
         """Count ``size`` fewer bytes (files removed, or a reservation not used)."""
         if self._used is not None:
-            self._used = max(0, self._used - size)
+            self._used -= size

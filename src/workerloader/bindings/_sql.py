@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from .._errors import BindingError, PermissionDenied
+from .._errors import BindingError, PermissionDenied, QuotaExceeded
 from ..rpc import RpcTarget
 from . import _sqlite
-from ._quota import quota_error
+from ._quota import QUOTA_ADVICE
 from ._sqlite import (
     Authorizer,
     Grants,
@@ -144,11 +144,15 @@ class _Db:
                     self._rollback()
                     return work(self.conn)
                 except BaseException as exc:
+                    # Which store is full is read before the rollback gives its pages back.
+                    full = self._full() if _code(exc) == sqlite3.SQLITE_FULL else None
                     # Not only sqlite3.Error: an OverflowError from a parameter, a result over
                     # its budget or a thread's KeyboardInterrupt would otherwise leave a batch's
                     # BEGIN IMMEDIATE open, and every later caller's write inside it.
                     with contextlib.suppress(sqlite3.Error):  # the next call tries again
                         self._rollback()
+                    if full is not None:
+                        raise full from None
                     if isinstance(exc, MemoryError):  # SQLITE_NOMEM: its heap limit
                         raise BindingError(
                             "SQLite ran out of the memory the host gives it "
@@ -192,8 +196,6 @@ class _Db:
             return BindingError(
                 f"SQL statement too long: at most {self.limits.max_sql_bytes} bytes of UTF-8"
             )
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-            return self._full()
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_TOOBIG:
             return BindingError(
                 f"{exc}: SQL strings and blobs may be at most {self.limits.max_value_bytes} bytes"
@@ -202,7 +204,7 @@ class _Db:
 
     def _full(self) -> BindingError:
         """The error for SQLITE_FULL: the database or its temporary tables at the quota
-        (``max_page_count``: the fuller of the two), or else the host's disk full."""
+        (``max_page_count``), or else the host's disk full."""
         quota = self.quota_bytes
         if quota is None:
             return BindingError(f"{self.what} could not grow: the host's disk is full")
@@ -213,9 +215,19 @@ class _Db:
             (temp_pages,) = self.conn.execute("PRAGMA temp.page_count").fetchone()
         finally:
             self.conn.set_authorizer(self.authorizer)
-        if temp_pages > pages:
-            return quota_error(f"{self.what}'s temporary tables", None, None, quota)
-        return quota_error(self.what, pages * page_size, None, quota)
+        # SQLite has undone the failed statement's pages by now: which of the two it filled
+        # is not known, so both are named.
+        return QuotaExceeded(
+            f"{self.what} holds {pages * page_size} bytes and its temporary tables "
+            f"{temp_pages * page_size}: this write would take one of them past the storage "
+            f"quota each may fill, {quota} bytes ({quota / (1 << 20):g} MB). {QUOTA_ADVICE}"
+        )
+
+
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of ``exc``, if it is SQLite's error."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
 
 
 class _Budget:

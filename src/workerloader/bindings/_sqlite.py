@@ -95,6 +95,10 @@ and the statement with it, instead of the host. Each value is capped (8 MiB for 
 worker's row can hold 2,000 of them: 16 GB."""
 
 
+JOURNAL_LIMIT_BYTES = 4 << 20
+"""What a database's WAL file keeps of its size after a checkpoint."""
+
+
 def open_database(
     path: Path, authorizer: Authorizer | None = None, max_bytes: int | None = None
 ) -> sqlite3.Connection:
@@ -117,6 +121,9 @@ def open_database(
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA hard_heap_limit={HEAP_LIMIT_BYTES}")
+    # A large transaction grows the WAL file; a checkpoint then cuts it back to this, where
+    # it would otherwise keep its largest size for good (outside any quota).
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT_BYTES}")
     if max_bytes is not None:
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         pages = max(1, max_bytes // page_size)

@@ -188,7 +188,12 @@ def dev(
             # default cap (503): BoundedHttpProtocol's own max_connections.
             server = uvicorn.Server(
                 uvicorn.Config(
-                    app, host=host, port=port, http=BoundedHttpProtocol, log_level="info"
+                    app,
+                    host=host,
+                    port=port,
+                    http=BoundedHttpProtocol,
+                    ws="none",  # as serve's (see there)
+                    log_level="info",
                 )
             )
             await server.serve()

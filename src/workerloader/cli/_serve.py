@@ -105,6 +105,10 @@ def serve(config_path: Path | None, **flags: object) -> None:
             host=listen.host,
             port=listen.port,
             http=capped(listen.max_connections),
+            # No WebSockets (the service has no such route): uvicorn would otherwise upgrade a
+            # connection wherever `websockets` is installed, swapping out the protocol that
+            # counts it, whose place under max_connections would then never come free.
+            ws="none",
             log_level="info",
             access_log=False,
         )

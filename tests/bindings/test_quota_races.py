@@ -1,0 +1,246 @@
+"""Quotas under concurrency, cancellation and failure: a bucket's count stays what its files take
+(deletes racing puts, puts of one key at once, puts cancelled midway, a commit the disk
+refuses), no data file is left that no head names, a KV namespace full of expired keys can put
+again, and a write waits for another process's instead of failing."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerloader import BindingError, Loader, QuotaExceeded
+from workerloader.bindings import BlobBucket, _blobs
+from workerloader.bindings._quota import on_disk
+
+MB = 1 << 20
+
+
+def on_disk_now(root: Path) -> int:
+    return sum(on_disk(f.stat().st_size) for f in root.iterdir()) if root.exists() else 0
+
+
+def counted(loader: Loader, bucket: str) -> int:
+    used = loader._bucket_usage[loader.data_dir / "blobs" / bucket]._used
+    assert used is not None
+    return used
+
+
+def unnamed_data_files(bucket: BlobBucket, root: Path) -> list[str]:
+    """Data files no head names (no call could ever delete them)."""
+    named = set()
+    for head in root.glob("*.head"):
+        found = _blobs._load_head(head, _blobs.MAX_LEGACY_HEAD_BYTES)
+        if found is not None:
+            named.add(found["data"])
+    return [f.name for f in root.glob("*.data") if f.name not in named]
+
+
+async def test_deletes_racing_puts_of_one_key_keep_the_count_exact(tmp_path: Path) -> None:
+    loader = Loader(tmp_path, storage_quota_mb=8)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    await bucket.put("base", b"x" * 400_000)  # a count a double give-back shows in
+    metadata = {"m": "x" * 8000}  # an old head of three blocks
+
+    async def late_delete() -> None:
+        await asyncio.sleep(random.uniform(0, 0.004))  # at any point of the put's commit
+        await bucket.delete("k")
+
+    for _ in range(150):
+        await bucket.put("k", b"", metadata)
+        await asyncio.gather(bucket.put("k", b""), late_delete())
+    await bucket.delete("k")
+    assert counted(loader, "acme") == on_disk_now(root) == on_disk(400_000) + 4096
+
+
+async def test_puts_of_one_key_at_once_leave_no_data_file_unnamed(tmp_path: Path) -> None:
+    loader = Loader(tmp_path, storage_quota_mb=8)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    for _ in range(20):
+        await asyncio.gather(*(bucket.put("k", os.urandom(10_000)) for _ in range(4)))
+    assert unnamed_data_files(bucket, root) == []
+    assert counted(loader, "acme") == on_disk_now(root)
+
+
+async def test_puts_cancelled_midway_leave_no_file_and_no_count(tmp_path: Path) -> None:
+    loader = Loader(tmp_path, storage_quota_mb=8)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+
+    def chunks() -> Callable[[], Awaitable[bytes]]:
+        left = 4
+
+        async def chunk() -> bytes:
+            nonlocal left
+            await asyncio.sleep(0.002)
+            left -= 1
+            return b"x" * 65536 if left >= 0 else b""
+
+        return chunk
+
+    outcomes = set()
+    for i in range(60):
+        put = asyncio.ensure_future(bucket.put(f"k{i % 7}", chunks()))
+        await asyncio.sleep(random.random() * 0.015)  # at any point, the commit's too
+        put.cancel()
+        try:
+            await put
+            outcomes.add("stored")
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+    assert "cancelled" in outcomes
+    assert unnamed_data_files(bucket, root) == []
+    assert not list(root.glob("*.tmp"))
+    assert counted(loader, "acme") == on_disk_now(root)
+
+
+async def test_a_commit_the_disk_refuses_is_a_binding_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path, storage_quota_mb=8)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    await bucket.put("kept", b"v")
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(BindingError) as refused:
+        await bucket.put("k", b"x" * 100_000)
+    assert str(refused.value) == (
+        "the object 'k' could not be stored: the host's disk refused the write "
+        "(No space left on device); nothing was stored"
+    )
+    assert str(tmp_path) not in str(refused.value)
+    monkeypatch.undo()
+    assert sorted(p.suffix for p in root.iterdir()) == [".data", ".head"]  # "kept" alone
+    assert counted(loader, "acme") == on_disk_now(root)
+
+
+async def test_at_the_quota_a_blob_is_deleted_before_it_is_put_again(tmp_path: Path) -> None:
+    loader = Loader(tmp_path, storage_quota_mb=1)
+    bucket = loader.blobs("acme")
+    await bucket.put("big", b"x" * 900_000)
+    while True:  # up to the last block
+        try:
+            await bucket.put(f"e{random.random()}", b"")
+        except QuotaExceeded:
+            break
+    # The new object needs room beside the old until it replaces it (as docs/bindings.md says).
+    with pytest.raises(QuotaExceeded):
+        await bucket.put("big", b"small")
+    assert await bucket.delete("big")
+    await bucket.put("big", b"small")
+    assert (await bucket.head("big") or {})["size"] == 5
+
+
+async def test_cancelled_lists_still_hold_their_buckets_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    bucket = loader.blobs("acme")
+    await bucket.put("k", b"v")
+    active, peak, lock = [0], [0], threading.Lock()
+    load_head = _blobs._load_head
+
+    def slow_load_head(path: Path, most: int) -> dict[str, Any] | None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.03)
+        with lock:
+            active[0] -= 1
+        return load_head(path, most)
+
+    monkeypatch.setattr(_blobs, "_load_head", slow_load_head)
+    for _ in range(6):
+        listing = asyncio.ensure_future(loader.blobs("acme").list())
+        await asyncio.sleep(0.005)
+        listing.cancel()
+    await asyncio.sleep(0.3)
+    assert peak[0] == 1
+
+
+async def test_a_kv_namespace_full_of_expired_keys_can_put_again(tmp_path: Path) -> None:
+    kv = Loader(tmp_path, storage_quota_mb=1).kv("acme")
+    for i in range(3):
+        try:
+            await kv.put(f"session-{i}", b"x" * 400_000, ttl=0.05)
+        except QuotaExceeded:
+            break
+    await asyncio.sleep(0.1)  # all expired: no call can name them any more
+    assert (await kv.list())["keys"] == []
+    await kv.put("fresh", b"y" * 400_000)
+    await kv.put("fresh2", b"y" * 400_000)
+    assert await kv.get("fresh2", "bytes") == b"y" * 400_000
+
+
+@pytest.mark.parametrize("store", ["kv", "documents"])
+async def test_a_write_waits_for_another_processs_write(tmp_path: Path, store: str) -> None:
+    loader = Loader(tmp_path)
+    kv, db = loader.kv("acme"), loader.db("acme")
+    await kv.put("k", "v")
+    await db.create("notes", {"id": "n", "text": "v"})
+    locked, done = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        # Another connection (as `workerloader exec` beside the service) writes and commits
+        # while this one's write is waiting.
+        conn = sqlite3.connect(tmp_path / f"{store}.sqlite3", isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO usage VALUES ('other', 1) ON CONFLICT DO NOTHING")
+        locked.set()
+        time.sleep(0.3)
+        conn.execute("COMMIT")
+        conn.close()
+        done.set()
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    await asyncio.to_thread(locked.wait)
+    if store == "kv":
+        await kv.put("k", "w")
+        assert await kv.get("k") == "w"
+    else:
+        await db.update("notes", "n", {"text": "w"})
+        assert (await db.get("notes", "n") or {})["text"] == "w"
+    await asyncio.to_thread(thread.join)
+    assert done.is_set()
+
+
+async def test_sql_says_which_is_full_after_its_rollback_too(tmp_path: Path) -> None:
+    sql = Loader(tmp_path, storage_quota_mb=1).sql("acme")
+    await sql.exec("CREATE TABLE small (v)")
+    await sql.prepare("INSERT INTO small VALUES (zeroblob(100000))").run()
+    await sql.exec("CREATE TEMP TABLE scratch (v BLOB)")
+    await sql.exec("DROP TABLE scratch")
+    await sql.exec("CREATE TEMP TABLE scratch (v BLOB)")
+    full = (
+        r"^the SQL database 'acme' holds 1\d{5} bytes and its temporary tables \d+: this "
+        r"write would take one of them past the storage quota each may fill, 1048576 bytes"
+    )
+    with pytest.raises(QuotaExceeded, match=full):
+        await sql.prepare("INSERT INTO scratch VALUES (zeroblob(2000000))").run()
+    with pytest.raises(QuotaExceeded, match=full):
+        await sql.prepare("INSERT INTO small VALUES (zeroblob(2000000))").run()
+
+
+async def test_sql_cuts_its_wal_back_after_a_large_write(tmp_path: Path) -> None:
+    sql = Loader(tmp_path, storage_quota_mb=64).sql("acme")
+    await sql.exec("CREATE TABLE t (v)")
+    insert = sql.prepare("INSERT INTO t VALUES (zeroblob(1000000))")
+    await sql.batch([insert] * 12)  # one transaction: a WAL of 12 MB
+    wal = tmp_path / "sql" / "acme.sqlite3-wal"
+    assert wal.stat().st_size > 12 * 1000 * 1000
+    # Checkpointed as it committed; the next write starts the WAL over, cut back to 4 MiB.
+    await sql.exec("DELETE FROM t")
+    await sql.exec("INSERT INTO t VALUES (1)")
+    assert wal.stat().st_size <= 4 * MB
