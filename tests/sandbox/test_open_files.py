@@ -5,14 +5,24 @@ runs in a process of its own: the limit is process-wide."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from workerloader import Loader, WorkerCode, WorkerloaderError
+from workerloader.loader._worker import stop_worker
+from workerloader.sandbox import _host
 
 SCRIPT = """
 import asyncio, resource, sys, tempfile
 soft, hard = 1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from workerloader.loader._worker import stop_worker
 from workerloader.sandbox import _host
 if sys.argv[1] == "keep-limit":
     _host.raise_open_files_limit = lambda: None
@@ -65,3 +75,30 @@ def test_running_out_of_descriptors_is_an_error_that_says_so(tmp_path: Path) -> 
         "refused: this process is out of file descriptors (RLIMIT_NOFILE 1024): each live "
         "worker holds a few; raise the limit (ulimit -n) or lower max_workers"
     ), result
+
+
+@pytest.mark.parametrize("step", ["map_for_reading", "_pid_of"])
+async def test_a_worker_taken_over_without_a_descriptor_left_says_so_and_leaks_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # Taking a worker over needs descriptors beyond the three it is sent (a mapping of its
+    # output, a read of its pid): at the limit, either step fails (here made to, at once).
+    async with Loader(tmp_path, pool_size=1) as loader:
+        main = "async def fetch(request, env, ctx):\n    pass\n"
+        code = WorkerCode(main_module="main.py", modules={"main.py": main})
+        await loader.load(code)  # the ready queue filled, the host's descriptors in use
+        await asyncio.sleep(0.5)
+        before = len(os.listdir("/proc/self/fd"))
+
+        def no_descriptor(*args: object) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(_host, step, no_descriptor)
+        while loader._ready:  # a worker taken now comes from the sandbox
+            await stop_worker(*loader._ready.popleft())
+        with pytest.raises(WorkerloaderError, match=r"^this process is out of file descriptors"):
+            await loader.load(code)
+        monkeypatch.undo()
+        await loader.load(code)
+        await asyncio.sleep(0.5)
+        assert len(os.listdir("/proc/self/fd")) <= before

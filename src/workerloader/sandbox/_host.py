@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import functools
 import mmap
 import os
@@ -182,6 +183,14 @@ def _kill(pidfd: int) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
+def _out_of_descriptors() -> WorkerloaderError:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return WorkerloaderError(
+        f"this process is out of file descriptors (RLIMIT_NOFILE {soft}): each live "
+        "worker holds a few; raise the limit (ulimit -n) or lower max_workers"
+    )
+
+
 def _pid_of(pidfd: int) -> int:
     """The host pid behind a pidfd (its fdinfo; read raw: a text file object costs more than
     the read, once per worker)."""
@@ -303,17 +312,23 @@ class Sandbox:
         if len(fds) != 3:  # the kernel drops passed descriptors this process has no room for
             for fd in fds:
                 os.close(fd)
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            raise WorkerloaderError(
-                f"this process is out of file descriptors (RLIMIT_NOFILE {soft}): each live "
-                "worker holds a few; raise the limit (ulimit -n) or lower max_workers"
-            )
+            raise _out_of_descriptors()
         channel_fd, pidfd, output_fd = fds[0], fds[1], fds[2]
+        output = None
         try:
-            output = map_for_reading(output_fd)
+            output = map_for_reading(output_fd)  # takes a descriptor of its own
+            pid = _pid_of(pidfd)  # opens a file
+        except OSError as exc:
+            if output is not None:
+                output.close()
+            os.close(channel_fd)  # the worker sees its channel end, and exits
+            os.close(pidfd)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors() from None
+            raise
         finally:
             os.close(output_fd)
-        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, _pid_of(pidfd), output)
+        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, pid, output)
         process._chores = self._chores
         # The zygote, and so every pooled worker, runs 10 nice levels below the host: forking
         # and starting workers in the background then yields to the calls in flight. A worker
