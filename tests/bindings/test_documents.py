@@ -31,8 +31,24 @@ def ids(docs: list[dict[str, Any]]) -> list[str]:
 
 async def people(db: Documents) -> None:
     for doc in (
-        {"id": "ada", "name": "Ada", "role": "admin", "age": 36, "active": True, "flag": True},
-        {"id": "alan", "name": "Alan", "role": "user", "age": 41, "active": False, "flag": 1},
+        {
+            "id": "ada",
+            "name": "Ada",
+            "role": "admin",
+            "age": 36,
+            "active": True,
+            "flag": True,
+            "tags": '["x"]',
+        },
+        {
+            "id": "alan",
+            "name": "Alan",
+            "role": "user",
+            "age": 41,
+            "active": False,
+            "flag": 1,
+            "tags": ["x"],
+        },
         {"id": "grace", "name": "Grace", "role": "admin", "age": 85, "active": True},
         {"id": "linus", "name": "Linus", "role": "user", "age": 36, "active": True},
         {
@@ -149,6 +165,8 @@ async def test_list_without_order_is_by_id(db: Documents) -> None:
         ({"flag": 0}, []),
         ({"flag": False}, ["barbara"]),
         ({"flag": 1.0}, ["alan"]),  # 1 and 1.0 are the same JSON number
+        ({"tags": '["x"]'}, ["ada"]),  # a string matches a string, never an array's JSON
+        ({"tags": "x"}, []),
         ({}, ["ada", "alan", "barbara", "grace", "linus"]),
     ],
 )
@@ -166,6 +184,11 @@ async def test_where_values_are_data_not_sql(db: Documents) -> None:
         BindingError, match=exact("where values must be str, int, float, bool or None")
     ):
         await db.list("people", where={"role": ["admin"]})
+    for number in (math.nan, math.inf):
+        with pytest.raises(
+            BindingError, match=exact("where numbers must be finite (JSON has no NaN or infinity)")
+        ):
+            await db.list("people", where={"age": number})
 
 
 async def test_order_by_a_field_ascending_and_descending(db: Documents) -> None:

@@ -6,6 +6,7 @@ again, and a write waits for another process's instead of failing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -21,6 +22,7 @@ import pytest
 from workerloader import BindingError, Loader, QuotaExceeded
 from workerloader.bindings import BlobBucket, _blobs
 from workerloader.bindings._quota import on_disk
+from workerloader.bindings._sqlite import call_deadline
 
 MB = 1 << 20
 
@@ -43,6 +45,24 @@ def unnamed_data_files(bucket: BlobBucket, root: Path) -> list[str]:
         if found is not None:
             named.add(found["data"])
     return [f.name for f in root.glob("*.data") if f.name not in named]
+
+
+def slow_head_reads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[int]:
+    """Make every read of a blob head take ``seconds``; the most read at once, as it grows."""
+    active, peak, lock = [0], [0], threading.Lock()
+    load_head = _blobs._load_head
+
+    def slow_load_head(path: Path, most: int, **strict: bool) -> dict[str, Any] | None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(seconds)
+        with lock:
+            active[0] -= 1
+        return load_head(path, most, **strict)
+
+    monkeypatch.setattr(_blobs, "_load_head", slow_load_head)
+    return peak
 
 
 async def test_deletes_racing_puts_of_one_key_keep_the_count_exact(tmp_path: Path) -> None:
@@ -148,19 +168,7 @@ async def test_cancelled_lists_still_hold_their_buckets_turn(
     loader = Loader(tmp_path)
     bucket = loader.blobs("acme")
     await bucket.put("k", b"v")
-    active, peak, lock = [0], [0], threading.Lock()
-    load_head = _blobs._load_head
-
-    def slow_load_head(path: Path, most: int) -> dict[str, Any] | None:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.03)
-        with lock:
-            active[0] -= 1
-        return load_head(path, most)
-
-    monkeypatch.setattr(_blobs, "_load_head", slow_load_head)
+    peak = slow_head_reads(monkeypatch, 0.03)
     for _ in range(6):
         listing = asyncio.ensure_future(loader.blobs("acme").list())
         await asyncio.sleep(0.005)
@@ -244,3 +252,146 @@ async def test_sql_cuts_its_wal_back_after_a_large_write(tmp_path: Path) -> None
     await sql.exec("DELETE FROM t")
     await sql.exec("INSERT INTO t VALUES (1)")
     assert wal.stat().st_size <= 4 * MB
+
+
+async def cancel_twice(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` as a worker's end does (its session's close, then its stop) and wait."""
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_a_list_cancelled_twice_still_holds_its_buckets_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    await loader.blobs("acme").put("k", b"v")
+    peak = slow_head_reads(monkeypatch, 0.05)
+    first = asyncio.ensure_future(loader.blobs("acme").list())
+    await asyncio.sleep(0.01)
+    await cancel_twice(first)
+    await loader.blobs("acme").list()
+    assert peak[0] == 1
+
+
+async def test_a_put_cancelled_twice_while_opening_its_file_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    open_into = _blobs._open_into
+
+    def slow_open(opened: list[Any], path: Path) -> None:
+        time.sleep(0.05)
+        open_into(opened, path)
+
+    monkeypatch.setattr(_blobs, "_open_into", slow_open)
+    put = asyncio.ensure_future(bucket.put("k", b"x" * 1000))
+    await asyncio.sleep(0.01)
+    await cancel_twice(put)
+    await asyncio.sleep(0.1)
+    assert list(root.iterdir()) == []
+    assert counted(loader, "acme") == 0
+
+
+async def test_a_commit_whose_directory_sync_fails_has_still_stored_the_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    await bucket.put("k", b"old")
+
+    def no_descriptor(path: Path) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(_blobs, "_fsync_dir", no_descriptor)
+    await bucket.put("k", b"new")  # past its commit point: it happened
+    monkeypatch.undo()
+    found = await bucket.get("k")
+    assert found is not None
+    assert await found.bytes() == b"new"
+    assert unnamed_data_files(bucket, root) == []
+    assert counted(loader, "acme") == on_disk_now(root)
+
+
+async def test_a_commit_that_cannot_read_the_old_head_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = Loader(tmp_path)
+    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    await bucket.put("k", b"old")
+    load_head = _blobs._load_head
+
+    def no_descriptor(path: Path, most: int, *, strict: bool = False) -> dict[str, Any] | None:
+        if strict:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return load_head(path, most)
+
+    monkeypatch.setattr(_blobs, "_load_head", no_descriptor)
+    with pytest.raises(BindingError, match=r"^the object 'k' could not be stored"):
+        await bucket.put("k", b"new")
+    with pytest.raises(BindingError, match=r"^the object 'k' could not be deleted"):
+        await bucket.delete("k")
+    monkeypatch.undo()
+    found = await bucket.get("k")
+    assert found is not None
+    assert await found.bytes() == b"old"
+    assert unnamed_data_files(bucket, root) == []
+    assert counted(loader, "acme") == on_disk_now(root)
+
+
+async def test_a_put_past_the_quota_purges_all_the_expired_keys_it_needs(
+    tmp_path: Path,
+) -> None:
+    kv = Loader(tmp_path, storage_quota_mb=1).kv("acme")
+    for i in range(900):  # small keys, far more than one purge batch (256)
+        await kv.put(f"session-{i}", b"x" * 1000, ttl=1.0)  # none expires while they are put
+    await asyncio.sleep(1.1)
+    await kv.put("big", b"y" * 500_000)  # needs the room of ~470 of them
+    assert await kv.get("big", "bytes") == b"y" * 500_000
+
+
+def test_a_namespaces_expired_keys_are_found_by_index(tmp_path: Path) -> None:
+    loader = Loader(tmp_path)
+    conn = loader._stores().kv.conn
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT key FROM kv WHERE namespace = ? AND expires_at <= ?",
+        ("acme", 1.0),
+    ).fetchall()
+    assert "kv_expiring" in str(plan)
+
+
+async def test_usage_counted_by_another_expression_is_counted_again(tmp_path: Path) -> None:
+    await Loader(tmp_path).kv("acme").put("k", "v")
+    with sqlite3.connect(tmp_path / "kv.sqlite3") as conn:
+        conn.execute("UPDATE usage SET bytes = 5")
+        conn.execute("UPDATE usage_counted_by SET expression = 'length(value)'")
+    kv = Loader(tmp_path).kv("acme")
+    await kv.delete("k")  # by the new expression: back to zero, not below
+    with sqlite3.connect(tmp_path / "kv.sqlite3") as conn:
+        assert conn.execute("SELECT bytes FROM usage").fetchall() == [(0,)]
+
+
+async def test_a_call_waiting_for_its_namespaces_turn_ends_at_its_deadline(
+    loader: Loader,
+) -> None:
+    store = loader._stores().kv
+    token = call_deadline.set(time.monotonic() + 0.3)
+    try:
+
+        def slow(conn: sqlite3.Connection) -> None:
+            time.sleep(0.2)
+
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(store.run(slow, "acme") for _ in range(5)), return_exceptions=True
+        )
+    finally:
+        call_deadline.reset(token)
+    took = time.monotonic() - started
+    assert took < 0.6  # not five of them one after another (1 s)
+    refused = [r for r in results if isinstance(r, BindingError)]
+    assert refused
+    assert all("could not start before its deadline" in str(r) for r in refused)

@@ -6,6 +6,7 @@ before quotas existed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -115,13 +116,16 @@ async def test_kv_quotas_are_per_namespace(tmp_path: Path) -> None:
 async def test_expired_kv_keys_give_their_bytes_back_as_they_are_purged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_kv, "_PURGE_EVERY", 2)
+    monkeypatch.setattr(_kv, "_PURGE_EVERY", 1)
     loader = Loader(tmp_path, storage_quota_mb=1)
-    kv = loader.kv("acme")
+    kv, other = loader.kv("acme"), loader.kv("other")
     await kv.put("short", b"x" * KV_VALUE, ttl=0.001)
-    await loader.kv("other").put("k", "v")  # the second put: purges every namespace
-    assert kv_usage(tmp_path, "acme") == 0
-    assert kv_usage(tmp_path, "other") == kv_row("other", "k", 1)
+    await other.put("short", "v", ttl=0.001)
+    await asyncio.sleep(0.01)
+    await kv.put("k", "v")  # purges its own namespace's expired keys
+    assert kv_usage(tmp_path, "acme") == kv_row("acme", "k", 1)
+    expiring = kv_row("other", "short", 1) + kv_row("other", "short", 0)  # its index entry too
+    assert kv_usage(tmp_path, "other") == expiring  # not another namespace's
     await kv.put("a", b"x" * KV_VALUE)  # the expired key's bytes are free again
 
 

@@ -21,13 +21,14 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
 from .._errors import BindingError
 from ..rpc import RpcTarget
 from ._kv import page_limit, utf8_length
 from ._quota import BucketUsage, on_disk
 from ._sqlite import Grants, check_grant
+from ._tasks import to_the_end
 
 __all__ = ["BlobBucket"]
 
@@ -115,21 +116,6 @@ def _public(head: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in head.items() if k != "data"}
 
 
-_T = TypeVar("_T")
-
-
-async def _to_the_end(work: Awaitable[_T]) -> _T:
-    """``work``'s result. Cancelled meanwhile, the caller still waits for ``work`` to end and
-    is then cancelled: a file operation or a commit is never cut short (nor left running
-    behind a caller that goes on as if it were over)."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
-
-
 def _open_into(opened: list[IO[bytes]], path: Path) -> None:
     """Open ``path`` for writing into ``opened`` (the caller closes it)."""
     opened.append(open(path, "wb"))  # noqa: SIM115 - the caller closes it, whatever happens
@@ -167,16 +153,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _load_head(path: Path, most: int) -> dict[str, Any] | None:
+def _load_head(path: Path, most: int, *, strict: bool = False) -> dict[str, Any] | None:
     """The head stored at ``path``, reading at most ``most`` bytes of it; None if it is missing,
-    larger, or not a head."""
+    larger, or not a head. ``strict``: an OSError other than its absence is raised (one that
+    is not there for now, as no descriptor being left, must not pass for "no head")."""
     try:
         with open(path, "rb") as f:
             raw = f.read(most + 1)
         if len(raw) > most:
             return None
         head = json.loads(raw)
-    except (OSError, ValueError, RecursionError):
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if strict:
+            raise
+        return None
+    except (ValueError, RecursionError):
         return None
     if not isinstance(head, dict) or not isinstance(head.get("key"), str):
         return None
@@ -306,7 +299,7 @@ class BlobBucket(RpcTarget):
             head = await self._write(key, meta, first, chunks)
         # From here the put runs to its end even if its caller goes: a commit cut short would
         # leave a data file no head names, and the bucket's count wrong.
-        return await _to_the_end(self._commit_put(key, head))
+        return await to_the_end(self._commit_put(key, head))
 
     async def _commit_put(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
         """Make ``head`` (its data written and counted) the key's, under the key's lock; on
@@ -353,7 +346,7 @@ class BlobBucket(RpcTarget):
         try:
             # Each file operation ends before the put does (cancelled, it waits for it): the
             # file is then closed and removed, never written behind its back.
-            await _to_the_end(asyncio.to_thread(_open_into, opened, data_path))
+            await to_the_end(asyncio.to_thread(_open_into, opened, data_path))
             f = opened[0]
             chunk = first
             while chunk is not None:
@@ -364,12 +357,12 @@ class BlobBucket(RpcTarget):
                 await self._usage.reserve(len(chunk))  # before the bytes reach the disk
                 size += len(chunk)
                 digest.update(chunk)
-                await _to_the_end(asyncio.to_thread(f.write, chunk))
+                await to_the_end(asyncio.to_thread(f.write, chunk))
                 chunk = await anext(rest, None)
-            await _to_the_end(asyncio.to_thread(_flush_and_sync, f))
+            await to_the_end(asyncio.to_thread(_flush_and_sync, f))
         except BaseException as exc:
             self._usage.release(size)
-            await _to_the_end(asyncio.to_thread(_close_and_remove, opened, data_path))
+            await to_the_end(asyncio.to_thread(_close_and_remove, opened, data_path))
             if isinstance(exc, OSError):  # never the host's path: say what happened
                 raise BindingError(
                     f"the object {key!r} could not be stored: the host's disk refused the "
@@ -389,8 +382,11 @@ class BlobBucket(RpcTarget):
     def _commit(self, key: str, head: str) -> int:
         """Point the key's head at the new data (the commit point), then drop the old data;
         what the old head and data counted, now gone. Hold the key's lock: the old ones are
-        then this commit's alone to remove and give back. OSError leaves no new file."""
-        previous = self._read_head(key)
+        then this commit's alone to remove and give back. OSError before the commit point
+        leaves no new file and the old ones as they were; after it, the put has happened (a
+        failed directory sync or removal of the old data is not its failure: an old file not
+        removed stays counted)."""
+        previous = self._read_head(key, strict=True)
         head_path = self._head_path(key)
         freed = _counted(head_path)
         head_tmp = self._root / f"{uuid.uuid4().hex}.tmp"
@@ -398,18 +394,21 @@ class BlobBucket(RpcTarget):
             with open(head_tmp, "w") as f:
                 f.write(head)
                 _flush_and_sync(f)
-            os.replace(head_tmp, head_path)
+            os.replace(head_tmp, head_path)  # the commit point
         except OSError:
             _remove(head_tmp)
             raise
-        _fsync_dir(self._root)
+        with contextlib.suppress(OSError):
+            _fsync_dir(self._root)
         if previous is not None:
-            freed += _remove(previous[0])
+            with contextlib.suppress(OSError):
+                freed += _remove(previous[0])
         return freed
 
-    def _read_head(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        """The data file and head of ``key`` (a checked key), or None (blocking I/O)."""
-        head = _load_head(self._head_path(key), MAX_LEGACY_HEAD_BYTES)
+    def _read_head(self, key: str, strict: bool = False) -> tuple[Path, dict[str, Any]] | None:
+        """The data file and head of ``key`` (a checked key), or None (blocking I/O; for
+        ``strict`` see ``_load_head``)."""
+        head = _load_head(self._head_path(key), MAX_LEGACY_HEAD_BYTES, strict=strict)
         if head is None:
             return None
         data = self._root / str(head.get("data", ""))
@@ -434,20 +433,29 @@ class BlobBucket(RpcTarget):
         check_grant(self._grants, "write", "this bucket")
         key = _key(key)
 
-        def work() -> tuple[bool, int]:
-            found = self._read_head(key)
-            freed = _remove(self._head_path(key))
+        freed = 0  # counted as the files go, so a removal that fails midway gives back its part
+
+        def work() -> bool:
+            nonlocal freed
+            found = self._read_head(key, strict=True)  # its data file is known, or it raises
+            freed += _remove(self._head_path(key))
             if found is not None:
                 freed += _remove(found[0])
-            return found is not None, freed
+            return found is not None
 
         async def delete() -> bool:
-            async with self._usage.key_lock(key):  # not between a put's reading and removing
-                existed, freed = await asyncio.to_thread(work)
-            self._usage.release(freed)
-            return existed
+            await self._usage.used()  # counted before: a count made meanwhile saw the files
+            try:
+                async with self._usage.key_lock(key):  # not between a put's reading, removing
+                    return await asyncio.to_thread(work)
+            except OSError as exc:  # never the host's path: say what happened
+                raise BindingError(
+                    f"the object {key!r} could not be deleted ({exc.strerror}); try again"
+                ) from None
+            finally:
+                self._usage.release(freed)
 
-        return await _to_the_end(delete())
+        return await to_the_end(delete())
 
     async def list(
         self, prefix: str = "", limit: int = 1000, cursor: str | None = None
@@ -486,7 +494,7 @@ class BlobBucket(RpcTarget):
         # One list of a bucket at a time: each reads every head in a thread of the pool all
         # bindings share, so a worker's burst of lists would otherwise take all of them.
         async with self._usage.listing:  # held until the thread is done, even if cancelled
-            page, truncated = await _to_the_end(asyncio.to_thread(work))
+            page, truncated = await to_the_end(asyncio.to_thread(work))
         return {
             "objects": page,
             "truncated": truncated,

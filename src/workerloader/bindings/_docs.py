@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sqlite3
 import time
@@ -243,6 +244,8 @@ def _where_value(value: object) -> object:
         raise BindingError("where values must be str, int, float, bool or None")
     if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
         raise BindingError("where ints must fit in 64 bits (as SQLite stores them)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BindingError("where numbers must be finite (JSON has no NaN or infinity)")
     if isinstance(value, str):
         utf8_length(value, "a where value")
     return value
@@ -325,8 +328,8 @@ class Documents(RpcTarget):
             raise BindingError(f"where may name at most {MAX_WHERE_FIELDS} fields")
         for name, wanted in where.items():
             path, value = "$." + _field(name), _where_value(wanted)
-            # SQLite reads JSON true and false as 1 and 0: the field's JSON type keeps a
-            # boolean from matching a number, and a number from matching a boolean.
+            # SQLite reads JSON true and false as 1 and 0, and an array or object as its JSON
+            # text: the field's JSON type keeps each value to its own kind.
             if isinstance(value, bool):
                 query += " AND json_type(body, ?) = ?"
                 params += [path, "true" if value else "false"]
@@ -334,6 +337,9 @@ class Documents(RpcTarget):
                 query += (
                     " AND json_extract(body, ?) IS ? AND json_type(body, ?) IN ('integer', 'real')"
                 )
+                params += [path, value, path]
+            elif isinstance(value, str):
+                query += " AND json_extract(body, ?) IS ? AND json_type(body, ?) = 'text'"
                 params += [path, value, path]
             else:
                 query += " AND json_extract(body, ?) IS ?"

@@ -21,6 +21,7 @@ from .._errors import BindingError, QuotaExceeded
 from ..rpc import RpcTarget
 from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant, guarded
+from ._tasks import to_the_end
 
 __all__ = ["KvNamespace", "KvStore", "SqliteStore", "page_limit", "utf8_length"]
 
@@ -39,11 +40,15 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL,
     PRIMARY KEY (namespace, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS kv_by_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
+DROP INDEX IF EXISTS kv_by_expiry;
+CREATE INDEX IF NOT EXISTS kv_expiring ON kv (namespace, expires_at)
+    WHERE expires_at IS NOT NULL;
 """
 _PURGE_EVERY: Final = 64
-"""Every this many puts, a put also deletes up to ``_PURGE_BATCH`` expired keys: reads skip
-them, but kept, a worker putting keys with a short ttl grew the database without end."""
+"""Every this many puts of a store, a put also deletes up to ``_PURGE_BATCH`` of its own
+namespace's expired keys: reads skip them, but kept, a worker putting keys with a short ttl
+grew the database without end. (By namespace, through the index: a put that must make room
+purges its namespace's too, and a scan of the namespace to find them read every value.)"""
 _PURGE_BATCH: Final = 256
 
 
@@ -123,12 +128,14 @@ class SqliteStore:
             finally:
                 self._busy.release()
 
+        busy = BindingError(
+            f"the {self.what} is busy: the call could not start before its deadline"
+        )
+
         def job() -> _T:
             if guard.expired():
                 # A queue of calls that waited out their callers is dropped, not worked off.
-                raise BindingError(
-                    f"the {self.what} is busy: the call could not start before its deadline"
-                )
+                raise busy
             try:
                 self._set_up()
             except sqlite3.Error as exc:
@@ -139,8 +146,18 @@ class SqliteStore:
         turn = self._turns.get(namespace)
         if turn is None:
             turn = self._turns[namespace] = asyncio.Lock()
-        async with turn:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, job)
+        try:
+            async with asyncio.timeout(guard.remaining()):  # the turn is waited for in time too
+                await turn.acquire()
+        except TimeoutError:
+            raise busy from None
+        try:
+            # Held until the job is done, even if the caller goes: the namespace's next call
+            # then queues behind it, not beside it.
+            loop = asyncio.get_running_loop()
+            return await to_the_end(loop.run_in_executor(self._thread, job))
+        finally:
+            turn.release()
 
     def _work(
         self, work: Callable[[sqlite3.Connection], _T], guard: guarded, deadline_s: float
@@ -219,28 +236,20 @@ class KvStore(SqliteStore):
         return self.puts % _PURGE_EVERY == 0
 
 
-def _purge_expired(conn: sqlite3.Connection, namespace: str | None = None) -> int:
-    """Delete up to ``_PURGE_BATCH`` expired keys, of ``namespace`` or of any, and give their
-    bytes back to their namespaces' usage (inside the caller's transaction); how many."""
-    query = "SELECT namespace, key FROM kv WHERE expires_at <= ?"
-    params: list[object] = [time.time()]
-    if namespace is not None:
-        query += " AND namespace = ?"
-        params.append(namespace)
+def _purge_expired(conn: sqlite3.Connection, namespace: str) -> int:
+    """Delete up to ``_PURGE_BATCH`` of ``namespace``'s expired keys (found by the index on
+    its expiries) and give their bytes back to its usage, inside the caller's transaction; how
+    many."""
     # Sizes read first, then the rows deleted: DELETE … RETURNING evaluates the expiry test
     # in _ROW_BYTES wrongly (SQLite 3.40, with the partial index on expires_at).
     rows = conn.execute(
-        f"SELECT namespace, key, {_ROW_BYTES} FROM kv WHERE (namespace, key) IN ({query} LIMIT ?)",
-        [*params, _PURGE_BATCH],
+        f"SELECT key, {_ROW_BYTES} FROM kv WHERE namespace = ? AND expires_at <= ? LIMIT ?",
+        (namespace, time.time(), _PURGE_BATCH),
     ).fetchall()
     conn.executemany(
-        "DELETE FROM kv WHERE namespace = ? AND key = ?", [(ns, key) for ns, key, _ in rows]
+        "DELETE FROM kv WHERE namespace = ? AND key = ?", [(namespace, key) for key, _ in rows]
     )
-    freed: dict[str, int] = {}
-    for owner, _, size in rows:
-        freed[owner] = freed.get(owner, 0) + int(size)
-    for owner, size in freed.items():
-        charge(conn, owner, -size, None, "")
+    charge(conn, namespace, -sum(int(size) for _, size in rows), None, "")
     return len(rows)
 
 
@@ -367,19 +376,12 @@ class KvNamespace(RpcTarget):
             ).fetchone()
             return 0 if row is None else int(row[0])
 
-        def work(conn: sqlite3.Connection) -> None:
+        def put(conn: sqlite3.Connection) -> None:
             with conn:
                 # IMMEDIATE: a deferred transaction that reads first cannot wait for another
                 # process's write (SQLITE_BUSY at once); this one waits its busy timeout.
                 conn.execute("BEGIN IMMEDIATE")
-                try:
-                    charge(conn, namespace, size - stored(conn), store.quota_bytes, self._what)
-                except QuotaExceeded:
-                    # Expired keys count until purged, and no call can name them to delete
-                    # them: a namespace at its quota has its own purged before it is refused.
-                    if not _purge_expired(conn, namespace):
-                        raise
-                    charge(conn, namespace, size - stored(conn), store.quota_bytes, self._what)
+                charge(conn, namespace, size - stored(conn), store.quota_bytes, self._what)
                 conn.execute(
                     "INSERT INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, "
@@ -387,7 +389,23 @@ class KvNamespace(RpcTarget):
                     params,
                 )
                 if store.purge_now():
-                    _purge_expired(conn)
+                    _purge_expired(conn, namespace)
+
+        def purge(conn: sqlite3.Connection) -> int:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                return _purge_expired(conn, namespace)
+
+        def work(conn: sqlite3.Connection) -> None:
+            while True:
+                try:
+                    return put(conn)
+                except QuotaExceeded:
+                    # Expired keys count until purged, and no call can name them to delete
+                    # them: a namespace at its quota has its own purged (batch by batch, each
+                    # kept) until the put fits or none is left, under the call's deadline.
+                    if not purge(conn):
+                        raise
 
         await self._store.run(work, self._namespace)
 

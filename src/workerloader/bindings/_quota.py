@@ -69,20 +69,41 @@ def quota_error(what: str, used: int, adding: int, quota: int) -> QuotaExceeded:
 
 
 def count_usage(conn: sqlite3.Connection, table: str, size: str) -> None:
-    """Make the ``usage`` table of a store's database if it is missing, with each namespace's
-    bytes in ``table`` as ``size`` (an SQL expression of one row) sums them. One transaction:
-    a crash leaves no table, and the next open counts again. Run before the store's calls."""
-    exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
-    if conn.execute(exists).fetchone() is not None:
+    """Count each namespace's bytes in ``table`` (``size``: an SQL expression of one row)
+    into the ``usage`` table, unless it holds a count by that same expression already: a
+    database from before quotas is counted once, and one counted by an earlier expression
+    again (its deletes would give back what the new one counts). One transaction: a crash
+    leaves the old count, and the next open counts again. Run before the store's calls."""
+    if _counted_by(conn) == size:
         return
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        if conn.execute(exists).fetchone() is not None:  # another process counted meanwhile
+        if _counted_by(conn) == size:  # another process counted meanwhile
             return
+        conn.execute("DROP TABLE IF EXISTS usage")
         conn.execute(_USAGE_TABLE)
         conn.execute(
             f"INSERT INTO usage SELECT namespace, SUM({size}) FROM {table} GROUP BY namespace"
         )
+        conn.execute("CREATE TABLE IF NOT EXISTS usage_counted_by (expression TEXT NOT NULL)")
+        conn.execute("DELETE FROM usage_counted_by")
+        conn.execute("INSERT INTO usage_counted_by VALUES (?)", (size,))
+
+
+def _counted_by(conn: sqlite3.Connection) -> str | None:
+    """The expression the ``usage`` table was counted by, or None (no count, or an unknown
+    one)."""
+    tables = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name IN ('usage', 'usage_counted_by')"
+        )
+    }
+    if tables != {"usage", "usage_counted_by"}:
+        return None
+    row = conn.execute("SELECT expression FROM usage_counted_by").fetchone()
+    return None if row is None else str(row[0])
 
 
 def charge(

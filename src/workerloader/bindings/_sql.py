@@ -36,6 +36,7 @@ from ._sqlite import (
     guarded,
     open_database,
 )
+from ._tasks import to_the_end
 
 __all__ = ["SqlDatabase", "SqlLimits", "Statement"]
 
@@ -144,7 +145,6 @@ class _Db:
                     self._rollback()
                     return work(self.conn)
                 except BaseException as exc:
-                    # Which store is full is read before the rollback gives its pages back.
                     full = self._full() if _code(exc) == sqlite3.SQLITE_FULL else None
                     # Not only sqlite3.Error: an OverflowError from a parameter, a result over
                     # its budget or a thread's KeyboardInterrupt would otherwise leave a batch's
@@ -166,16 +166,11 @@ class _Db:
         # Callers queue here, on the event loop, not in a pool thread: waiting for the lock in
         # threads, one namespace's burst of slow statements held every thread of the pool
         # that all bindings share (another tenant's blob write waited 9 s).
+        # A caller that is gone leaves its statement running: the turn stays taken until its
+        # thread is done (released at once, the next caller's thread would wait in the pool
+        # for the lock). The statement ends by its deadline.
         async with self.turn:
-            running = asyncio.ensure_future(asyncio.to_thread(locked))
-            try:
-                return await asyncio.shield(running)
-            except asyncio.CancelledError:
-                # The caller is gone, the statement is not: the turn stays taken until its
-                # thread is done (released at once, the next caller's thread would wait in
-                # the pool for the lock). The statement ends by its deadline.
-                await asyncio.wait([running])
-                raise
+            return await to_the_end(asyncio.to_thread(locked))
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -213,6 +208,8 @@ class _Db:
             (page_size,) = self.conn.execute("PRAGMA main.page_size").fetchone()
             (pages,) = self.conn.execute("PRAGMA main.page_count").fetchone()
             (temp_pages,) = self.conn.execute("PRAGMA temp.page_count").fetchone()
+        except (sqlite3.Error, MemoryError):  # interrupted at the deadline, say: no counts
+            pages = temp_pages = page_size = 0
         finally:
             self.conn.set_authorizer(self.authorizer)
         # SQLite has undone the failed statement's pages by now: which of the two it filled

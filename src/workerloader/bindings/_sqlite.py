@@ -161,6 +161,10 @@ class guarded:
         """Whether the deadline has passed (a call that waited its turn that long)."""
         return time.monotonic() > self._deadline
 
+    def remaining(self) -> float:
+        """Seconds left until the deadline (0 once it has passed)."""
+        return max(0.0, self._deadline - time.monotonic())
+
     def __enter__(self) -> None:
         deadline = self._deadline
         self._conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)

@@ -188,6 +188,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.write(response)
         self.transport.close()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # The service takes no upgrades (serve and dev run with ws="none"): a request asking
+        # for one is answered as any other. uvicorn would log two warnings for each (one
+        # telling the operator to install a WebSocket library), which any client could
+        # repeat to flood the log.
+        self.logger.debug("upgrade header ignored: this service takes no upgrades")
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
