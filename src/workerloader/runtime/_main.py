@@ -360,8 +360,23 @@ class Default(WorkerEntrypoint):
 _WARMUP_BODY = "_workerloader_warmup_body"
 
 
+def sdk_shaped_env() -> dict[str, Any]:
+    """An ``env`` shaped as a service's workers get it (``Loader.sdk``: a capability for each
+    store, a context dict), with capabilities that do nothing: the warm-up and the first-call
+    probe load it, so the code and pages that binding ``workers.sdk`` touches are warm in
+    every worker (cold starts with it took ~0.2 ms more of the worker's CPU without)."""
+    stores = {name: rpc.RpcTarget() for name in ("db", "kv", "sql", "blobs", "ai")}
+    context = {"user_id": None, "namespace": "default", "authenticated": False}
+    return {"SDK": {**stores, "api": None, "context": {**context, "permissions": ["read"]}}}
+
+
 def _warm_up_code(main: str, source: object) -> dict[str, Any]:
-    return {"main_module": f"{main}.py", "modules": {f"{main}.py": source}, "env": {}, "limits": {}}
+    return {
+        "main_module": f"{main}.py",
+        "modules": {f"{main}.py": source},
+        "env": sdk_shaped_env(),
+        "limits": {},
+    }
 
 
 async def _warm_up_worker(code: dict[str, Any], *calls: Callable[[Any], Awaitable[Any]]) -> None:
@@ -383,6 +398,7 @@ def _forget_warm_up() -> None:
     sys.modules.pop(_WARMUP_BODY, None)
     _execute.Execute._body = None
     workers.modules.clear()
+    workers.sdk._bind(None)  # its stubs were the warm-up session's
 
 
 async def _warm_up() -> None:

@@ -40,7 +40,8 @@ _CODE: dict[str, Any] = {
     "limits": {},
 }
 """What the probe loads: a typical small worker, plus a method that reports (called second, so
-that the first call's whole path, through its answer, is behind it)."""
+that the first call's whole path, through its answer, is behind it), with the ``env`` of a
+service's workers (``sdk_shaped_env``)."""
 
 _after: Callable[[], bytes] | None = None  # set in the zygote before the probe forks
 
@@ -62,11 +63,11 @@ def probe_first_call(
     comes back here (b"" if anything failed or took longer than 10 s)."""
     from .. import rpc
     from ..rpc._loop import run
-    from ..runtime._main import SESSION_LIMITS
+    from ..runtime._main import SESSION_LIMITS, sdk_shaped_env
 
     async def drive(channel: socket.socket) -> bytes:
         session = await rpc.connect(channel, limits=SESSION_LIMITS)
-        await session.main.load(_CODE)
+        await session.main.load({**_CODE, "env": sdk_shaped_env()})
         await session.main.invoke(None, "add", [1, 2], {}, None)
         answer = await session.main.invoke(None, "report", [], {}, None)
         await session.aclose()
