@@ -119,9 +119,9 @@ async def test_expired_kv_keys_give_their_bytes_back_as_they_are_purged(
     monkeypatch.setattr(_kv, "_PURGE_EVERY", 1)
     loader = Loader(tmp_path, storage_quota_mb=1)
     kv, other = loader.kv("acme"), loader.kv("other")
-    await kv.put("short", b"x" * KV_VALUE, ttl=0.001)
-    await other.put("short", "v", ttl=0.001)
-    await asyncio.sleep(0.01)
+    await kv.put("short", b"x" * KV_VALUE, ttl=0.05)
+    await other.put("short", "v", ttl=0.05)
+    await asyncio.sleep(0.1)
     await kv.put("k", "v")  # purges its own namespace's expired keys
     assert kv_usage(tmp_path, "acme") == kv_row("acme", "k", 1)
     expiring = kv_row("other", "short", 1) + kv_row("other", "short", 0)  # its index entry too

@@ -28,7 +28,7 @@ from ..rpc import RpcTarget
 from ._kv import page_limit, utf8_length
 from ._quota import BucketUsage, on_disk
 from ._sqlite import Grants, check_grant
-from ._tasks import to_the_end
+from ._tasks import holding, to_the_end
 
 __all__ = ["BlobBucket"]
 
@@ -122,9 +122,26 @@ def _open_into(opened: list[IO[bytes]], path: Path) -> None:
 
 
 def _close_and_remove(opened: list[IO[bytes]], path: Path) -> None:
+    """Clean up after a failed put (so raising nothing: the put's own error is the one to
+    tell)."""
     for f in opened:
-        f.close()
-    _remove(path)
+        with contextlib.suppress(OSError):
+            f.close()
+    _discard(path)
+
+
+def _not_stored(key: str, exc: OSError) -> BindingError:
+    """What a put the host's file system failed is told: what happened, never the host's
+    path."""
+    why = exc.strerror or "an I/O error"
+    return BindingError(f"the object {key!r} could not be stored ({why}); nothing was stored")
+
+
+def _discard(path: Path) -> None:
+    """Remove the file at ``path`` in cleanup after a failure: a file that cannot be removed
+    (a read-only remount) stays, and the failure being handled is the one told."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _counted(path: Path) -> int:
@@ -312,19 +329,16 @@ class BlobBucket(RpcTarget):
             await self._usage.reserve(rest)
         except BaseException:
             self._usage.release(size)
-            await asyncio.to_thread(_remove, data_path)
+            await asyncio.to_thread(_discard, data_path)
             raise
         try:
             async with self._usage.key_lock(key):
                 freed = await asyncio.to_thread(self._commit, key, text)
         except BaseException as exc:
             self._usage.release(size + rest)
-            await asyncio.to_thread(_remove, data_path)
-            if isinstance(exc, OSError):  # never the host's path: say what happened
-                raise BindingError(
-                    f"the object {key!r} could not be stored: the host's disk refused the "
-                    f"write ({exc.strerror}); nothing was stored"
-                ) from None
+            await asyncio.to_thread(_discard, data_path)
+            if isinstance(exc, OSError):
+                raise _not_stored(key, exc) from None
             raise
         self._usage.release(freed)
         return _public(head)
@@ -363,11 +377,8 @@ class BlobBucket(RpcTarget):
         except BaseException as exc:
             self._usage.release(size)
             await to_the_end(asyncio.to_thread(_close_and_remove, opened, data_path))
-            if isinstance(exc, OSError):  # never the host's path: say what happened
-                raise BindingError(
-                    f"the object {key!r} could not be stored: the host's disk refused the "
-                    f"write ({exc.strerror}); nothing was stored"
-                ) from None
+            if isinstance(exc, OSError):
+                raise _not_stored(key, exc) from None
             raise
         f.close()
         return {
@@ -396,7 +407,7 @@ class BlobBucket(RpcTarget):
                 _flush_and_sync(f)
             os.replace(head_tmp, head_path)  # the commit point
         except OSError:
-            _remove(head_tmp)
+            _discard(head_tmp)
             raise
         with contextlib.suppress(OSError):
             _fsync_dir(self._root)
@@ -438,9 +449,12 @@ class BlobBucket(RpcTarget):
         def work() -> bool:
             nonlocal freed
             found = self._read_head(key, strict=True)  # its data file is known, or it raises
-            freed += _remove(self._head_path(key))
+            freed += _remove(self._head_path(key))  # the delete's commit point
             if found is not None:
-                freed += _remove(found[0])
+                # Gone for every reader now: data that cannot be removed (a read-only
+                # remount) stays, counted, rather than the delete be told it failed.
+                with contextlib.suppress(OSError):
+                    freed += _remove(found[0])
             return found is not None
 
         async def delete() -> bool:
@@ -449,8 +463,9 @@ class BlobBucket(RpcTarget):
                 async with self._usage.key_lock(key):  # not between a put's reading, removing
                     return await asyncio.to_thread(work)
             except OSError as exc:  # never the host's path: say what happened
+                why = exc.strerror or "an I/O error"
                 raise BindingError(
-                    f"the object {key!r} could not be deleted ({exc.strerror}); try again"
+                    f"the object {key!r} could not be deleted ({why}); try again"
                 ) from None
             finally:
                 self._usage.release(freed)
@@ -493,8 +508,8 @@ class BlobBucket(RpcTarget):
 
         # One list of a bucket at a time: each reads every head in a thread of the pool all
         # bindings share, so a worker's burst of lists would otherwise take all of them.
-        async with self._usage.listing:  # held until the thread is done, even if cancelled
-            page, truncated = await to_the_end(asyncio.to_thread(work))
+        # Held until the thread is done, even if the caller goes.
+        page, truncated = await holding(self._usage.listing, lambda: asyncio.to_thread(work))
         return {
             "objects": page,
             "truncated": truncated,

@@ -21,7 +21,7 @@ from .._errors import BindingError, QuotaExceeded
 from ..rpc import RpcTarget
 from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant, guarded
-from ._tasks import to_the_end
+from ._tasks import holding
 
 __all__ = ["KvNamespace", "KvStore", "SqliteStore", "page_limit", "utf8_length"]
 
@@ -40,10 +40,12 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL,
     PRIMARY KEY (namespace, key)
 ) WITHOUT ROWID;
-DROP INDEX IF EXISTS kv_by_expiry;
-CREATE INDEX IF NOT EXISTS kv_expiring ON kv (namespace, expires_at)
-    WHERE expires_at IS NOT NULL;
 """
+_INDEX: Final = (
+    "CREATE INDEX IF NOT EXISTS kv_expiring ON kv (namespace, expires_at) "
+    "WHERE expires_at IS NOT NULL"
+)
+"""Each namespace's keys by expiry, for its purges (``_purge_expired``)."""
 _PURGE_EVERY: Final = 64
 """Every this many puts of a store, a put also deletes up to ``_PURGE_BATCH`` of its own
 namespace's expired keys: reads skip them, but kept, a worker putting keys with a short ttl
@@ -146,18 +148,15 @@ class SqliteStore:
         turn = self._turns.get(namespace)
         if turn is None:
             turn = self._turns[namespace] = asyncio.Lock()
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(guard.remaining()):  # the turn is waited for in time too
-                await turn.acquire()
+            # Waited for under the call's deadline, and held until the job is done even if
+            # the caller goes: the namespace's next call then queues behind it, not beside it.
+            return await holding(
+                turn, lambda: loop.run_in_executor(self._thread, job), guard.remaining()
+            )
         except TimeoutError:
             raise busy from None
-        try:
-            # Held until the job is done, even if the caller goes: the namespace's next call
-            # then queues behind it, not beside it.
-            loop = asyncio.get_running_loop()
-            return await to_the_end(loop.run_in_executor(self._thread, job))
-        finally:
-            turn.release()
 
     def _work(
         self, work: Callable[[sqlite3.Connection], _T], guard: guarded, deadline_s: float
@@ -215,7 +214,16 @@ _ROW_BYTES: Final = (
 """What a row counts toward its namespace's quota (see ``_quota``), in SQL."""
 
 
-def _count_usage(conn: sqlite3.Connection) -> None:
+def _set_up(conn: sqlite3.Connection) -> None:
+    """The migrations (on the store's thread, before its calls): the index by namespace and
+    expiry in place of the one by expiry alone (``kv_by_expiry``, of databases from before
+    purges were by namespace), then the usage count. Building an index on a large database
+    takes a while; another process's write lock is waited for by the busy timeout."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'kv_expiring'").fetchone() is None:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DROP INDEX IF EXISTS kv_by_expiry")
+            conn.execute(_INDEX)
     count_usage(conn, "kv", _ROW_BYTES)
 
 
@@ -226,7 +234,7 @@ class KvStore(SqliteStore):
 
     def __init__(self, conn: sqlite3.Connection, quota_bytes: int | None = None) -> None:
         conn.executescript(_SCHEMA)
-        super().__init__(conn, "KV store", setup=_count_usage)
+        super().__init__(conn, "KV store", setup=_set_up)
         self.quota_bytes = quota_bytes
         self.puts = 0  # counted on the store's thread (see _PURGE_EVERY)
 

@@ -21,7 +21,8 @@ What counts, per store:
 
 KV and documents keep their counts in a ``usage`` table of their database, updated in the
 transaction of each write (so every process that opens the database agrees); a database made
-before it existed is counted once, as it is opened. Blob buckets are counted by a scan of their
+before it existed, or counted by another rule (``usage_counted_by``), is counted again as it is
+opened. Blob buckets are counted by a scan of their
 directory the first time a process writes to one, then kept in memory (``BucketUsage``).
 """
 

@@ -36,7 +36,7 @@ from ._sqlite import (
     guarded,
     open_database,
 )
-from ._tasks import to_the_end
+from ._tasks import holding
 
 __all__ = ["SqlDatabase", "SqlLimits", "Statement"]
 
@@ -169,8 +169,7 @@ class _Db:
         # A caller that is gone leaves its statement running: the turn stays taken until its
         # thread is done (released at once, the next caller's thread would wait in the pool
         # for the lock). The statement ends by its deadline.
-        async with self.turn:
-            return await to_the_end(asyncio.to_thread(locked))
+        return await holding(self.turn, lambda: asyncio.to_thread(locked))
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -203,20 +202,23 @@ class _Db:
         quota = self.quota_bytes
         if quota is None:
             return BindingError(f"{self.what} could not grow: the host's disk is full")
+        # SQLite has undone the failed statement's pages by now: which of the two it filled
+        # is not known, so both are named.
+        holds = "or its temporary tables are full"
         self.conn.set_authorizer(None)  # the page counts are the host's to read
         try:
             (page_size,) = self.conn.execute("PRAGMA main.page_size").fetchone()
             (pages,) = self.conn.execute("PRAGMA main.page_count").fetchone()
             (temp_pages,) = self.conn.execute("PRAGMA temp.page_count").fetchone()
+            holds = (
+                f"holds {pages * page_size} bytes and its temporary tables {temp_pages * page_size}"
+            )
         except (sqlite3.Error, MemoryError):  # interrupted at the deadline, say: no counts
-            pages = temp_pages = page_size = 0
+            pass
         finally:
             self.conn.set_authorizer(self.authorizer)
-        # SQLite has undone the failed statement's pages by now: which of the two it filled
-        # is not known, so both are named.
         return QuotaExceeded(
-            f"{self.what} holds {pages * page_size} bytes and its temporary tables "
-            f"{temp_pages * page_size}: this write would take one of them past the storage "
+            f"{self.what} {holds}: this write would take one of them past the storage "
             f"quota each may fill, {quota} bytes ({quota / (1 << 20):g} MB). {QUOTA_ADVICE}"
         )
 

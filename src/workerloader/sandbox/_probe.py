@@ -36,7 +36,6 @@ _CODE: dict[str, Any] = {
             "        return report()\n"
         )
     },
-    "env": {},
     "limits": {},
 }
 """What the probe loads: a typical small worker, plus a method that reports (called second, so
