@@ -31,6 +31,13 @@ def on_disk_now(root: Path) -> int:
     return sum(on_disk(f.stat().st_size) for f in root.iterdir()) if root.exists() else 0
 
 
+def acme_bucket(tmp_path: Path, **options: Any) -> tuple[Loader, BlobBucket, Path]:
+    """A Loader on ``tmp_path`` (with ``options``), its bucket "acme" and that bucket's
+    directory."""
+    loader = Loader(tmp_path, **options)
+    return loader, loader.blobs("acme"), tmp_path / "blobs" / "acme"
+
+
 def counted(loader: Loader, bucket: str) -> int:
     used = loader._bucket_usage[loader.data_dir / "blobs" / bucket]._used
     assert used is not None
@@ -66,8 +73,7 @@ def slow_head_reads(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[int
 
 
 async def test_deletes_racing_puts_of_one_key_keep_the_count_exact(tmp_path: Path) -> None:
-    loader = Loader(tmp_path, storage_quota_mb=8)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path, storage_quota_mb=8)
     await bucket.put("base", b"x" * 400_000)  # a count a double give-back shows in
     metadata = {"m": "x" * 8000}  # an old head of three blocks
 
@@ -83,8 +89,7 @@ async def test_deletes_racing_puts_of_one_key_keep_the_count_exact(tmp_path: Pat
 
 
 async def test_puts_of_one_key_at_once_leave_no_data_file_unnamed(tmp_path: Path) -> None:
-    loader = Loader(tmp_path, storage_quota_mb=8)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path, storage_quota_mb=8)
     for _ in range(20):
         await asyncio.gather(*(bucket.put("k", os.urandom(10_000)) for _ in range(4)))
     assert unnamed_data_files(bucket, root) == []
@@ -92,8 +97,7 @@ async def test_puts_of_one_key_at_once_leave_no_data_file_unnamed(tmp_path: Path
 
 
 async def test_puts_cancelled_midway_leave_no_file_and_no_count(tmp_path: Path) -> None:
-    loader = Loader(tmp_path, storage_quota_mb=8)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path, storage_quota_mb=8)
 
     def chunks() -> Callable[[], Awaitable[bytes]]:
         left = 4
@@ -125,8 +129,7 @@ async def test_puts_cancelled_midway_leave_no_file_and_no_count(tmp_path: Path) 
 async def test_a_commit_the_disk_refuses_is_a_binding_error_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path, storage_quota_mb=8)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path, storage_quota_mb=8)
     await bucket.put("kept", b"v")
 
     def full(*args: Any) -> None:
@@ -278,8 +281,7 @@ async def test_a_list_cancelled_twice_still_holds_its_buckets_turn(
 async def test_a_put_cancelled_twice_while_opening_its_file_leaves_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path)
     open_into = _blobs._open_into
 
     def slow_open(opened: list[Any], path: Path) -> None:
@@ -298,8 +300,7 @@ async def test_a_put_cancelled_twice_while_opening_its_file_leaves_none(
 async def test_a_commit_whose_directory_sync_fails_has_still_stored_the_object(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path)
     await bucket.put("k", b"old")
 
     def no_descriptor(path: Path) -> None:
@@ -318,8 +319,7 @@ async def test_a_commit_whose_directory_sync_fails_has_still_stored_the_object(
 async def test_a_commit_that_cannot_read_the_old_head_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path)
     await bucket.put("k", b"old")
     load_head = _blobs._load_head
 
@@ -399,8 +399,7 @@ async def test_a_call_waiting_for_its_namespaces_turn_ends_at_its_deadline(
 async def test_a_delete_whose_head_cannot_be_removed_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path)
     await bucket.put("k", b"v")
     remove = _blobs._remove
 
@@ -420,8 +419,7 @@ async def test_a_delete_whose_head_cannot_be_removed_changes_nothing(
 async def test_a_delete_whose_data_cannot_be_removed_has_deleted_the_object(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loader = Loader(tmp_path)
-    bucket, root = loader.blobs("acme"), tmp_path / "blobs" / "acme"
+    loader, bucket, root = acme_bucket(tmp_path)
     await bucket.put("k", b"v")
     remove = _blobs._remove
 
