@@ -417,3 +417,12 @@ async def test_over_the_concurrency_limit_execute_is_429_and_logged(tmp_path: Pa
             ("execute", 429, "TooManyRequests"),
             ("fetch", 404, "NotFound"),
         ]
+
+
+def test_request_record_ids_are_unique_and_grow_with_time(tmp_path: Path) -> None:
+    store = ServiceStore(tmp_path)
+    anonymous = Caller(None, "default", False, ())
+    ids = [store.log(anonymous, "fetch", 200, 1.0)["id"] for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert [i[:16] for i in ids] == sorted(i[:16] for i in ids)  # their index is appended to
