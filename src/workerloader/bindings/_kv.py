@@ -304,6 +304,8 @@ def _expiry(ttl: object) -> float | None:
         raise BindingError("ttl must be a finite number of seconds")
     if ttl <= 0:
         raise BindingError("ttl must be positive")
+    if ttl > _TTL_MAX_S:  # a float, held to the same bound as an int
+        raise BindingError(f"ttl must be at most {_TTL_MAX_S} seconds")
     return time.time() + ttl
 
 

@@ -54,10 +54,10 @@ _USAGE_TABLE: Final = (
 
 
 QUOTA_ADVICE: Final = (
-    "Nothing of the write was kept: delete what is no longer needed, or ask the operator to "
-    "raise the quota (Loader(storage_quota_mb=...); [server] storage_quota_mb in the "
-    "service's config)"
+    "delete what is no longer needed, or ask the operator to raise the quota "
+    "(Loader(storage_quota_mb=...); [server] storage_quota_mb in the service's config)"
 )
+"""What to do about a full store, said by every QuotaExceeded."""
 
 
 def quota_error(what: str, used: int, adding: int, quota: int) -> QuotaExceeded:
@@ -65,7 +65,8 @@ def quota_error(what: str, used: int, adding: int, quota: int) -> QuotaExceeded:
     holds ``used`` bytes under a quota of ``quota``."""
     return QuotaExceeded(
         f"{what} holds {used} bytes: this write of {adding} more bytes would take it past its "
-        f"storage quota of {quota} bytes ({quota / (1 << 20):g} MB). {QUOTA_ADVICE}"
+        f"storage quota of {quota} bytes ({quota / (1 << 20):g} MB). Nothing of the write was "
+        f"kept: {QUOTA_ADVICE}"
     )
 
 

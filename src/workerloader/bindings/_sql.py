@@ -219,7 +219,8 @@ class _Db:
             self.conn.set_authorizer(self.authorizer)
         return QuotaExceeded(
             f"{self.what} {holds}: this write would take one of them past the storage "
-            f"quota each may fill, {quota} bytes ({quota / (1 << 20):g} MB). {QUOTA_ADVICE}"
+            f"quota each may fill, {quota} bytes ({quota / (1 << 20):g} MB). Nothing of this "
+            f"statement (or of its batch) was kept: {QUOTA_ADVICE}"
         )
 
 
