@@ -28,7 +28,7 @@ from tests._net import free_port
 from tests.cli._running import running_cli
 from workerloader.bindings import AiConfig
 from workerloader.cli import main as cli
-from workerloader.server._config import load_config, load_serve_config
+from workerloader.server._config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = {"duration_ms", "cpu_ms"}
@@ -106,8 +106,8 @@ def the_readme_worker(directory: Path) -> str:
 
 
 def config_state(path: Path, environ: dict[str, str]) -> tuple[object, ...]:
-    """What ``load_serve_config`` makes of ``path`` and ``environ``, as comparable values."""
-    config, listen = load_serve_config(path, {}, environ=environ)
+    """What ``load_config`` makes of ``path`` and ``environ``, as comparable values."""
+    config, listen = load_config(path, {}, environ=environ)
     gateway = config.api
     allow = None if gateway is None else (tuple(gateway._allow), gateway._allow_private)
     limits = config.execute_limits
@@ -134,7 +134,7 @@ def test_the_config_file_sample_loads_as_serve_loads_it(tmp_path: Path) -> None:
     shown = tomllib.loads(toml)
     path = tmp_path / "workerloader.toml"
     path.write_text(toml)
-    config, listen = load_serve_config(path, {}, environ={"OPENAI_API_KEY": "sk-test"})
+    config, listen = load_config(path, {}, environ={"OPENAI_API_KEY": "sk-test"})
     server = shown["server"]
     assert (listen.host, listen.port) == (server["host"], server["port"])
     assert listen.max_connections == server["max_connections"]
@@ -344,7 +344,8 @@ def test_the_quickstart_session_is_readmes_and_answers_as_shown(tmp_path: Path) 
     assert re.search(r'^exec \S*workerloader serve "\$@"$', page("scripts/serve"), flags=re.M)
     comment = re.search(r"http://([\d.]+):(\d+) \(dev mode\)", block)
     assert comment is not None, block
-    assert load_config(None, {}, environ={})[1:] == (comment.group(1), int(comment.group(2)))
+    listen = load_config(None, {}, environ={})[1]
+    assert (listen.host, listen.port) == (comment.group(1), int(comment.group(2)))
     with running_cli("serve", "--data-dir", str(tmp_path / "data")) as served:
         assert httpx.get(f"{served.url}/health", timeout=30).json()["auth"] == "dev"
         got = curl(request, served.url.removeprefix("http://"))

@@ -385,6 +385,7 @@ async def test_a_kv_prefix_or_cursor_is_a_bounded_string(kv: KvNamespace) -> Non
         (True, "ttl must be a number of seconds"),
         (10**400, "ttl must be at most 3153600000 seconds"),  # was an OverflowError
         (1e308, "ttl must be at most 3153600000 seconds"),  # a float, as an int
+        (-(10**400), "ttl must be positive"),  # was an OverflowError too
     ],
 )
 async def test_a_ttl_is_a_finite_number(kv: KvNamespace, ttl: Any, message: str) -> None:

@@ -13,13 +13,13 @@ from tests.server.conftest import running
 from workerloader.bindings import HttpGateway
 from workerloader.server import ServerConfig
 from workerloader.server._app import ExecuteLimits
-from workerloader.server._config import Listen, load_config, load_serve_config
+from workerloader.server._config import Listen, load_config
 from workerloader.server._protocol import MAX_CONNECTIONS
 
 
 def test_defaults() -> None:
-    config, host, port = load_config(None, {}, environ={})
-    assert (host, port) == ("127.0.0.1", 8787)
+    config, listen = load_config(None, {}, environ={})
+    assert (listen.host, listen.port) == ("127.0.0.1", 8787)
     assert config.data_dir == Path(".workerloader")
     assert config.insecure is False
     assert config.ai is None
@@ -32,8 +32,11 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         '[ai]\nbase_url = "http://127.0.0.1:1/v1"\nmodel = "m"\napi_key_env = "MY_KEY"\n'
     )
     env = {"WORKERLOADER_PORT": "9100", "WORKERLOADER_INSECURE": "no", "MY_KEY": "sk-1"}
-    config, host, port = load_config(file, {"port": 9200, "host": None}, environ=env)
-    assert (host, port) == ("127.0.0.2", 9200)  # file host; flag port over env over file
+    config, listen = load_config(file, {"port": 9200, "host": None}, environ=env)
+    assert (listen.host, listen.port) == (
+        "127.0.0.2",
+        9200,
+    )  # file host; flag port over env over file
     assert config.pool_size == 3
     assert config.insecure is False  # env over file
     assert config.ai is not None
@@ -62,17 +65,17 @@ def test_unknown_options_and_bad_values_are_errors(tmp_path: Path) -> None:
 def test_max_connections_comes_from_the_file_the_environment_and_the_flag(
     tmp_path: Path,
 ) -> None:
-    assert load_serve_config(None, {}, environ={})[1] == Listen("127.0.0.1", 8787, 512)
+    assert load_config(None, {}, environ={})[1] == Listen("127.0.0.1", 8787, 512)
     assert MAX_CONNECTIONS == 512  # the default the docs and --help give
     file = tmp_path / "workerloader.toml"
     file.write_text("[server]\nmax_connections = 100\n")
-    assert load_serve_config(file, {}, environ={})[1].max_connections == 100
+    assert load_config(file, {}, environ={})[1].max_connections == 100
     env = {"WORKERLOADER_MAX_CONNECTIONS": "200"}
-    assert load_serve_config(file, {}, environ=env)[1].max_connections == 200
+    assert load_config(file, {}, environ=env)[1].max_connections == 200
     flags = {"max_connections": 300}
-    assert load_serve_config(file, flags, environ=env)[1].max_connections == 300
-    # The commands that do not serve read the same file: the option is known there too.
-    assert load_config(file, {}, environ=env)[1:] == ("127.0.0.1", 8787)
+    assert load_config(file, flags, environ=env)[1].max_connections == 300
+    listen = load_config(file, {}, environ=env)[1]
+    assert (listen.host, listen.port) == ("127.0.0.1", 8787)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +106,7 @@ def test_max_connections_below_one_or_not_a_number_is_an_error(
     path = tmp_path / "workerloader.toml"
     path.write_text(f"[server]\n{file}\n")
     with pytest.raises(ValueError, match=message):
-        load_serve_config(path, {}, environ=environ)
+        load_config(path, {}, environ=environ)
 
 
 def test_serve_refuses_max_connections_below_one() -> None:
@@ -120,7 +123,7 @@ def test_serve_refuses_max_connections_below_one() -> None:
 def test_the_storage_quota_comes_from_the_file_the_environment_and_the_flag(
     tmp_path: Path,
 ) -> None:
-    assert load_serve_config(None, {}, environ={})[0].storage_quota_mb == 1024
+    assert load_config(None, {}, environ={})[0].storage_quota_mb == 1024
     file = tmp_path / "workerloader.toml"
     file.write_text("[server]\nstorage_quota_mb = 100\n")
     assert load_config(file, {}, environ={})[0].storage_quota_mb == 100
@@ -171,14 +174,14 @@ def test_limits_and_the_http_gateway_come_from_the_file_and_environment(tmp_path
         "[limits]\ncpu_ms = 250\nwall_ms = 9000\n"
         '[bindings.api]\nallow = ["api.example.com", "*.example.org"]\n'
     )
-    config, _, _ = load_config(file, {}, environ={"WORKERLOADER_LIMITS_WALL_MS": "4000"})
+    config, _ = load_config(file, {}, environ={"WORKERLOADER_LIMITS_WALL_MS": "4000"})
     limits = config.execute_limits
     assert (limits.cpu_ms, limits.memory_mb, limits.wall_ms) == (250, 128, 4000)
     assert config.api is not None
     assert config.api._allowed_host("x.example.org")
     assert not config.api._allowed_host("example.net")
     env = {"WORKERLOADER_API_ALLOW": "127.0.0.1, localhost"}
-    config, _, _ = load_config(None, {}, environ=env)
+    config, _ = load_config(None, {}, environ=env)
     assert config.api is not None
     assert config.api._allowed_host("localhost")
     assert load_config(None, {}, environ={})[0].api is None  # no gateway unless configured

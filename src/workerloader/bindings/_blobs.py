@@ -332,7 +332,7 @@ class BlobBucket(RpcTarget):
             await asyncio.to_thread(_discard, data_path)
             raise
         try:
-            async with self._usage.key_lock(key):
+            async with self._usage.key_locks.of(key):
                 freed = await asyncio.to_thread(self._commit, key, text)
         except BaseException as exc:
             self._usage.release(size + rest)
@@ -460,7 +460,7 @@ class BlobBucket(RpcTarget):
         async def delete() -> bool:
             await self._usage.used()  # counted before: a count made meanwhile saw the files
             try:
-                async with self._usage.key_lock(key):  # not between a put's reading, removing
+                async with self._usage.key_locks.of(key):  # not between a put's reading, removing
                     return await asyncio.to_thread(work)
             except OSError as exc:  # never the host's path: say what happened
                 why = exc.strerror or "an I/O error"

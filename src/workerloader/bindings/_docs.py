@@ -251,6 +251,19 @@ def _where_value(value: object) -> object:
     return value
 
 
+def _json_kinds(value: object) -> tuple[str, ...]:
+    """The JSON types a field may have to equal ``value`` (a where value): SQLite reads JSON
+    true and false as 1 and 0, and an array or object as its JSON text, so the field's type
+    keeps each value to its own kind."""
+    if isinstance(value, bool):
+        return ("true",) if value else ("false",)
+    if isinstance(value, (int, float)):
+        return ("integer", "real")
+    if isinstance(value, str):
+        return ("text",)
+    return ()
+
+
 def _offset(cursor: object) -> int:
     """The cursor of a list ordered by a field: the count of documents already seen."""
     if cursor is None or cursor == "":
@@ -328,22 +341,12 @@ class Documents(RpcTarget):
             raise BindingError(f"where may name at most {MAX_WHERE_FIELDS} fields")
         for name, wanted in where.items():
             path, value = "$." + _field(name), _where_value(wanted)
-            # SQLite reads JSON true and false as 1 and 0, and an array or object as its JSON
-            # text: the field's JSON type keeps each value to its own kind.
-            if isinstance(value, bool):
-                query += " AND json_type(body, ?) = ?"
-                params += [path, "true" if value else "false"]
-            elif isinstance(value, (int, float)):
-                query += (
-                    " AND json_extract(body, ?) IS ? AND json_type(body, ?) IN ('integer', 'real')"
-                )
-                params += [path, value, path]
-            elif isinstance(value, str):
-                query += " AND json_extract(body, ?) IS ? AND json_type(body, ?) = 'text'"
-                params += [path, value, path]
-            else:
-                query += " AND json_extract(body, ?) IS ?"
-                params += [path, value]
+            query += " AND json_extract(body, ?) IS ?"
+            params += [path, value]
+            kinds = _json_kinds(value)
+            if kinds:  # None matches null and a missing field: no kind to ask for
+                query += f" AND json_type(body, ?) IN ({', '.join('?' * len(kinds))})"
+                params += [path, *kinds]
         offset = 0
         if order_by is None:
             if cursor is not None:

@@ -12,7 +12,6 @@ import math
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -21,7 +20,7 @@ from .._errors import BindingError, QuotaExceeded
 from ..rpc import RpcTarget
 from ._quota import charge, count_usage
 from ._sqlite import Grants, check_grant, guarded
-from ._tasks import holding
+from ._tasks import LocksByName, holding
 
 __all__ = ["KvNamespace", "KvStore", "SqliteStore", "page_limit", "utf8_length"]
 
@@ -39,7 +38,7 @@ CREATE TABLE IF NOT EXISTS kv (
     value BLOB NOT NULL,
     expires_at REAL,
     PRIMARY KEY (namespace, key)
-) WITHOUT ROWID;
+) WITHOUT ROWID
 """
 _INDEX: Final = (
     "CREATE INDEX IF NOT EXISTS kv_expiring ON kv (namespace, expires_at) "
@@ -89,8 +88,7 @@ class SqliteStore:
         # hold a queue entry, not an executor thread other bindings need (blob file I/O).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="workerloader-store")
         self._busy = threading.Lock()  # held while anything uses the connection
-        # Each namespace's turn (see run), for as long as a call holds or waits for it.
-        self._turns: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._turns = LocksByName()  # each namespace's turn (see run)
         self._setup = setup
         if setup is not None:
             # Not on the caller's thread: a large migration would stall the event loop.
@@ -145,9 +143,7 @@ class SqliteStore:
             with self._busy:
                 return self._work(work, guard, deadline_s)
 
-        turn = self._turns.get(namespace)
-        if turn is None:
-            turn = self._turns[namespace] = asyncio.Lock()
+        turn = self._turns.of(namespace)
         loop = asyncio.get_running_loop()
         try:
             # Waited for under the call's deadline, and held until the job is done even if
@@ -233,7 +229,7 @@ class KvStore(SqliteStore):
     ``quota_bytes`` of keys and values (None: no quota; see ``_quota``)."""
 
     def __init__(self, conn: sqlite3.Connection, quota_bytes: int | None = None) -> None:
-        conn.executescript(_SCHEMA)
+        conn.execute(_SCHEMA)
         super().__init__(conn, "KV store", setup=_set_up)
         self.quota_bytes = quota_bytes
         self.puts = 0  # counted on the store's thread (see _PURGE_EVERY)
@@ -298,13 +294,12 @@ def _expiry(ttl: object) -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise BindingError("ttl must be a number of seconds")
-    if isinstance(ttl, int) and ttl > _TTL_MAX_S:  # a 400-digit int overflows a float
-        raise BindingError(f"ttl must be at most {_TTL_MAX_S} seconds")
-    if not math.isfinite(ttl):
+    # Compared as they are: a 400-digit int is never made a float (that overflows).
+    if isinstance(ttl, float) and not math.isfinite(ttl):
         raise BindingError("ttl must be a finite number of seconds")
     if ttl <= 0:
         raise BindingError("ttl must be positive")
-    if ttl > _TTL_MAX_S:  # a float, held to the same bound as an int
+    if ttl > _TTL_MAX_S:
         raise BindingError(f"ttl must be at most {_TTL_MAX_S} seconds")
     return time.time() + ttl
 

@@ -10,8 +10,8 @@ beside the object it replaces until its commit: there, delete first).
 What counts, per store:
 
 - KV: each key's row: its namespace, key and value, and ``ROW_OVERHEAD``, twice the names for a
-  key with an expiry (expired keys too, until they are purged: a put at the quota purges its
-  namespace's first);
+  key with an expiry (expired keys too, until they are purged: a put refused at the quota
+  purges its namespace's and tries again);
 - documents: each document's row: its JSON (``1 + INDEX_FACTOR`` times: its full-text index
   too), namespace, collection and id, and ``ROW_OVERHEAD``;
 - SQL: the database file's pages, and its temporary tables' (``PRAGMA max_page_count``, kept
@@ -22,8 +22,8 @@ What counts, per store:
 KV and documents keep their counts in a ``usage`` table of their database, updated in the
 transaction of each write (so every process that opens the database agrees); a database made
 before it existed, or counted by another rule (``usage_counted_by``), is counted again as it is
-opened. Blob buckets are counted by a scan of their
-directory the first time a process writes to one, then kept in memory (``BucketUsage``).
+opened. Blob buckets are counted by a scan of their directory the first time a process writes
+to one or deletes from it, then kept in memory (``BucketUsage``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import weakref
 from pathlib import Path
 from typing import Final
 
 from .._errors import QuotaExceeded
+from ._tasks import LocksByName
 
 __all__ = [
     "BLOCK",
@@ -160,24 +160,17 @@ class BucketUsage:
         self.quota = quota
         self.what = what
         self._used: int | None = None
-        self._counting: asyncio.Lock | None = None
+        self._counting = asyncio.Lock()
         self.listing = asyncio.Lock()
         """Held by a ``list`` of the bucket while it reads the heads (see ``BlobBucket.list``)."""
-        self._keys: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-
-    def key_lock(self, key: str) -> asyncio.Lock:
-        """The lock that a commit or delete of ``key`` holds while it reads, replaces and
-        removes the key's files: without it, a delete racing a put gave the old files' count
-        back twice, and two puts of one key left a data file no head names."""
-        lock = self._keys.get(key)
-        if lock is None:
-            lock = self._keys[key] = asyncio.Lock()
-        return lock
+        self.key_locks = LocksByName()
+        """What a commit or delete of a key holds while it reads, replaces and removes the
+        key's files: without it, a delete racing a put gave the old files' count back twice,
+        and two puts of one key left a data file no head names."""
 
     async def used(self) -> int:
         """The bucket's bytes, counted on the first call."""
         if self._used is None:
-            self._counting = self._counting or asyncio.Lock()
             async with self._counting:
                 if self._used is None:
                     self._used = await asyncio.to_thread(_bytes_under, self.root)

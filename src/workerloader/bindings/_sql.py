@@ -190,7 +190,7 @@ class _Db:
             return BindingError(
                 f"SQL statement too long: at most {self.limits.max_sql_bytes} bytes of UTF-8"
             )
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_TOOBIG:
+        if _code(exc) == sqlite3.SQLITE_TOOBIG:
             return BindingError(
                 f"{exc}: SQL strings and blobs may be at most {self.limits.max_value_bytes} bytes"
             )

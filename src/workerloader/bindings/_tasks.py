@@ -5,10 +5,11 @@ the worker's stop), and locks held for exactly as long as such work runs."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["holding", "to_the_end"]
+__all__ = ["LocksByName", "holding", "to_the_end"]
 
 _T = TypeVar("_T")
 
@@ -30,6 +31,22 @@ async def to_the_end(work: Awaitable[_T]) -> _T:
             task.exception()  # retrieved: the caller is told it was cancelled instead
         raise cancelled
     return task.result()
+
+
+class LocksByName:
+    """An ``asyncio.Lock`` per name, made on first use and kept only while a caller holds or
+    waits for it (weakly: names come from workers, and a lock per name ever used would grow
+    without end)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def of(self, name: str) -> asyncio.Lock:
+        """The lock of ``name``."""
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
 
 async def holding(

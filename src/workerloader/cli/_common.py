@@ -88,7 +88,7 @@ def service_config(config_path: Path | None) -> ServerConfig:
     from ..server._config import load_config
 
     try:
-        config, _, _ = load_config(config_path_or_default(config_path), {})
+        config, _ = load_config(config_path_or_default(config_path), {})
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     return config

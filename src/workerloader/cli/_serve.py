@@ -89,11 +89,11 @@ def serve(config_path: Path | None, **flags: object) -> None:
 
     from ..rpc._loop import run
     from ..server import create_app
-    from ..server._config import load_serve_config
+    from ..server._config import load_config
     from ..server._protocol import capped
 
     try:
-        config, listen = load_serve_config(config_path_or_default(config_path), flags)
+        config, listen = load_config(config_path_or_default(config_path), flags)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(config)

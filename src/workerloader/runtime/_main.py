@@ -366,8 +366,13 @@ def sdk_shaped_env() -> dict[str, Any]:
     probe load it, so the code and pages that binding ``workers.sdk`` touches are warm in
     every worker (cold starts with it took ~0.2 ms more of the worker's CPU without)."""
     stores = {name: rpc.RpcTarget() for name in ("db", "kv", "sql", "blobs", "ai")}
-    context = {"user_id": None, "namespace": "default", "authenticated": False}
-    return {"SDK": {**stores, "api": None, "context": {**context, "permissions": ["read"]}}}
+    context = {
+        "user_id": None,
+        "namespace": "default",
+        "authenticated": False,
+        "permissions": ["read"],
+    }
+    return {"SDK": {**stores, "api": None, "context": context}}
 
 
 def _warm_up_code(main: str, source: object) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from ..loader._loader import DEFAULT_STORAGE_QUOTA_MB
 from ._app import ExecuteLimits, ServerConfig
 from ._protocol import MAX_CONNECTIONS
 
-__all__ = ["Listen", "load_config", "load_serve_config"]
+__all__ = ["Listen", "load_config"]
 
 _SERVER_OPTIONS = {
     "host": str,
@@ -104,7 +104,7 @@ class Listen:
     """Connections open at once; one more is answered 503 and closed (see ``_protocol``)."""
 
 
-def load_serve_config(
+def load_config(
     path: Path | None,
     flags: Mapping[str, object],
     environ: Mapping[str, str] | None = None,
@@ -179,16 +179,6 @@ def load_serve_config(
         ),
     )
     return config, listen
-
-
-def load_config(
-    path: Path | None,
-    flags: Mapping[str, object],
-    environ: Mapping[str, str] | None = None,
-) -> tuple[ServerConfig, str, int]:
-    """``load_serve_config``'s config, host and port, for the commands that do not serve."""
-    config, listen = load_serve_config(path, flags, environ)
-    return config, listen.host, listen.port
 
 
 _KINDS: dict[type, tuple[type | tuple[type, ...], str]] = {
