@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -155,10 +156,14 @@ class SizeCap:
 
 
 class _Front:
-    """Plain ASGI in front of FastAPI, behind ``SizeCap``: the busy endpoints (the worker
-    fetch proxy, ``POST /execute``) routed straight to their handlers. FastAPI's router and
-    parameter resolution would add ~0.1 ms to each of their requests; their FastAPI routes
-    stay for the OpenAPI document and call the same handlers."""
+    """Plain ASGI in front of FastAPI: the busy endpoints (the worker fetch proxy, ``POST
+    /execute``) go straight to their handlers, behind a ``SizeCap`` of their own; every other
+    request goes on to ``app``, FastAPI's own stack. FastAPI's router and parameter
+    resolution would add ~0.1 ms to each busy request, and its middleware (error pages,
+    telemetry, which looks up OpenTelemetry's providers on every request) more; their
+    FastAPI routes stay for the OpenAPI document and call the same handlers. An exception
+    escaping a busy handler is answered 500 by uvicorn, as FastAPI's error middleware
+    would."""
 
     def __init__(
         self,
@@ -169,33 +174,58 @@ class _Front:
         self.app = app
         self.fetch = fetch
         self.execute = execute
+        self._fetch = SizeCap(self._fetch_route)
+        self._execute = SizeCap(self._execute_route)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self._route(scope, receive, send)
-
-    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
-        # /workers/{worker_id}/fetch/{path:path}, as the FastAPI routes match it, and
-        # /workers/{worker_id}/fetch itself (the worker's root, not a redirect to it)
-        parts = scope["path"].split("/", 4)
-        if (
-            len(parts) >= 4
-            and parts[1] == "workers"
-            and parts[2]
-            and parts[3] == "fetch"
-            and scope["method"] in FETCH_METHODS
-        ):
-            path = parts[4] if len(parts) == 5 else ""
-            proxied = await self.fetch(parts[2], path, Request(scope, receive))
-            await proxied(scope, receive, send)
-            return
-        if scope["path"] == "/execute" and scope["method"] == "POST":
-            answer = await self.execute(Request(scope, receive))
-            await answer(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            if _fetch_parts(scope) is not None:
+                await self._fetch(scope, receive, send)
+                return
+            if scope["path"] == "/execute" and scope["method"] == "POST":
+                await self._execute(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def _fetch_route(self, scope: Any, receive: Any, send: Any) -> None:
+        found = _fetch_parts(scope)
+        assert found is not None  # routed here by __call__
+        worker_id, path = found
+        proxied = await self.fetch(worker_id, path, Request(scope, receive))
+        await proxied(scope, receive, send)
+
+    async def _execute_route(self, scope: Any, receive: Any, send: Any) -> None:
+        answer = await self.execute(Request(scope, receive))
+        await answer(scope, receive, send)
+
+
+def _fetch_parts(scope: Any) -> tuple[str, str] | None:
+    """The worker id and path of a request to ``/workers/{worker_id}/fetch/{path:path}``, as
+    the FastAPI routes match it, or to ``/workers/{worker_id}/fetch`` itself (the worker's
+    root, not a redirect to it); None for any other request."""
+    parts = scope["path"].split("/", 4)
+    if (
+        len(parts) >= 4
+        and parts[1] == "workers"
+        and parts[2]
+        and parts[3] == "fetch"
+        and scope["method"] in FETCH_METHODS
+    ):
+        return parts[2], parts[4] if len(parts) == 5 else ""
+    return None
+
+
+class _Service(FastAPI):
+    """The service's FastAPI app, with ``front`` (once set) taking every request first."""
+
+    front: _Front | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.front is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self  # as FastAPI sets it, for handlers that look
+        await self.front(scope, receive, send)
 
 
 def _other_namespace(caller: Caller, namespace: str | None) -> JSONResponse | None:
@@ -272,7 +302,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return error_answer(403, "PermissionDenied", message)
         return caller
 
-    app = FastAPI(title="workerloader", version=__version__, lifespan=lifespan)
+    app = _Service(title="workerloader", version=__version__, lifespan=lifespan)
     router, fetch_worker = workers_router(state, authenticate)
     app.include_router(router)
     make_openapi = app.openapi
@@ -361,8 +391,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         )
         return JSONResponse(outcome.body, outcome.status)
 
-    app.add_middleware(_Front, fetch=fetch_worker, execute=execute_code)
-    app.add_middleware(SizeCap)  # added last: outermost, so it covers _Front's routes
+    app.add_middleware(SizeCap)  # for the routes _Front passes on
+    app.front = _Front(partial(FastAPI.__call__, app), fetch=fetch_worker, execute=execute_code)
 
     @app.get("/logs/stream")
     async def stream_logs(

@@ -101,6 +101,57 @@ every connection's protocol, so servers sharing a protocol class in one process 
 many) are counted apart."""
 
 
+class _Coalescing:
+    """A connection's transport that sends a response's head together with the body that
+    follows it: uvicorn writes the status line and headers, then the body, each with a send of
+    its own, and on loopback each send costs ~25 µs and wakes the client once more.
+
+    A write that starts a response head is held; the next write goes out joined to it, and a
+    head still held at the end of the event loop's turn (a streamed body whose first chunk
+    is not ready) goes out alone then. Closing, or ending the sending side, sends it first;
+    aborting drops it."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif data.startswith(b"HTTP/1."):
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with its request heads bounded in size and time.
 
@@ -151,7 +202,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._lingering = False  # counted in the tally's lingering until connection_lost
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # Every write of the connection goes through it, the protocol's own (refusals) too,
+        # so that none overtakes a held head.
+        super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
         if self._tally.served >= self.max_connections:
             self._refuse_connection()
             return
