@@ -4,13 +4,15 @@ On this kind of machine a process woken from ``epoll_wait`` by a peer's write ta
 again, which dominates a cross-process round trip (~115 µs on a plain asyncio loop). Right after
 it handled an event, this loop polls without blocking for up to ``spin_us`` before it blocks: a
 reply that arrives within that window is picked up at once. An idle loop blocks as usual after
-one window, so the cost is at most ``spin_us`` of CPU per burst of activity.
+one window, so the cost is at most ``spin_us`` of CPU per burst of activity, and between polls
+it yields the CPU to any process waiting for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import selectors
 import time
@@ -57,6 +59,11 @@ class _SpinningSelector(selectors.EpollSelector):
             ready = super().select(0)
             if ready or time.perf_counter_ns() >= deadline:
                 break
+            # A spin must not keep a process that has work from this CPU (on two cores the
+            # service, a worker and a client take turns): yielding costs nothing when none
+            # waits. Alternating with and without, 10 rounds of warm fetches on four
+            # connections: 3,022 against 2,468 req/s (10 of 10), CPU a request lower in all.
+            os.sched_yield()
         if ready:
             return ready
         return super().select(timeout)
