@@ -16,12 +16,13 @@ import sys
 import types
 
 from workerloader.runtime import _main as runtime
+from workerloader.sandbox._fork import fork
 from workerloader.sandbox._pack import pack_hot_code
 
 runtime.prepare()
 functions = [f for f in gc.get_objects() if isinstance(f, types.FunctionType)]
 before = [f.__code__ for f in functions]
-copied = pack_hot_code(runtime.serve)
+copied = pack_hot_code(runtime.serve, fork)
 replaced = [(old, f.__code__) for f, old in zip(functions, before) if f.__code__ is not old]
 runtime.warm_up()  # the same paths run again, through the copies
 print(json.dumps({
@@ -46,6 +47,7 @@ import sys
 
 from workerloader.runtime import _main as runtime
 from workerloader.rpc import _driver
+from workerloader.sandbox._fork import fork
 from workerloader.sandbox._pack import pack_hot_code
 
 runtime.prepare()
@@ -57,7 +59,7 @@ def broken_serve(channel, ready):
     return 1
 
 
-copied = pack_hot_code(broken_serve)
+copied = pack_hot_code(broken_serve, fork)
 print(json.dumps({"copied": copied, "untouched": _driver.connect.__code__ is before}),
       file=sys.__stdout__)
 """

@@ -14,10 +14,11 @@ import json
 import sys
 
 from workerloader.runtime import _main as runtime
+from workerloader.sandbox._fork import fork
 from workerloader.sandbox._prefault import learn_first_call
 
 runtime.prepare()  # as the zygote does: the runtime imported and warmed up once
-runs = learn_first_call(runtime.serve)
+runs = learn_first_call(runtime.serve, fork)
 regions = []  # (start, end, writable) of the private mappings
 with open("/proc/self/maps") as maps:
     for line in maps:
@@ -43,6 +44,7 @@ import json
 import sys
 
 from workerloader.runtime import _main as runtime
+from workerloader.sandbox._fork import fork
 from workerloader.sandbox._prefault import learn_first_call
 
 runtime.prepare()
@@ -53,7 +55,7 @@ def broken_serve(channel, ready):
     return 1
 
 
-print(json.dumps({"runs": learn_first_call(broken_serve)}), file=sys.__stdout__)
+print(json.dumps({"runs": learn_first_call(broken_serve, fork)}), file=sys.__stdout__)
 """
 
 POPULATE = """

@@ -42,11 +42,13 @@ def _changed() -> bytes:
     return changed.tobytes()
 
 
-def pack_hot_code(serve: Callable[[socket.socket, Callable[[], None]], int]) -> int:
+def pack_hot_code(
+    serve: Callable[[socket.socket, Callable[[], None]], int], fork: Callable[[], int]
+) -> int:
     """Copy the code objects a first call writes to side by side and point their functions at
     the copies (see the module docstring); the number of code objects copied (0 if the probe
     failed: nothing changes then). Run in the zygote before its warm-up and before its heap is
-    made immortal; ``serve`` is the worker side of a session."""
+    made immortal; ``serve`` is the worker side of a session, forked with ``fork``."""
     global _codes
     functions: dict[int, list[types.FunctionType]] = {}
     parents: dict[int, types.CodeType] = {}
@@ -69,7 +71,7 @@ def pack_hot_code(serve: Callable[[socket.socket, Callable[[], None]], int]) -> 
     # Noted here, so that the probe's own start (its event loop, its session) counts too.
     _at_start[:] = [code._co_code_adaptive for code in _codes]  # type: ignore[attr-defined]
     try:
-        data = probe_first_call(serve, lambda: None, _changed)
+        data = probe_first_call(serve, lambda: None, _changed, fork)
         hot = [_codes[i] for i in array.array("q", data[: len(data) // 8 * 8])]
     finally:
         _codes = []

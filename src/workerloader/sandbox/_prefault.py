@@ -113,10 +113,12 @@ def touched() -> bytes:
     return runs.tobytes()
 
 
-def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) -> Runs:
+def learn_first_call(
+    serve: Callable[[socket.socket, Callable[[], None]], int], fork: Callable[[], int]
+) -> Runs:
     """The runs a worker's first call touches, learned from a probe (see ``_probe``) with
-    ``serve`` as its worker side; none if anything failed (workers then just take their page
-    faults)."""
+    ``serve`` as its worker side, forked with ``fork``; none if anything failed (workers then
+    just take their page faults)."""
     global _regions, _buffer
     _regions = _private_regions()
     # A mapping of its own, made after the regions were listed: never counted as written.
@@ -128,7 +130,7 @@ def learn_first_call(serve: Callable[[socket.socket, Callable[[], None]], int]) 
         return []
     _buffer = memoryview((ctypes.c_uint64 * entries).from_address(address)).cast("B").cast("Q")
     try:
-        data = probe_first_call(serve, _before_first_message, touched)
+        data = probe_first_call(serve, _before_first_message, touched, fork)
     finally:
         _buffer.release()
         _buffer = None

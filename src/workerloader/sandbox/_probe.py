@@ -55,11 +55,13 @@ def probe_first_call(
     serve: Callable[[socket.socket, Callable[[], None]], int],
     before: Callable[[], None],
     after: Callable[[], bytes],
+    fork: Callable[[], int] = os.fork,
 ) -> bytes:
     """Fork a probe that ``serve``s a session and a driver that takes it through a load and a
     first call. In the probe, ``before()`` runs once its session runs (the state a ready worker
     waits in) and ``after()`` once the first call has been answered; what ``after`` returns
-    comes back here (b"" if anything failed or took longer than 10 s)."""
+    comes back here (b"" if anything failed or took longer than 10 s). The probe is forked
+    with ``fork``: the zygote's way of forking its workers."""
     from .. import rpc
     from ..rpc._loop import run
     from ..runtime._main import SESSION_LIMITS, sdk_shaped_env
@@ -81,7 +83,7 @@ def probe_first_call(
         fds += [driver_end.detach(), probe_end.detach()]
         fds += os.pipe()
         driver, probe, result, result_w = fds
-        children.append(os.fork())
+        children.append(fork())
         if children[0] == 0:  # the probe
             _in_child(
                 [driver, result, result_w], lambda: serve(socket.socket(fileno=probe), before)

@@ -26,6 +26,7 @@ import socket
 import sys
 import traceback
 from collections import deque
+from collections.abc import Callable
 
 # asyncio imports ssl only for TLS transports, which a worker without a network never uses.
 # Keeping OpenSSL out of the zygote saves three libraries (15 mappings) that every fork copies
@@ -38,6 +39,7 @@ del sys.modules["ssl"]
 from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
+from ._fork import fork, single_threaded  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
 from ._output import new_output_file  # noqa: E402
 from ._pack import pack_hot_code  # noqa: E402
@@ -82,6 +84,14 @@ class _Zygote:
         self.worker_uids: dict[int, int] = {}  # pid -> uid of each worker not yet reaped
         self.uids_in_use: set[int] = set()  # their values
         self.first_call_pages: Runs = []  # copied by each worker (see _prefault)
+        # Workers (and the probes that learn what their first call does) are forked without
+        # CPython's post-fork work (see _fork), which a process with no other thread does
+        # not need. Asked here, while /proc is there to tell (serve covers it); the zygote
+        # starts no thread afterwards.
+        self.fork: Callable[[], int] = fork
+        if not single_threaded():
+            self.fork = os.fork
+            _warn("another thread runs in the zygote: workers are forked the slower way")
 
     def prefork(self, count: int = 1) -> None:
         """Fork ``count`` workers back to back into the pool.
@@ -98,7 +108,7 @@ class _Zygote:
             uid, self.next_uid = next_free_uid(self.next_uid, self.uids_in_use)
             if not INSECURE:
                 sc.unshare(sc.CLONE_NEWPID)
-            pid = os.fork()
+            pid = self.fork()
             if pid == 0:
                 self._become_worker(worker_end, uid, output)
             if not INSECURE:
@@ -131,7 +141,7 @@ class _Zygote:
         # The code objects a first call writes to, copied side by side (onto fresh pages: the
         # free blocks are taken first), then specialized again by a second warm-up.
         fill_free_blocks()
-        if pack_hot_code(self.runtime.serve):
+        if pack_hot_code(self.runtime.serve, self.fork):
             self.runtime.warm_up()
         else:
             _warn("the probe of a first call failed: hot code objects were not packed")
@@ -148,7 +158,7 @@ class _Zygote:
             # each its namespaces and identity, hand them over. They inherit this filter.
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
             sc.load_seccomp_bpf(self.zygote_filter)
-        self.first_call_pages = learn_first_call(self.runtime.serve)
+        self.first_call_pages = learn_first_call(self.runtime.serve, self.fork)
         if not self.first_call_pages:
             _warn("the probe of a first call failed: workers will not copy its pages ahead")
         if not INSECURE:
