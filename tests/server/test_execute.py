@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -246,3 +248,24 @@ async def test_headers_over_the_cap_are_431(client: httpx.AsyncClient) -> None:
     assert answer.status_code == 431
     assert answer.json()["error"]["type"] == "RequestHeaderFieldsTooLarge"
     assert (await client.get("/health", headers={"x-fine": "x" * 1000})).status_code == 200
+
+
+async def test_each_executions_worker_is_stopped_after_its_answer(
+    client: httpx.AsyncClient,
+) -> None:
+    # One returns while a task of its own runs on; stopping it is not left to the code.
+    code = (
+        "import asyncio\n"
+        "async def forever():\n"
+        "    while True:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "asyncio.get_running_loop().create_task(forever())\n"
+        "return 1"
+    )
+    for snippet in ("return 1", code, "return 1"):
+        assert (await client.post("/execute", json={"code": snippet})).json()["result"] == 1
+    for _ in range(250):
+        if (await client.get("/health")).json()["workers"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await client.get("/health")).json()["workers"] == 0
