@@ -1,6 +1,6 @@
 """The zygote's fork without CPython's post-fork work (``sandbox._fork``): it forks, tells a
-single-threaded process from one with a second thread, and leaves no two workers drawing the
-same random numbers."""
+single-threaded process from one with a second thread, reseeds ``random`` in each child, and
+never hands a child a signal its parent caught."""
 
 from __future__ import annotations
 
@@ -43,6 +43,40 @@ def test_the_forks_children_and_parent_each_draw_their_own_random_numbers() -> N
     assert len(set(draws)) == 3  # random was imported before the forks: each child reseeded
 
 
+_SIGNALS = """
+import os, signal
+from workerloader.sandbox._fork import fork
+
+caught = []
+signal.signal(signal.SIGALRM, lambda *_: caught.append(os.getpid()))
+ballast = [bytearray(1 << 20) for _ in range(100)]  # a slower fork: a wider window
+signal.setitimer(signal.ITIMER_REAL, 0.00005, 0.00005)
+twice = 0
+for _ in range(200):
+    read, write = os.pipe()
+    pid = fork()
+    if pid == 0:
+        steps = [0, 1, 2]  # bytecode, where a pending handler would run
+        os.write(write, b"1" if os.getpid() in caught else b"0")
+        os._exit(0)
+    os.close(write)
+    twice += os.read(read, 1) == b"1"
+    os.close(read)
+    os.waitpid(pid, 0)
+signal.setitimer(signal.ITIMER_REAL, 0)
+assert caught, "the timer never fired"
+print(twice)
+"""
+
+
+def test_a_signal_caught_around_the_fork_is_handled_in_the_parent_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALS], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"]
+
+
 def test_a_second_thread_is_seen() -> None:
     release = threading.Event()
     thread = threading.Thread(target=release.wait)
@@ -54,6 +88,8 @@ def test_a_second_thread_is_seen() -> None:
         thread.join()
 
 
+# Workers import random themselves (the zygote has not), so this holds with or without the
+# reseed in fork; it guards what a tenant sees.
 DRAW = """
 import random
 from workers import WorkerEntrypoint

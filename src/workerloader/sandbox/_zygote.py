@@ -86,12 +86,12 @@ class _Zygote:
         self.first_call_pages: Runs = []  # copied by each worker (see _prefault)
         # Workers (and the probes that learn what their first call does) are forked without
         # CPython's post-fork work (see _fork), which a process with no other thread does
-        # not need. Asked here, while /proc is there to tell (serve covers it); the zygote
-        # starts no thread afterwards.
+        # not need. Asked here, while /proc is there to tell (serve covers it); fork itself
+        # falls back to os.fork should a Python thread run later.
         self.fork: Callable[[], int] = fork
         if not single_threaded():
             self.fork = os.fork
-            _warn("another thread runs in the zygote: workers are forked the slower way")
+            _warn("another thread may run in the zygote: workers are forked the slower way")
 
     def prefork(self, count: int = 1) -> None:
         """Fork ``count`` workers back to back into the pool.

@@ -25,8 +25,11 @@ for its exit, freeing its descriptors and cgroup) takes the service's loop a few
 ~0.1 ms; taken at once, they met the client's next request, sent as soon as the answer came;
 a few milliseconds on, they fall while the loop waits for that request's own worker. Cold
 ``POST /execute`` p50 from one client: lower in 14 of 18 alternating rounds (medians of the
-last 10: 2.85 against 3.17 ms); new executions/s on four connections unchanged. What the
-worker does in those milliseconds (a task it left running) reaches no answer."""
+last 10: 2.85 against 3.17 ms); new executions/s on four connections unchanged. Killing it at
+once and freeing the rest later was slower again (p50 higher in 9 of 10 rounds): its exit and
+end of file then met the next request instead. Work the code left running (a task) goes on
+until the kill: its binding calls in those milliseconds are served, as they were in the one
+or so the stop took before; none of it reaches the answer."""
 
 _SNIPPET = "execute.py"
 """The snippet's file name in tracebacks; a function-body main module, which the worker
@@ -102,6 +105,7 @@ def _json_object(value: dict[Any, Any], where: str, _open: set[int]) -> dict[str
 
 
 def _stop(stub: WorkerStub) -> None:
+    """Stop an answered execution's worker, in the background."""
     _closing.add(task := asyncio.ensure_future(stub.aclose()))
     task.add_done_callback(_closing.discard)
 

@@ -118,10 +118,10 @@ class _Coalescing:
         self._loop = loop
         self._held: bytes | None = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
             data, self._held = self._held + data, None
-        elif data.startswith(b"HTTP/1."):
+        elif isinstance(data, bytes) and data.startswith(b"HTTP/1."):
             self._held = data
             self._loop.call_soon(self._flush)
             return
@@ -147,6 +147,16 @@ class _Coalescing:
     def abort(self) -> None:
         self._held = None
         self._transport.abort()
+
+    # Called for every request: forwarded without a trip through __getattr__.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
