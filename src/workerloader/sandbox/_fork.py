@@ -55,7 +55,7 @@ def fork() -> int:
     if not _CHECKED or _thread._count():
         return os.fork()
     # The C function, not signal.pthread_sigmask, which makes an enum of every signal in the
-    # old mask (~50 page copies in each child). Checking signals as it returns, the first call
+    # old mask (~25 page copies in each child). Checking signals as it returns, the first call
     # runs the handler of one caught before.
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
