@@ -38,6 +38,13 @@ async def running(
         await task
 
 
+def address(client: httpx.AsyncClient) -> tuple[str, int]:
+    """The host and port of the service ``client`` talks to, for a raw connection to it."""
+    url = client.base_url
+    assert url.port is not None
+    return url.host, url.port
+
+
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
     """A client of a fresh service, and the service's data dir."""

@@ -12,6 +12,8 @@ import httpx
 
 from workerloader.server._protocol import _Coalescing
 
+from .conftest import address
+
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"
 
 
@@ -133,9 +135,7 @@ async def test_a_streamed_responses_head_arrives_before_its_first_chunk(
         "/workers/w", json={"main_module": "main.py", "modules": {"main.py": WAITING}}
     )
     assert stored.status_code == 200, stored.text
-    url = client.base_url
-    assert url.port is not None
-    reader, writer = await asyncio.open_connection(url.host, url.port)
+    reader, writer = await asyncio.open_connection(*address(client))
     try:
         writer.write(b"GET /workers/w/fetch/wait HTTP/1.1\r\nhost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)

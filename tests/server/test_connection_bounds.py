@@ -15,7 +15,7 @@ import pytest
 from workerloader.server import ServerConfig
 from workerloader.server._protocol import LINGER_S, MAX_HEAD_BYTES, BoundedHttpProtocol
 
-from .conftest import running
+from .conftest import address, running
 
 
 class _QuickHead(BoundedHttpProtocol):
@@ -27,12 +27,6 @@ async def quick(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The service with a head timeout of half a second."""
     async with running(ServerConfig(data_dir=tmp_path / "data", pool_size=2), _QuickHead) as http:
         yield http
-
-
-def _address(client: httpx.AsyncClient) -> tuple[str, int]:
-    url = client.base_url
-    assert url.port is not None
-    return url.host, url.port
 
 
 def _execute_head(length: int) -> bytes:
@@ -71,7 +65,7 @@ async def _flood(writer: asyncio.StreamWriter, first: bytes, chunk: bytes, secon
 async def _refused_while_sending(client: httpx.AsyncClient, first: bytes, chunk: bytes) -> bytes:
     """The answer to a head that never ends (``first``, then ``chunk`` forever): read while
     still sending, the connection closed soon after, what was sent held nowhere."""
-    reader, writer = await asyncio.open_connection(*_address(client))
+    reader, writer = await asyncio.open_connection(*address(client))
     writer.write(first + chunk * (2 * MAX_HEAD_BYTES // len(chunk) + 1))
     status, headers, body = await _answer(reader)
     assert (status, headers["connection"]) == (431, "close")
@@ -106,7 +100,7 @@ async def test_a_body_sent_with_its_head_is_not_counted(client: httpx.AsyncClien
     code = "return len(" + repr("z" * 900_000) + ")"
     body = json.dumps({"code": code}).encode()
     head = _execute_head(len(body))
-    reader, writer = await asyncio.open_connection(*_address(client))
+    reader, writer = await asyncio.open_connection(*address(client))
     writer.write(head + body)
     status, _, answer = await _answer(reader)
     assert (status, json.loads(answer)["result"]) == (200, 900_000)
@@ -117,7 +111,7 @@ async def test_a_body_sent_with_its_head_is_not_counted(client: httpx.AsyncClien
 
 
 async def test_a_head_left_unfinished_is_408_and_closed(quick: httpx.AsyncClient) -> None:
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # no blank line: the head goes on
     status, headers, body = await _answer(reader)
     assert (status, headers["connection"]) == (408, "close")
@@ -129,7 +123,7 @@ async def test_a_head_left_unfinished_is_408_and_closed(quick: httpx.AsyncClient
 async def test_a_connection_that_sends_nothing_is_closed_quietly(
     quick: httpx.AsyncClient,
 ) -> None:
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
 
@@ -137,7 +131,7 @@ async def test_a_connection_that_sends_nothing_is_closed_quietly(
 async def test_a_slow_answer_or_body_is_not_a_slow_head(quick: httpx.AsyncClient) -> None:
     # The head's time bounds the head: a call running past it is answered, on a connection
     # that goes on to serve a pipelined request sent while the first one ran.
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     body = json.dumps({"code": "import time\ntime.sleep(1.2)\nreturn 1"}).encode()
     writer.write(_execute_head(len(body)))
     await asyncio.sleep(0.3)  # the body comes late too (a pause under the 0.5 s)
@@ -151,7 +145,7 @@ async def test_a_slow_answer_or_body_is_not_a_slow_head(quick: httpx.AsyncClient
 async def test_keep_alive_requests_each_get_the_whole_time(quick: httpx.AsyncClient) -> None:
     # Three requests on one connection, 0.3 s apart (0.9 s in all, past the 0.5 s): each
     # head's time runs from the previous answer, not from the connection's start.
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     for _ in range(3):
         await asyncio.sleep(0.3)
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -163,7 +157,7 @@ async def test_a_runaway_head_behind_a_running_request_is_refused_after_its_answ
     client: httpx.AsyncClient,
 ) -> None:
     # Answers go out in order: the first request's, then the 431 for the second one's head.
-    reader, writer = await asyncio.open_connection(*_address(client))
+    reader, writer = await asyncio.open_connection(*address(client))
     body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.5)\nreturn 1"}).encode()
     head = _execute_head(len(body))
     runaway = b"GET /health HTTP/1.1\r\nx-a: " + b"c" * (2 * MAX_HEAD_BYTES)
@@ -181,7 +175,7 @@ async def test_a_refusal_waits_for_every_request_queued_before_it(
     # A slow request, a whole one queued behind it, then a runaway head: the second request
     # got the 431 as its answer (and its own answer failed) when the refusal went out as soon
     # as the first was answered.
-    reader, writer = await asyncio.open_connection(*_address(client))
+    reader, writer = await asyncio.open_connection(*address(client))
     body = json.dumps({"code": "import asyncio\nawait asyncio.sleep(0.3)\nreturn 1"}).encode()
     slow = _execute_head(len(body)) + body
     queued = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -198,14 +192,14 @@ async def test_a_refusal_waits_for_every_request_queued_before_it(
 async def test_a_body_that_stops_coming_ends_its_connection(quick: httpx.AsyncClient) -> None:
     # A declared body trickled, then stalled: the connection (and the handler waiting on the
     # body) was held as long as the client liked.
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     writer.write(_execute_head(1000) + b'{"code": ')
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
     writer.close()
     assert (await quick.get("/health")).status_code == 200
     # A body whose pauses are each shorter goes through, however long it takes in all.
     body = json.dumps({"code": "return 7"}).encode()
-    reader, writer = await asyncio.open_connection(*_address(quick))
+    reader, writer = await asyncio.open_connection(*address(quick))
     writer.write(_execute_head(len(body)))
     for i in range(0, len(body), 4):
         await asyncio.sleep(0.1)  # 0.1 s pauses, ~0.5 s in all: past the 0.5 s for a pause

@@ -19,8 +19,8 @@ from tests.cli._running import running_cli
 from workerloader.server import ServerConfig
 from workerloader.server._protocol import LINGER_S, BoundedHttpProtocol
 
-from .conftest import running
-from .test_connection_bounds import _address, _answer
+from .conftest import address, running
+from .test_connection_bounds import _answer
 
 _HEALTH = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
 
@@ -60,7 +60,7 @@ async def _until_held(port: int, count: int, within: float = 5.0) -> None:
 
 async def _served(http: httpx.AsyncClient) -> Connection:
     """A connection the server took: its ``GET /health`` answered 200, so it is counted."""
-    reader, writer = await asyncio.open_connection(*_address(http))
+    reader, writer = await asyncio.open_connection(*address(http))
     writer.write(_HEALTH)
     assert (await _answer(reader))[0] == 200
     return reader, writer
@@ -69,7 +69,7 @@ async def _served(http: httpx.AsyncClient) -> Connection:
 async def _refused(http: httpx.AsyncClient, request: bytes = _HEALTH) -> Connection:
     """A connection past the cap, ``request`` sent on it: its 503, as the service's error
     shape, read whole."""
-    reader, writer = await asyncio.open_connection(*_address(http))
+    reader, writer = await asyncio.open_connection(*address(http))
     writer.write(request)
     status, headers, body = await _answer(reader)
     assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
@@ -108,7 +108,7 @@ async def test_a_place_that_comes_free_is_taken_by_the_next_connection(
     capped: httpx.AsyncClient,
 ) -> None:
     # While a refused connection lingers: it holds no place.
-    port = _address(capped)[1]
+    port = address(capped)[1]
     held = [await _served(capped) for _ in range(3)]
     lingering = await _refused(capped, b"")
     await _close(held[:1])
@@ -126,7 +126,7 @@ async def test_refused_connections_do_not_count_and_every_one_is_uncounted_at_it
     # at once, or three lingering), ended by either side, read or not (a client closing on
     # an unread answer resets its connection). A connection counted twice or uncounted twice
     # and the cap would be off by forty: a served connection refused, or a fourth served.
-    port = _address(capped)[1]
+    port = address(capped)[1]
     for round_ in range(40):
         held = [await _served(capped) for _ in range(3)]
         refused = [await _refused(capped) for _ in range(2)]
@@ -134,7 +134,7 @@ async def test_refused_connections_do_not_count_and_every_one_is_uncounted_at_it
             for _, writer in refused:
                 writer.write_eof()
             await _until_held(port, 3)
-        _, unread = await asyncio.open_connection(*_address(capped))
+        _, unread = await asyncio.open_connection(*address(capped))
         unread.write(_HEALTH)
         await asyncio.sleep(0.01 if round_ % 3 else 0)  # its 503 read by no one
         unread.close()
@@ -153,7 +153,7 @@ async def test_refusals_linger_only_up_to_their_own_bound(capped: httpx.AsyncCli
     # Refused connections that neither read nor close: two linger (for LINGER_S), and past
     # them each is closed at once. Lingering without a bound, a client opening connections
     # faster than they linger held as many descriptors as it liked, the cap notwithstanding.
-    port = _address(capped)[1]
+    port = address(capped)[1]
     held = [await _served(capped) for _ in range(3)]
     lingering = [await _refused(capped, b"") for _ in range(2)]
     await _until_held(port, 5)

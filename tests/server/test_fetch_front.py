@@ -20,6 +20,8 @@ from tests.server._keys import bearer
 from workerloader.server import _app
 from workerloader.server._store import ServiceStore
 
+from .conftest import address
+
 ECHO = """
 from urllib.parse import urlsplit
 
@@ -166,10 +168,7 @@ async def raw_request(client: httpx.AsyncClient, head: bytes) -> tuple[int, byte
     """Send ``head`` (request line and headers, no body) on a fresh connection to the service;
     the response's status and body. Blocks until the server answers: a server that waited for
     the body it was promised would never answer (and the test would time out)."""
-    url = client.base_url
-    assert url.host is not None
-    assert url.port is not None
-    reader, writer = await asyncio.open_connection(url.host, url.port)
+    reader, writer = await asyncio.open_connection(*address(client))
     try:
         writer.write(head)
         await writer.drain()
