@@ -179,7 +179,9 @@ class _Front:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            if _fetch_parts(scope) is not None:
+            if (found := _fetch_parts(scope)) is not None:
+                worker_id, path = found
+                scope["path_params"] = {"worker_id": worker_id, "path": path}  # as routed
                 await self._fetch(scope, receive, send)
                 return
             if scope["path"] == "/execute" and scope["method"] == "POST":
@@ -188,10 +190,8 @@ class _Front:
         await self.app(scope, receive, send)
 
     async def _fetch_route(self, scope: Any, receive: Any, send: Any) -> None:
-        found = _fetch_parts(scope)
-        assert found is not None  # routed here by __call__
-        worker_id, path = found
-        proxied = await self.fetch(worker_id, path, Request(scope, receive))
+        params = scope["path_params"]
+        proxied = await self.fetch(params["worker_id"], params["path"], Request(scope, receive))
         await proxied(scope, receive, send)
 
     async def _execute_route(self, scope: Any, receive: Any, send: Any) -> None:
