@@ -1,14 +1,18 @@
-"""The zygote, and so every pooled worker, runs 10 nice levels below the host, and a worker
-handed out runs at the host's own priority: starting workers in the background yields to the
-calls in flight."""
+"""The zygote, and so every pooled worker, runs 10 nice levels below the host, a worker
+handed out runs at the host's own priority, and a worker being stopped at the lowest: starting
+and ending workers in the background yields to the calls in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
+import pytest
+
 from workerloader import Loader, WorkerCode
+from workerloader.sandbox import _host
 
 MAIN = """
 import os
@@ -47,3 +51,23 @@ async def test_the_zygote_runs_lower_and_workers_it_hands_out_do_not(tmp_path: P
             await asyncio.sleep(0.01)
         process, _ = loader._ready[0]
         assert os.getpriority(os.PRIO_PROCESS, process.pid) == host_nice()
+
+
+async def test_a_stopped_worker_is_killed_at_the_lowest_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at_kill: list[int] = []  # the priority of each live worker as the SIGKILL goes out
+    kill = _host._kill
+
+    def look_then_kill(pidfd: int) -> None:
+        # Exited already (the release's second kill): no pid to look at.
+        with contextlib.suppress(OSError, ValueError):
+            at_kill.append(os.getpriority(os.PRIO_PROCESS, _host._pid_of(pidfd)))
+        kill(pidfd)
+
+    monkeypatch.setattr(_host, "_kill", look_then_kill)
+    async with Loader(tmp_path / "data", pool_size=2) as loader:
+        stub = loader.get("a", code)
+        assert await stub.get_entrypoint("Probe").nice() == host_nice()
+        await stub.aclose()
+        assert at_kill == [19]

@@ -10,6 +10,7 @@ import functools
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -137,14 +138,14 @@ class WorkerProcess:
             return 0
 
     async def stop(self) -> None:
-        """Kill the worker (on the sandbox's chores thread) and wait for it to exit; its
-        channel stays open. Safe twice."""
+        """Kill the worker (on the sandbox's chores thread) at the lowest priority
+        (``_wind_down``) and wait for it to exit; its channel stays open. Safe twice."""
         if self.pidfd < 0 or (self._exited is not None and self._exited.done()):
             return
         if self._chores is None:
-            self.kill()
+            _wind_down(self.pid, self.pidfd)
         else:
-            self._chores.submit(functools.partial(_kill, self.pidfd))
+            self._chores.submit(functools.partial(_wind_down, self.pid, self.pidfd))
         await self.wait_exit()
 
     async def aclose(self) -> None:
@@ -176,6 +177,27 @@ class WorkerProcess:
             os.close(pidfd)
         if self.cgroup is not None:
             self.cgroup.release()
+
+
+_DYING_NICE = 19
+"""The priority a worker is stopped at: the lowest. Its exit tears down the address space it
+shares with the zygote (~0.8 ms of CPU, the largest part of a cold start's cost after the call
+itself) and nobody waits for it; at the host's priority it took the CPU from the calls in
+flight. Cold ``POST /execute`` on two cores, alternating two services (nice 0 / nice 19 here):
+p50 from one client lower in 11 of 12 rounds (medians 3.05 / 2.52 ms), new executions/s on four
+connections higher in 10 of 12 (290 / 309); in a faster phase of the machine, within noise."""
+
+
+def _wind_down(pid: int, pidfd: int) -> None:
+    """Lower a live worker's priority to ``_DYING_NICE``, then SIGKILL it."""
+    # The pid names the worker only while it lives (it is reused only once the process has
+    # exited and been reaped): its pidfd turns readable when it exits.
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    if not poll.poll(0):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to lower (not root)
+            os.setpriority(os.PRIO_PROCESS, pid, _DYING_NICE)
+    _kill(pidfd)
 
 
 def _kill(pidfd: int) -> None:
