@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import mmap
 import os
 import resource
 import select
@@ -22,7 +21,7 @@ from .._errors import SandboxUnavailable, WorkerloaderError
 from . import _syscalls
 from ._cgroup import MemoryCgroups, WorkerCgroup
 from ._chores import Chores
-from ._output import map_for_reading, read_output
+from ._output import read_output
 from ._policy import compile_seccomp
 
 __all__ = ["Sandbox", "WorkerProcess", "sandbox_support"]
@@ -75,9 +74,9 @@ class WorkerProcess:
     channel: socket.socket
     pidfd: int
     pid: int
-    output: mmap.mmap | None = None
-    """What the worker's latest call wrote, as it wrote it (``_output``): read it with
-    ``output_lines`` once a limit has ended the call."""
+    output: int | None = None
+    """The file of what the worker's latest call wrote, as it wrote it (``_output``): read it
+    with ``output_lines`` once a limit has ended the call."""
     cgroup: WorkerCgroup | None = None
     """Set by the cgroup thread once the worker is in its cgroup."""
     _chores: Chores | None = None  # the sandbox's thread for this worker's slow calls
@@ -93,7 +92,7 @@ class WorkerProcess:
 
     def output_lines(self) -> list[str]:
         """The lines the worker's latest call wrote, as far as its output file holds them."""
-        return [] if self.output is None or self.output.closed else read_output(self.output)
+        return [] if self.output is None else read_output(self.output)
 
     def oom_killed(self) -> bool:
         """True if the kernel's OOM killer ended the worker inside its memory cgroup."""
@@ -164,7 +163,8 @@ class WorkerProcess:
             self._exited.cancel()
         self.channel.close()
         if self.output is not None:
-            self.output.close()  # here, not on the chores thread: reads happen on this one
+            os.close(self.output)  # here, not on the chores thread: reads happen on this one
+            self.output = None
         self.pidfd = -1  # later kill() calls do nothing
         if chores is None:
             self._release(pidfd)
@@ -336,21 +336,16 @@ class Sandbox:
                 os.close(fd)
             raise _out_of_descriptors()
         channel_fd, pidfd, output_fd = fds[0], fds[1], fds[2]
-        output = None
         try:
-            output = map_for_reading(output_fd)  # takes a descriptor of its own
             pid = _pid_of(pidfd)  # opens a file
         except OSError as exc:
-            if output is not None:
-                output.close()
             os.close(channel_fd)  # the worker sees its channel end, and exits
             os.close(pidfd)
+            os.close(output_fd)
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise _out_of_descriptors() from None
             raise
-        finally:
-            os.close(output_fd)
-        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, pid, output)
+        process = WorkerProcess(socket.socket(fileno=channel_fd), pidfd, pid, output_fd)
         process._chores = self._chores
         # The zygote, and so every pooled worker, runs 10 nice levels below the host: forking
         # and starting workers in the background then yields to the calls in flight. A worker
