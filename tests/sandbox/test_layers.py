@@ -92,3 +92,40 @@ def test_filling_free_blocks_takes_some_and_the_process_keeps_working() -> None:
     result = json.loads(out.stdout)
     assert result["data"] == 10000
     assert result["taken"] > 400  # at least the glibc caches (7 blocks of each size to 1 KiB)
+
+
+_HOLES = """
+import ctypes, json
+from workerloader.sandbox._fill import _MallInfo2, fill_free_blocks
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.sbrk.argtypes = [ctypes.c_ssize_t]
+libc.mallinfo2.restype = _MallInfo2
+
+def in_bins():
+    info = libc.mallinfo2()
+    return info.fordblks - info.keepcost  # free bytes but the top chunk's
+
+blocks = [libc.malloc(3000) for _ in range(400)]
+for block in blocks[::2]:  # holes all over the heap, where best fit would place new blocks
+    libc.free(block)
+before = in_bins()
+fill_free_blocks()
+after = in_bins()
+top = libc.sbrk(0) - libc.mallinfo2().keepcost
+new = [libc.malloc(size) for size in (3000, 2000, 1500)]
+print(json.dumps({"before": before, "after": after, "from_top": all(b >= top for b in new)}))
+"""
+
+
+def test_filling_takes_the_free_chunks_in_the_heap_so_new_blocks_come_from_its_top() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _HOLES], capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout)
+    assert result["before"] > 200 * 3000  # the holes
+    assert result["after"] < 4096, result
+    assert result["from_top"], result

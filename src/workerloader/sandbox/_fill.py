@@ -2,10 +2,15 @@
 
 A forked worker copies every shared page it writes to. Its new objects would otherwise land in
 the free blocks scattered through the zygote's heap (pymalloc's partly used pools, glibc's
-per-size caches), a few per page, each first write copying a whole page: the event loop a
-worker creates dirtied ~100 pages that way. Once those blocks are taken here, a worker's
-allocations come from new pools and the top of the heap, densely. The blocks stay allocated
-for the zygote's lifetime (a few hundred KB, shared by every worker).
+per-size caches and its bins of free chunks), a few per page, each first write copying a whole
+page: the event loop a worker creates dirtied ~100 pages that way. Once those blocks are taken
+here, a worker's allocations come from new pools and the top of the heap, densely. The blocks
+stay allocated for the zygote's lifetime (a few hundred KB, shared by every worker).
+
+Taking glibc's bins as well (``_fill_malloc_bins``; the caches alone before) cut a worker's
+page faults from start to first answer by ~40 (of ~430), and in sixteen alternating rounds of
+two Loaders: zygote and worker CPU per worker 3.77 against 4.12 ms (lower in 15), cold call
+p50 0.91 against 1.04 ms (lower in 14), new workers/s 388 against 364 (higher in 12).
 """
 
 from __future__ import annotations
@@ -94,6 +99,60 @@ def _drain_malloc_caches() -> int:
     return len(blocks)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_CHUNK_SIZES = [*range(1 << 17, 1 << 12, -(1 << 12)), *range(1 << 12, 16, -16)]
+"""The request sizes that take glibc's free chunks, largest first (each request takes the
+smallest free chunk that fits and leaves the rest free for a smaller one): 4 KB steps down to
+4 KB, then glibc's own 16-byte steps; above 128 KB glibc maps memory of its own."""
+
+
+def _fill_malloc_bins() -> int:
+    """Take the free chunks glibc keeps in its bins: what frees left inside the heap, where
+    its best fit would place new blocks (a worker's, or the packed code of ``_pack``) among
+    shared pages. A request that comes from the top of the heap instead is given back: every
+    free chunk of that size is taken."""
+    try:
+        libc = ctypes.CDLL(None)
+        malloc, free, sbrk, mallinfo2 = libc.malloc, libc.free, libc.sbrk, libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc (2.33+)
+        return 0
+    malloc.restype = sbrk.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    free.argtypes = [ctypes.c_void_p]
+    sbrk.argtypes = [ctypes.c_ssize_t]
+    mallinfo2.restype = _MallInfo2
+    top = sbrk(0) - mallinfo2().keepcost  # where the top chunk starts
+    blocks: list[int] = []
+    for size in _CHUNK_SIZES:
+        while True:
+            block = malloc(size - 8)
+            if not block:
+                break
+            if block >= top:  # no free chunk of this size is left
+                free(block)
+                break
+            blocks.append(block)
+    _kept.append(blocks)
+    return len(blocks)
+
+
 def fill_free_blocks() -> int:
     """Take the zygote's free small blocks (see the module doc); the number taken. Call right
     before forking workers, after the last allocation the zygote keeps."""
@@ -101,4 +160,5 @@ def fill_free_blocks() -> int:
     with contextlib.suppress(OSError, ValueError):
         taken += _fill_pymalloc()
     taken += _drain_malloc_caches()
+    taken += _fill_malloc_bins()
     return taken
