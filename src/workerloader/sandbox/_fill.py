@@ -138,10 +138,14 @@ def _fill_malloc_bins() -> int:
     free.argtypes = [ctypes.c_void_p]
     sbrk.argtypes = [ctypes.c_ssize_t]
     mallinfo2.restype = _MallInfo2
-    top = sbrk(0) - mallinfo2().keepcost  # where the top chunk starts
+    info = mallinfo2()
+    top = sbrk(0) - info.keepcost  # where the top chunk starts
+    # A bound in case the heap is not laid out as assumed (its top elsewhere than at the
+    # break): never take much more than the bins held.
+    room = 2 * (info.fordblks - info.keepcost) + (1 << 16)
     blocks: list[int] = []
     for size in _CHUNK_SIZES:
-        while True:
+        while room >= size:
             block = malloc(size - 8)
             if not block:
                 break
@@ -149,6 +153,7 @@ def _fill_malloc_bins() -> int:
                 free(block)
                 break
             blocks.append(block)
+            room -= size
     _kept.append(blocks)
     return len(blocks)
 
