@@ -60,7 +60,7 @@ async def test_a_stopped_worker_is_killed_at_the_lowest_priority(
     kill = _host._kill
 
     def look_then_kill(pidfd: int) -> None:
-        # Exited already (the release's second kill): no pid to look at.
+        # Reaped already (the release's second kill may come before or after): no pid.
         with contextlib.suppress(OSError, ValueError):
             at_kill.append(os.getpriority(os.PRIO_PROCESS, _host._pid_of(pidfd)))
         kill(pidfd)
@@ -70,4 +70,5 @@ async def test_a_stopped_worker_is_killed_at_the_lowest_priority(
         stub = loader.get("a", code)
         assert await stub.get_entrypoint("Probe").nice() == host_nice()
         await stub.aclose()
-        assert at_kill == [19]
+        assert at_kill, "the worker was not killed"
+        assert set(at_kill) == {19}

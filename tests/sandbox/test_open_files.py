@@ -101,3 +101,43 @@ async def test_a_worker_taken_over_without_a_descriptor_left_says_so_and_leaks_n
         await loader.load(code)
         await asyncio.sleep(0.5)
         assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def _a_ready_worker(loader: Loader) -> _host.WorkerProcess:
+    for _ in range(400):
+        if loader._ready:
+            process, session = loader._ready.popleft()
+            await session.aclose()
+            return process
+        await asyncio.sleep(0.01)
+    raise AssertionError("no worker became ready")
+
+
+async def test_a_workers_descriptors_are_not_inherited_by_programs_the_host_runs(
+    tmp_path: Path,
+) -> None:
+    async with Loader(tmp_path, pool_size=1) as loader:
+        process = await _a_ready_worker(loader)
+        assert process.output is not None
+        for fd in (process.channel.fileno(), process.pidfd, process.output):
+            assert not os.get_inheritable(fd), fd
+        await process.aclose()
+
+
+async def test_a_worker_closed_while_its_stop_is_cancelled_leaves_no_descriptor(
+    tmp_path: Path,
+) -> None:
+    async with Loader(tmp_path, pool_size=1) as loader:
+        process = await _a_ready_worker(loader)
+        await asyncio.sleep(0.2)  # the ready queue's refill is done
+        before = len(os.listdir("/proc/self/fd"))
+        closing = asyncio.ensure_future(process.aclose())
+        await asyncio.sleep(0)  # now waiting for the worker's exit
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert process.output is None
+        assert process.channel.fileno() == -1
+        await asyncio.sleep(0.2)  # the chores thread closes the pidfd
+        # Its pidfd and output file (its channel went with the session closed above).
+        assert len(os.listdir("/proc/self/fd")) <= before - 2

@@ -5,7 +5,7 @@ the free blocks scattered through the zygote's heap (pymalloc's partly used pool
 per-size caches and its bins of free chunks), a few per page, each first write copying a whole
 page: the event loop a worker creates dirtied ~100 pages that way. Once those blocks are taken
 here, a worker's allocations come from new pools and the top of the heap, densely. The blocks
-stay allocated for the zygote's lifetime (a few hundred KB, shared by every worker).
+stay allocated for the zygote's lifetime (~0.5–1 MB, shared by every worker).
 
 Taking glibc's bins as well (``_fill_malloc_bins``; the caches alone before) cut a worker's
 page faults from start to first answer by ~40 (of ~430), and in sixteen alternating rounds of
@@ -120,14 +120,16 @@ class _MallInfo2(ctypes.Structure):
 _CHUNK_SIZES = [*range(1 << 17, 1 << 12, -(1 << 12)), *range(1 << 12, 16, -16)]
 """The request sizes that take glibc's free chunks, largest first (each request takes the
 smallest free chunk that fits and leaves the rest free for a smaller one): 4 KB steps down to
-4 KB, then glibc's own 16-byte steps; above 128 KB glibc maps memory of its own."""
+4 KB, then glibc's own 16-byte steps. Larger free chunks are taken piecewise; requests above
+glibc's mapping threshold (128 KB at first) get memory of their own, which is given back.)"""
 
 
 def _fill_malloc_bins() -> int:
     """Take the free chunks glibc keeps in its bins: what frees left inside the heap, where
     its best fit would place new blocks (a worker's, or the packed code of ``_pack``) among
-    shared pages. A request that comes from the top of the heap instead is given back: every
-    free chunk of that size is taken."""
+    shared pages. A request that comes from the top of the heap instead is given back: no free
+    chunk of that size is left in the bins (one of a size glibc caches per thread goes to that
+    cache: ``_drain_malloc_caches`` takes it)."""
     try:
         libc = ctypes.CDLL(None)
         malloc, free, sbrk, mallinfo2 = libc.malloc, libc.free, libc.sbrk, libc.mallinfo2
@@ -160,10 +162,13 @@ def _fill_malloc_bins() -> int:
 
 def fill_free_blocks() -> int:
     """Take the zygote's free small blocks (see the module doc); the number taken. Call right
-    before forking workers, after the last allocation the zygote keeps."""
+    before forking workers, after the last allocation the zygote keeps (or before making
+    objects that should lie together: ``_pack``)."""
     taken = 0
     with contextlib.suppress(OSError, ValueError):
         taken += _fill_pymalloc()
-    taken += _drain_malloc_caches()
     taken += _fill_malloc_bins()
+    # After the bins: a request of a cached size that came from the top of the heap is given
+    # back there, into the cache, which this empties again.
+    taken += _drain_malloc_caches()
     return taken

@@ -54,7 +54,7 @@ def sandbox_support() -> str | None:
 
 def raise_open_files_limit() -> None:
     """Lift this process's soft limit on open files to its hard one. Each live worker holds
-    a few of the host's descriptors (its channel, pidfd, output map, cgroup); at the common
+    a few of the host's descriptors (its channel, pidfd, output file, cgroup); at the common
     soft default of 1,024 a host ran out at 337 live workers (measured) while the hard
     limit, often 500,000 or more, allowed far more. asyncio's epoll has no FD_SETSIZE
     ceiling."""
@@ -156,23 +156,29 @@ class WorkerProcess:
             return
         chores = self._chores
         pidfd = self.pidfd
-        await self.stop()
-        if self._exited is not None and not self._exited.done():
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(pidfd)
-            self._exited.cancel()
-        self.channel.close()
-        if self.output is not None:
-            os.close(self.output)  # here, not on the chores thread: reads happen on this one
-            self.output = None
-        self.pidfd = -1  # later kill() calls do nothing
-        if chores is None:
-            self._release(pidfd)
-        else:
-            chores.submit(functools.partial(self._release, pidfd))
+        try:
+            await self.stop()
+        finally:  # cancelled while it waited, too: nothing is left open
+            if self._exited is not None and not self._exited.done():
+                with contextlib.suppress(ValueError, OSError):
+                    asyncio.get_running_loop().remove_reader(pidfd)
+                self._exited.cancel()
+            self.channel.close()
+            if self.output is not None:
+                os.close(self.output)  # here, not on the chores thread: reads happen on this one
+                self.output = None
+            self.pidfd = -1  # later kill() calls do nothing
+            if chores is None:
+                self._release(pidfd)
+            else:
+                chores.submit(functools.partial(self._release, pidfd))
 
     def _release(self, pidfd: int) -> None:
-        _kill(pidfd)  # if it still runs (it did not exit in time): never leave one behind
+        # Still running (it did not exit in time, its teardown starved at the lowest priority
+        # by busy workers): it finishes at the host's priority, and is killed should it not
+        # have been yet. Never leave one behind.
+        _renice_if_alive(self.pid, pidfd, os.getpriority(os.PRIO_PROCESS, 0))
+        _kill(pidfd)
         with contextlib.suppress(OSError):
             os.close(pidfd)
         if self.cgroup is not None:
@@ -190,14 +196,25 @@ connections higher in 10 of 12 (290 / 309); in a faster phase of the machine, wi
 
 def _wind_down(pid: int, pidfd: int) -> None:
     """Lower a live worker's priority to ``_DYING_NICE``, then SIGKILL it."""
+    _renice_if_alive(pid, pidfd, _DYING_NICE)
+    _kill(pidfd)
+
+
+def _renice_if_alive(pid: int, pidfd: int, nice: int) -> None:
+    """Set every thread of the worker ``pid`` to ``nice`` if it has not exited (best effort:
+    not if it is gone meanwhile, or not ours to change)."""
     # The pid names the worker only while it lives (it is reused only once the process has
     # exited and been reaped): its pidfd turns readable when it exits.
     poll = select.poll()
     poll.register(pidfd, select.POLLIN)
-    if not poll.poll(0):
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to lower (not root)
-            os.setpriority(os.PRIO_PROCESS, pid, _DYING_NICE)
-    _kill(pidfd)
+    if pid <= 0 or poll.poll(0):
+        return
+    # Linux keeps a priority per thread, and whichever thread exits last tears the address
+    # space down: each of a worker's threads (most have one) is set.
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
 def _kill(pidfd: int) -> None:
@@ -310,7 +327,10 @@ class Sandbox:
             fds = array.array("i")
             while True:
                 try:
-                    msg, ancdata, _, _ = ctrl.recvmsg(16, socket.CMSG_LEN(3 * fds.itemsize))
+                    # Close-on-exec: a program the embedding app runs must not inherit them.
+                    msg, ancdata, _, _ = ctrl.recvmsg(
+                        16, socket.CMSG_LEN(3 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+                    )
                     break
                 except BlockingIOError:
                     waiter: asyncio.Future[None] = loop.create_future()

@@ -87,9 +87,9 @@ def pack_hot_code(
             parent = parents.get(id(parent))
     copies: dict[int, types.CodeType] = {}
     # Copies made in the free blocks the probe's run left would land among the zygote's other
-    # objects again (glibc's best fit scattered the larger ones over ~260 pages): taken first,
-    # they come from fresh pools and the top of the heap, one after another (46 larger ones on
-    # 24 pages, against 47).
+    # objects again: glibc's best fit put the larger ones (46, ~47 KB) on 47 pages spread
+    # over ~260. Taken first, they come from fresh pools and the top of the heap, one after
+    # another: on 24 pages.
     fill_free_blocks()
 
     def copy(code: types.CodeType) -> types.CodeType:
