@@ -36,7 +36,7 @@ from ._common import config_option, config_path_or_default, option
     type=int,
     default=None,
     envvar="WORKERLOADER_POOL_SIZE",
-    help="Pre-forked workers. [default: 8]",
+    help="Pre-forked workers. [default: 32]",
 )
 @option(
     "--max-concurrent",

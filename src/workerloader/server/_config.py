@@ -161,7 +161,7 @@ def load_config(
     config = ServerConfig(
         data_dir=Path(values.get("data_dir", ".workerloader")),
         insecure=bool(values.get("insecure", False)),
-        pool_size=int(values.get("pool_size", 8)),
+        pool_size=int(values.get("pool_size", 32)),
         max_concurrent_executions=int(values.get("max_concurrent", 64)),
         log_retention_s=float(values.get("log_retention_days", 7)) * 86400,
         log_max_bytes=_at_least_one("log_max_mb", values.get("log_max_mb", 1024)) << 20,
