@@ -45,6 +45,14 @@ def address(client: httpx.AsyncClient) -> tuple[str, int]:
     return url.host, url.port
 
 
+async def store(client: httpx.AsyncClient, worker_id: str, main: str) -> None:
+    """Store worker ``worker_id`` whose one module, ``main.py``, is ``main``."""
+    stored = await client.put(
+        f"/workers/{worker_id}", json={"main_module": "main.py", "modules": {"main.py": main}}
+    )
+    assert stored.status_code == 200, stored.text
+
+
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
     """A client of a fresh service, and the service's data dir."""

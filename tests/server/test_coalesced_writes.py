@@ -12,7 +12,7 @@ import httpx
 
 from workerloader.server._protocol import _Coalescing
 
-from .conftest import address
+from .conftest import address, store
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"
 
@@ -131,10 +131,7 @@ async def test_a_streamed_responses_head_arrives_before_its_first_chunk(
     served: tuple[httpx.AsyncClient, Path],
 ) -> None:
     client, _ = served
-    stored = await client.put(
-        "/workers/w", json={"main_module": "main.py", "modules": {"main.py": WAITING}}
-    )
-    assert stored.status_code == 200, stored.text
+    await store(client, "w", WAITING)
     reader, writer = await asyncio.open_connection(*address(client))
     try:
         writer.write(b"GET /workers/w/fetch/wait HTTP/1.1\r\nhost: x\r\n\r\n")

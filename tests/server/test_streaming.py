@@ -21,6 +21,8 @@ from workerloader import (
 )
 from workerloader.loader import _http
 
+from .conftest import store
+
 MAIN = """
 import asyncio, time
 from workers import WorkerEntrypoint, Response
@@ -242,10 +244,7 @@ async def test_the_fetch_proxy_streams_a_workers_body_to_the_client(
     served: tuple[httpx.AsyncClient, Path],
 ) -> None:
     client, _ = served
-    stored = await client.put(
-        "/workers/s", json={"main_module": "main.py", "modules": {"main.py": MAIN}}
-    )
-    assert stored.status_code == 200, stored.text
+    await store(client, "s", MAIN)
     async with client.stream("GET", "/workers/s/fetch/gate") as response:
         assert response.status_code == 200
         assert response.headers["transfer-encoding"] == "chunked"

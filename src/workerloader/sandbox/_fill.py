@@ -109,7 +109,7 @@ _CHUNK_SIZES = [*range(1 << 17, 1 << 12, -(1 << 12)), *range(1 << 12, 16, -16)]
 """The request sizes that take glibc's free chunks, largest first (each request takes the
 smallest free chunk that fits and leaves the rest free for a smaller one): 4 KB steps down to
 4 KB, then glibc's own 16-byte steps. Larger free chunks are taken piecewise; requests above
-glibc's mapping threshold (128 KB at first) get memory of their own, which is given back.)"""
+glibc's mapping threshold (128 KB at first) get memory of their own, which is given back."""
 
 
 _CACHED_SIZE = 1040
