@@ -247,7 +247,7 @@ def test_records_the_database_refuses_are_held_not_raised_and_written_later(
     store = ServiceStore(tmp_path)
     anonymous = Caller(None, "default", False, ())
     store._conn.execute("PRAGMA query_only = ON")  # SQLite now refuses every write
-    for i in range(150):  # past a batch (64) and past the cap
+    for i in range(150):  # past the cap
         store.log(anonymous, "execute", 200, float(i))
     store.flush()
     assert "request log records not written" in caplog.text
@@ -419,10 +419,31 @@ async def test_over_the_concurrency_limit_execute_is_429_and_logged(tmp_path: Pa
         ]
 
 
+async def test_records_are_written_in_batches_off_the_way_to_an_answer(tmp_path: Path) -> None:
+    # A batch used to be written inside log(), so the request that filled it waited for the
+    # write before its answer went out. Now log() only holds the record; a full batch is
+    # written on the event loop's next turn.
+    store = ServiceStore(tmp_path)
+    anonymous = Caller(None, "default", False, ())
+    began: list[str] = []
+    store._conn.set_trace_callback(lambda sql: began.append(sql) if sql == "BEGIN" else None)
+    for _ in range(_store._FLUSH_AT):
+        store.log(anonymous, "fetch", 200, 1.0)
+    assert began == []
+    await asyncio.sleep(0)
+    assert began == ["BEGIN"]
+    store._conn.set_trace_callback(None)
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")  # another process sees them
+    assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (_store._FLUSH_AT,)
+    conn.close()
+
+
 def test_request_record_ids_are_unique_and_grow_with_time(tmp_path: Path) -> None:
     store = ServiceStore(tmp_path)
     anonymous = Caller(None, "default", False, ())
-    ids = [store.log(anonymous, "fetch", 200, 1.0)["id"] for _ in range(1000)]
+    for _ in range(1000):
+        store.log(anonymous, "fetch", 200, 1.0)
+    ids = [r["id"] for r in reversed(store.logs("default", limit=1000))]  # oldest first
     assert len(set(ids)) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert [i[:16] for i in ids] == sorted(i[:16] for i in ids)  # their index is appended to
