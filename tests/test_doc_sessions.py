@@ -123,6 +123,7 @@ def config_state(path: Path, environ: dict[str, str]) -> tuple[object, ...]:
         config.log_max_bytes,
         config.storage_quota_mb,
         config.require_auth,
+        config.sandbox_python,
         config.ai,
         (limits.cpu_ms, limits.memory_mb, limits.wall_ms),
         allow,
@@ -146,6 +147,7 @@ def test_the_config_file_sample_loads_as_serve_loads_it(tmp_path: Path) -> None:
     assert config.log_max_bytes == server["log_max_mb"] << 20
     assert config.storage_quota_mb == server["storage_quota_mb"]
     assert config.require_auth is server["auth"]
+    assert config.sandbox_python == server["sandbox_python"]
     # The key comes from the variable the file names, never from the file.
     ai = shown["ai"]
     assert config.ai == AiConfig(base_url=ai["base_url"], model=ai["model"], api_key="sk-test")

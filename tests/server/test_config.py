@@ -62,6 +62,19 @@ def test_unknown_options_and_bad_values_are_errors(tmp_path: Path) -> None:
         load_config(file, {}, environ={})
 
 
+def test_the_sandbox_interpreter_comes_from_the_file_the_environment_and_the_flag(
+    tmp_path: Path,
+) -> None:
+    assert load_config(None, {}, environ={})[0].sandbox_python is None  # the service's own
+    file = tmp_path / "workerloader.toml"
+    file.write_text('[server]\nsandbox_python = "/opt/a/python"\n')
+    assert load_config(file, {}, environ={})[0].sandbox_python == "/opt/a/python"
+    env = {"WORKERLOADER_SANDBOX_PYTHON": "/opt/b/python"}
+    assert load_config(file, {}, environ=env)[0].sandbox_python == "/opt/b/python"
+    flags = {"sandbox_python": "/opt/c/python"}
+    assert load_config(file, flags, environ=env)[0].sandbox_python == "/opt/c/python"
+
+
 def test_max_connections_comes_from_the_file_the_environment_and_the_flag(
     tmp_path: Path,
 ) -> None:

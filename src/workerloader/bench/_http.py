@@ -161,14 +161,22 @@ async def _measure(port: int, cold: Request, warm: Request, counts: tuple[int, i
 
 
 def run_http_bench(
-    cache: Path = Path(".workerloader/bench"), cold: int = 300, warm: int = 2000
+    cache: Path = Path(".workerloader/bench"),
+    cold: int = 300,
+    warm: int = 2000,
+    *,
+    service_python: str | None = None,
+    sandbox_python: str | None = None,
 ) -> list[Figure]:
-    """Cold and warm HTTP figures of workerloader beside workerd's, same client, same run."""
+    """Cold and warm HTTP figures of workerloader beside workerd's, same client, same run.
+    The service runs on ``service_python`` (default: this interpreter), its workers on
+    ``sandbox_python`` (default: the service's)."""
+    sandbox = ["--sandbox-python", sandbox_python] if sandbox_python else []
     with tempfile.TemporaryDirectory() as tmp:
         ours_port = _free_port()
         ours = subprocess.Popen(
             [
-                sys.executable,
+                service_python or sys.executable,
                 "-m",
                 "workerloader.cli",
                 "serve",
@@ -176,6 +184,7 @@ def run_http_bench(
                 str(ours_port),
                 "--data-dir",
                 str(Path(tmp) / "data"),
+                *sandbox,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -45,9 +45,11 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
 
-def print_figures(title: str, figures: list[Figure], console: Console | None = None) -> None:
+def print_figures(
+    title: str, figures: list[Figure], console: Console | None = None, caption: str | None = None
+) -> None:
     """Print a table: figure, ours, baseline, target, and whether the target is met."""
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     for column in ("figure", "workerloader", "baseline", "target", "met"):
         table.add_column(column)
     for f in figures:

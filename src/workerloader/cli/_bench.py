@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 import click
@@ -80,7 +82,43 @@ def bench_bindings() -> None:
 
 
 @bench.command("http")
-def bench_http() -> None:
-    """The service end to end beside Cloudflare's workerd (installed from npm on first use)."""
-    figures = _measured("the service and workerd over HTTP", run_http_bench)
-    print_figures("HTTP: workerloader serve vs workerd serve --experimental", figures)
+@option(
+    "--service-python",
+    default=None,
+    envvar="WORKERLOADER_BENCH_SERVICE_PYTHON",
+    help="The interpreter the service runs on (it must import this workerloader). "
+    "[default: this one]",
+)
+@option(
+    "--sandbox-python",
+    default=None,
+    envvar="WORKERLOADER_SANDBOX_PYTHON",
+    help="The interpreter its workers run on (see serve --sandbox-python). "
+    "[default: the service's]",
+)
+def bench_http(service_python: str | None, sandbox_python: str | None) -> None:
+    """The service end to end beside Cloudflare's workerd (installed from npm on first use).
+    ``./scripts/bench http`` runs the service as ``./scripts/serve`` does."""
+    figures = _measured(
+        "the service and workerd over HTTP",
+        lambda: run_http_bench(service_python=service_python, sandbox_python=sandbox_python),
+    )
+    service = service_python or sys.executable
+    caption = (
+        f"service on Python {_version_of(service)} ({service}), workers on Python "
+        f"{_version_of(sandbox_python or service)}"
+    )
+    print_figures(
+        "HTTP: workerloader serve vs workerd serve --experimental", figures, caption=caption
+    )
+
+
+def _version_of(python: str) -> str:
+    """The version of the interpreter ``python`` (as ``3.12.1``)."""
+    done = subprocess.run(
+        [python, "-c", "import sys; print(sys.version.split()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()

@@ -76,6 +76,13 @@ from ._common import config_option, config_path_or_default, option
     "0: no quota. [default: 1024]",
 )
 @option(
+    "--sandbox-python",
+    default=None,
+    envvar="WORKERLOADER_SANDBOX_PYTHON",
+    help="The interpreter workers run on; it must import this workerloader (3.12+: workers "
+    "share the zygote's memory). [default: the service's own]",
+)
+@option(
     "--auth",
     is_flag=True,
     default=None,

@@ -97,6 +97,11 @@ class Loader:
     ``storage_quota_mb`` is the most each namespace may keep in each of its stores (KV,
     documents, a SQL database, a blob bucket); a write past it raises ``QuotaExceeded``.
     None: no quota (the host's disk is the limit).
+
+    ``sandbox_python`` is the interpreter workers run on (default: this process's own). It must
+    import this version of workerloader; on Python 3.12+ workers share most of the zygote's
+    memory. The host itself may then run on another version, such as a distribution's
+    optimized 3.11 (see ``docs/configuration.md``).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Loader:
         insecure: bool = False,
         ai: AiConfig | None = None,
         storage_quota_mb: int | None = DEFAULT_STORAGE_QUOTA_MB,
+        sandbox_python: str | None = None,
     ) -> None:
         if storage_quota_mb is not None and storage_quota_mb < 1:
             raise ValueError("storage_quota_mb must be at least 1 (or None: no quota)")
@@ -119,7 +125,7 @@ class Loader:
         self.ai_config = ai
         self.max_workers = max_workers
         self.idle_ttl_s = idle_ttl_s
-        self._sandbox = Sandbox(pool_size=pool_size, insecure=insecure)
+        self._sandbox = Sandbox(pool_size=pool_size, insecure=insecure, python=sandbox_python)
         # Workers taken from the zygote ahead of need, their sessions already open: a cold
         # start then costs no zygote round trip and no session setup (each a process wake-up,
         # up to a millisecond or more on an idle virtual machine).

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .. import __version__
 from .._errors import SandboxUnavailable, WorkerloaderError
 from . import _syscalls
 from ._cgroup import MemoryCgroups, WorkerCgroup
@@ -257,7 +258,20 @@ def _write_id_maps(pid: int) -> None:
 class Sandbox:
     """The zygote process and the workers it forks. Use ``async with`` or ``start``/``aclose``."""
 
-    def __init__(self, *, pool_size: int = 8, scratch_mb: int = 16, insecure: bool = False):
+    def __init__(
+        self,
+        *,
+        pool_size: int = 8,
+        scratch_mb: int = 16,
+        insecure: bool = False,
+        python: str | None = None,
+    ):
+        """``python``: the interpreter the zygote, and so every worker, runs (default: the
+        host's own). It must import the same workerloader version as the host (``start``
+        checks); on Python 3.12+ workers share most of the zygote's memory (immortal
+        objects), so the host may run on a faster build of another version (a distribution's
+        optimized 3.11, say) while workers run on 3.12."""
+        self.python = python or sys.executable
         self.insecure = False
         """True once started without confinement (only when asked to and the sandbox is
         unavailable)."""
@@ -290,19 +304,39 @@ class Sandbox:
             # Only a host that may raise a worker's priority again (root) lowers the zygote's.
             "WORKERLOADER_NICE": str(_BACKGROUND_NICE if os.geteuid() == 0 else 0),
         }
-        self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the zygote is long-lived
-            [sys.executable, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
-            pass_fds=[zygote.fileno()],
-            env=env,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
-        zygote.close()
+        try:
+            self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; long-lived
+                [self.python, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
+                pass_fds=[zygote.fileno()],
+                env=env,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            host.close()
+            raise SandboxUnavailable(f"cannot run the sandbox's interpreter: {exc}") from None
+        finally:
+            zygote.close()
         self._ctrl = host
         host.setblocking(False)
+        try:
+            await self._handshake(host)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _handshake(self, host: socket.socket) -> None:
+        """The zygote's start (see ``_zygote``), up to its ``ready``."""
+        assert self._proc is not None
         loop = asyncio.get_running_loop()
-        if await loop.sock_recv(host, 16) != b"userns":
+        first = await loop.sock_recv(host, 16)
+        if first == b"":
+            raise SandboxUnavailable(
+                "the zygote exited as it started (its error is on stderr): its namespaces "
+                f"could not be made, or its interpreter {self.python} lacks workerloader"
+            )
+        if first != b"userns":
             raise SandboxUnavailable("the zygote could not create its namespaces")
         if not self.insecure:
             _write_id_maps(self._proc.pid)
@@ -312,8 +346,15 @@ class Sandbox:
             await loop.sock_sendall(host, program)
         if not self.insecure:
             self._cgroups = MemoryCgroups.detect()
-        if await loop.sock_recv(host, 16) != b"ready":
+        ready = await loop.sock_recv(host, 256)
+        if not ready.startswith(b"ready "):
             raise SandboxUnavailable("the zygote failed to start")
+        theirs = ready.removeprefix(b"ready ").decode(errors="replace")
+        if theirs != __version__:
+            raise SandboxUnavailable(
+                f"the sandbox's interpreter {self.python} imports workerloader {theirs}, not "
+                f"this host's {__version__}: install this version for it"
+            )
 
     async def spawn(self) -> WorkerProcess:
         """A new confined worker, waiting for its code on its channel (``limit_memory`` puts

@@ -9,7 +9,8 @@ its own PID namespace, already confined and waiting on its RPC channel.
 Control protocol (SOCK_SEQPACKET, one message per datagram):
 
 - zygote → host ``b"userns"``; host writes the maps and answers ``b"mapped"``;
-- zygote → host ``b"ready"`` once the pool is warm;
+- zygote → host ``b"ready <version>"`` once the pool is warm (``<version>``: of the
+  workerloader it imported, which the host checks against its own);
 - host → zygote ``b"spawn"``; zygote → host ``b"worker"`` with three fds (SCM_RIGHTS): the
   host's end of the worker's channel, a pidfd of the worker, and its output file (``_output``);
 - the host closing the socket stops the zygote; its workers die with it (PDEATHSIG).
@@ -36,6 +37,7 @@ import asyncio  # noqa: E402, F401 - imported here, while ssl is hidden
 
 del sys.modules["ssl"]
 
+from .. import __version__  # noqa: E402
 from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
@@ -164,7 +166,7 @@ class _Zygote:
         if not INSECURE:
             _cover_proc()
         self.prefork(POOL_SIZE)
-        self.ctrl.send(b"ready")
+        self.ctrl.send(b"ready " + __version__.encode())
         while True:
             self._reap()
             timeout = 0 if len(self.pool) <= _LOW_WATER else 1.0

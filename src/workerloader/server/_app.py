@@ -73,6 +73,8 @@ class ServerConfig:
     """Refuse anonymous requests even while no API key exists (no dev mode)."""
     execute_limits: ExecuteLimits = field(default_factory=ExecuteLimits)
     """The limits of ``POST /execute`` workers where a request does not set them."""
+    sandbox_python: str | None = None
+    """The interpreter workers run on (None: the service's own; see ``Loader``)."""
     api: HttpGateway | None = None
     """The HTTP gateway ``/execute`` code gets as ``api`` (and ``sdk.api``), as do stored
     workers' ``sdk`` and ``api`` bindings; None: no outbound HTTP."""
@@ -253,6 +255,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         async with Loader(
             config.data_dir,
             pool_size=config.pool_size,
+            sandbox_python=config.sandbox_python,
             insecure=config.insecure,
             ai=config.ai,
             storage_quota_mb=config.storage_quota_mb,

@@ -15,6 +15,7 @@ beats the default. Every option has one name in each source::
     [server] log_max_mb          WORKERLOADER_LOG_MAX_MB           --log-max-mb
     [server] storage_quota_mb    WORKERLOADER_STORAGE_QUOTA_MB     --storage-quota-mb (0: none)
     [server] auth                WORKERLOADER_AUTH                 --auth (no dev mode)
+    [server] sandbox_python      WORKERLOADER_SANDBOX_PYTHON       --sandbox-python
     [ai] base_url                WORKERLOADER_AI_BASE_URL          (file or env only; both
     [ai] model                   WORKERLOADER_AI_MODEL              or neither: no AI then)
     [ai] embedding_model         WORKERLOADER_AI_EMBEDDING_MODEL
@@ -64,6 +65,7 @@ _SERVER_OPTIONS = {
     "log_max_mb": int,
     "storage_quota_mb": int,
     "auth": bool,
+    "sandbox_python": str,
 }
 
 
@@ -168,6 +170,7 @@ def load_config(
         storage_quota_mb=_quota(values.get("storage_quota_mb", DEFAULT_STORAGE_QUOTA_MB)),
         ai=ai_config,
         require_auth=bool(values.get("auth", False)),
+        sandbox_python=values.get("sandbox_python") or None,
         execute_limits=_limits(path, dict(file.get("limits", {})), environ),
         api=_gateway(path, dict(file.get("bindings", {})), environ),
     )

@@ -1,0 +1,85 @@
+"""The interpreter workers run on (``Loader(sandbox_python=...)``, ``serve --sandbox-python``):
+another than the host's, and what the host says when it cannot be used."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import running
+from workerloader import Loader, SandboxUnavailable, WorkerCode, __version__
+from workerloader.server import ServerConfig
+
+MAIN = (
+    "from workers import WorkerEntrypoint\n"
+    "class E(WorkerEntrypoint):\n"
+    "    async def add(self, a, b):\n"
+    "        return a + b\n"
+)
+
+
+def wrapper(tmp_path: Path, body: str) -> str:
+    """An executable shell script standing in for an interpreter; it writes its pid to
+    ``pid`` (exec keeps it) and then runs ``body``."""
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_workers_run_on_the_interpreter_given(tmp_path: Path) -> None:
+    python = wrapper(tmp_path, f'exec {sys.executable} "$@"')
+    code = WorkerCode(main_module="main.py", modules={"main.py": MAIN})
+    async with Loader(tmp_path / "data", pool_size=2, sandbox_python=python) as loader:
+        assert await loader.get("w", lambda: code).get_entrypoint("E").add(2, 3) == 5
+        zygote = int((tmp_path / "pid").read_text())
+        assert not gone(zygote)  # the zygote is the process the wrapper became
+    assert gone(zygote)
+
+
+async def test_an_interpreter_with_another_workerloader_is_refused(tmp_path: Path) -> None:
+    # Host and zygote speak a protocol of this version: another one is not started on.
+    fake = (
+        "import runpy, workerloader; workerloader.__version__ = '0.0.0+other'; "
+        "runpy.run_module('workerloader.sandbox._zygote', run_name='__main__')"
+    )
+    python = wrapper(tmp_path, f'exec {sys.executable} -I -c "{fake}" "$4"')
+    loader = Loader(tmp_path / "data", pool_size=2, sandbox_python=python)
+    with pytest.raises(SandboxUnavailable) as raised:
+        await loader.__aenter__()
+    assert f"imports workerloader 0.0.0+other, not this host's {__version__}" in str(raised.value)
+    assert python in str(raised.value)
+    assert gone(int((tmp_path / "pid").read_text()))  # the zygote was stopped, not left
+
+
+async def test_an_interpreter_without_workerloader_is_named(tmp_path: Path) -> None:
+    python = wrapper(tmp_path, 'exec /bin/sh -c "exit 1"')
+    with pytest.raises(SandboxUnavailable, match="exited as it started") as raised:
+        await Loader(tmp_path / "data", pool_size=2, sandbox_python=python).__aenter__()
+    assert f"its interpreter {python} lacks workerloader" in str(raised.value)
+
+
+async def test_a_missing_interpreter_is_refused(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-python")
+    with pytest.raises(SandboxUnavailable, match="cannot run the sandbox's interpreter"):
+        await Loader(tmp_path / "data", pool_size=2, sandbox_python=missing).__aenter__()
+
+
+async def test_the_service_runs_its_workers_on_its_sandbox_python(tmp_path: Path) -> None:
+    python = wrapper(tmp_path, f'exec {sys.executable} "$@"')
+    config = ServerConfig(data_dir=tmp_path / "data", pool_size=2, sandbox_python=python)
+    async with running(config) as client:
+        answer = await client.post("/execute", json={"code": "return 2 + 2"})
+        assert answer.json()["result"] == 4
+        assert not gone(int((tmp_path / "pid").read_text()))
