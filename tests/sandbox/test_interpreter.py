@@ -11,6 +11,7 @@ import pytest
 
 from tests.server.conftest import running
 from workerloader import Loader, SandboxUnavailable, WorkerCode, __version__
+from workerloader.sandbox import _host
 from workerloader.server import ServerConfig
 
 MAIN = (
@@ -48,19 +49,64 @@ async def test_workers_run_on_the_interpreter_given(tmp_path: Path) -> None:
     assert gone(zygote)
 
 
-async def test_an_interpreter_with_another_workerloader_is_refused(tmp_path: Path) -> None:
-    # Host and zygote speak a protocol of this version: another one is not started on.
-    fake = (
-        "import runpy, workerloader; workerloader.__version__ = '0.0.0+other'; "
-        "runpy.run_module('workerloader.sandbox._zygote', run_name='__main__')"
-    )
-    python = wrapper(tmp_path, f'exec {sys.executable} -I -c "{fake}" "$4"')
+def zygote_with(tmp_path: Path, setup: str) -> str:
+    """A stand-in interpreter that runs the real zygote after ``setup`` (Python, one line)."""
+    run = "import runpy; runpy.run_module('workerloader.sandbox._zygote', run_name='__main__')"
+    return wrapper(tmp_path, f'exec {sys.executable} -I -c "{setup}; {run}" "$4"')
+
+
+@pytest.mark.parametrize(
+    ("setup", "said"),
+    [
+        (
+            "import workerloader; workerloader.__version__ = '0.0.0+other'",
+            "imports workerloader 0.0.0+other; this host runs",
+        ),
+        (  # the same version, other sources (another checkout or install)
+            "from workerloader.sandbox import _identity; _identity.code_digest = lambda: 'x'",
+            "from other sources than this host's",
+        ),
+        (  # a zygote from before its ready named its version
+            "import socket; send = socket.socket.send; "
+            "socket.socket.send = lambda s, d, *a: send(s, d[:5] if d[:6] == b'ready ' else d, *a)",
+            "imports an older workerloader than this host's",
+        ),
+    ],
+)
+async def test_an_interpreter_with_other_workerloader_code_is_refused(
+    tmp_path: Path, setup: str, said: str
+) -> None:
+    # Host and zygote speak a protocol of this code: another one is not started on.
+    python = zygote_with(tmp_path, setup)
     loader = Loader(tmp_path / "data", pool_size=2, sandbox_python=python)
     with pytest.raises(SandboxUnavailable) as raised:
         await loader.__aenter__()
-    assert f"imports workerloader 0.0.0+other, not this host's {__version__}" in str(raised.value)
+    assert said in str(raised.value)
     assert python in str(raised.value)
+    assert __version__ in str(raised.value)
     assert gone(int((tmp_path / "pid").read_text()))  # the zygote was stopped, not left
+
+
+async def test_a_relative_interpreter_path_is_the_callers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The zygote starts in / with a PATH of its own: the path is resolved where it was given.
+    wrapper(tmp_path, f'exec {sys.executable} "$@"')
+    monkeypatch.chdir(tmp_path)
+    code = WorkerCode(main_module="main.py", modules={"main.py": MAIN})
+    async with Loader(tmp_path / "data", pool_size=2, sandbox_python="./python") as loader:
+        assert await loader.get("w", lambda: code).get_entrypoint("E").add(1, 1) == 2
+    assert (tmp_path / "pid").exists()
+
+
+async def test_a_zygote_that_never_answers_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_host, "_START_TIMEOUT_S", 1.0)
+    python = wrapper(tmp_path, "exec sleep 30")
+    with pytest.raises(SandboxUnavailable, match="did not start within 1 s"):
+        await Loader(tmp_path / "data", pool_size=2, sandbox_python=python).__aenter__()
+    assert gone(int((tmp_path / "pid").read_text()))
 
 
 async def test_an_interpreter_without_workerloader_is_named(tmp_path: Path) -> None:

@@ -422,20 +422,52 @@ async def test_over_the_concurrency_limit_execute_is_429_and_logged(tmp_path: Pa
 async def test_records_are_written_in_batches_off_the_way_to_an_answer(tmp_path: Path) -> None:
     # A batch used to be written inside log(), so the request that filled it waited for the
     # write before its answer went out. Now log() only holds the record; a full batch is
-    # written on the event loop's next turn.
+    # written on the event loop's next turn, and so is the next one.
     store = ServiceStore(tmp_path)
     anonymous = Caller(None, "default", False, ())
     began: list[str] = []
     store._conn.set_trace_callback(lambda sql: began.append(sql) if sql == "BEGIN" else None)
-    for _ in range(_store._FLUSH_AT):
-        store.log(anonymous, "fetch", 200, 1.0)
-    assert began == []
-    await asyncio.sleep(0)
-    assert began == ["BEGIN"]
+    for batch in (1, 2):
+        for _ in range(_store._FLUSH_AT):
+            store.log(anonymous, "fetch", 200, 1.0)
+        assert len(began) == batch - 1
+        await asyncio.sleep(0)
+        assert len(began) == batch
     store._conn.set_trace_callback(None)
     conn = sqlite3.connect(tmp_path / "service.sqlite3")  # another process sees them
-    assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (_store._FLUSH_AT,)
+    assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (2 * _store._FLUSH_AT,)
     conn.close()
+
+
+def test_outside_an_event_loop_a_full_batch_is_written_at_once(tmp_path: Path) -> None:
+    # Also after a loop that ended before its scheduled write ran.
+    store = ServiceStore(tmp_path)
+    anonymous = Caller(None, "default", False, ())
+
+    async def fill() -> None:
+        for _ in range(_store._FLUSH_AT):
+            store.log(anonymous, "fetch", 200, 1.0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(fill())  # its write is scheduled, never run
+    loop.close()
+    for _ in range(_store._FLUSH_AT):
+        store.log(anonymous, "fetch", 200, 2.0)
+    conn = sqlite3.connect(tmp_path / "service.sqlite3")
+    assert conn.execute("SELECT COUNT(*) FROM request_logs").fetchone() == (2 * _store._FLUSH_AT,)
+    conn.close()
+
+
+def test_a_batch_of_any_size_is_written_whole(tmp_path: Path) -> None:
+    store = ServiceStore(tmp_path)
+    for count in (1, 63, 64, 65, 200, 999):
+        for i in range(count):
+            store._pending_logs.append(  # held as log() holds them, past a batch's size
+                (f"{count:08x}{i:024x}", 1.0, None, "n", None, "fetch", 200, 1.0, None, None, "[]")
+            )
+        store.flush()
+        assert len(store.logs("n", limit=1000)) == min(count, 1000), count
+        store._conn.execute("DELETE FROM request_logs")
 
 
 def test_request_record_ids_are_unique_and_grow_with_time(tmp_path: Path) -> None:

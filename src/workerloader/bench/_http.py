@@ -174,6 +174,9 @@ def run_http_bench(
     sandbox = ["--sandbox-python", sandbox_python] if sandbox_python else []
     with tempfile.TemporaryDirectory() as tmp:
         ours_port = _free_port()
+        errors = open(Path(tmp) / "serve.err", "wb")  # noqa: SIM115 - the service's lifetime
+        empty_config = Path(tmp) / "workerloader.toml"
+        empty_config.write_text("")
         ours = subprocess.Popen(
             [
                 service_python or sys.executable,
@@ -184,13 +187,19 @@ def run_http_bench(
                 str(ours_port),
                 "--data-dir",
                 str(Path(tmp) / "data"),
+                "--config",  # its embedded defaults, whatever ./workerloader.toml says
+                str(empty_config),
                 *sandbox,
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=errors,
         )
         try:
-            _wait_port(ours_port, ours, "workerloader serve")
+            try:
+                _wait_port(ours_port, ours, "workerloader serve")
+            except RuntimeError as exc:  # with what the service said (a refused sandbox, say)
+                said = Path(errors.name).read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"{exc}: {' / '.join(said)}") from None
             body = json.dumps(_OUR_WORKER).encode()
 
             async def store_worker() -> None:
@@ -212,6 +221,7 @@ def run_http_bench(
         finally:
             ours.terminate()
             ours.wait(timeout=30)
+            errors.close()
         theirs_figures: list[float | None] = [None] * 4
         note = "workerd"
         binary = _workerd_binary(cache.resolve() / "workerd")

@@ -83,8 +83,8 @@ def config_path_or_default(config_path: Path | None) -> Path | None:
 def service_config(config_path: Path | None) -> ServerConfig:
     """The config the service would have with this config file (or ./workerloader.toml) and
     the ``WORKERLOADER_*`` variables, for ``dev`` and ``exec`` to give their workers the same
-    AI provider (``[ai]``), HTTP gateway (``[bindings.api]``) and storage quota;
-    click.ClickException naming what is wrong in them."""
+    AI provider (``[ai]``), HTTP gateway (``[bindings.api]``), storage quota and interpreter
+    (``sandbox_python``); click.ClickException naming what is wrong in them."""
     from ..server._config import load_config
 
     try:

@@ -133,6 +133,7 @@ def dev(
             insecure=insecure,
             ai=ai,
             storage_quota_mb=service.storage_quota_mb,
+            sandbox_python=service.sandbox_python,
         ) as loader:
             loaders.append(loader)
             app = FastAPI(title="workerloader dev")

@@ -79,6 +79,7 @@ def exec_(
             insecure=insecure,
             ai=service.ai,
             storage_quota_mb=service.storage_quota_mb,
+            sandbox_python=service.sandbox_python,
         ) as loader:
             limits = Limits(cpu_ms=cpu_ms, memory_mb=memory_mb, wall_ms=timeout_ms)
             sdk = loader.sdk(namespace, api=service.api)

@@ -10,18 +10,21 @@ import functools
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import __version__
 from .._errors import SandboxUnavailable, WorkerloaderError
 from . import _syscalls
 from ._cgroup import MemoryCgroups, WorkerCgroup
 from ._chores import Chores
+from ._identity import code_digest
 from ._output import read_output
 from ._policy import compile_seccomp
 
@@ -255,6 +258,18 @@ def _write_id_maps(pid: int) -> None:
             f.write(f"0 {_UID_BASE} {_UID_RANGE}")
 
 
+_START_TIMEOUT_S = 60.0
+"""How long the zygote may take to start (~1 s; more on a loaded machine)."""
+
+
+def _resolve(python: str) -> str:
+    """``python`` as an absolute path: the zygote starts with no PATH of the caller's and in
+    ``/``, where a relative path or a bare name would find nothing (unchanged if it is
+    nowhere: starting it then says so)."""
+    found = shutil.which(os.path.expanduser(python))
+    return os.path.abspath(found) if found else python
+
+
 class Sandbox:
     """The zygote process and the workers it forks. Use ``async with`` or ``start``/``aclose``."""
 
@@ -271,7 +286,7 @@ class Sandbox:
         checks); on Python 3.12+ workers share most of the zygote's memory (immortal
         objects), so the host may run on a faster build of another version (a distribution's
         optimized 3.11, say) while workers run on 3.12."""
-        self.python = python or sys.executable
+        self.python = _resolve(python) if python else sys.executable
         self.insecure = False
         """True once started without confinement (only when asked to and the sandbox is
         unavailable)."""
@@ -321,7 +336,13 @@ class Sandbox:
         self._ctrl = host
         host.setblocking(False)
         try:
-            await self._handshake(host)
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await self._handshake(host)
+        except TimeoutError:
+            await self.aclose()
+            raise SandboxUnavailable(
+                f"the zygote ({self.python}) did not start within {_START_TIMEOUT_S:g} s"
+            ) from None
         except BaseException:
             await self.aclose()
             raise
@@ -347,13 +368,24 @@ class Sandbox:
         if not self.insecure:
             self._cgroups = MemoryCgroups.detect()
         ready = await loop.sock_recv(host, 256)
+        if ready == b"ready":
+            raise SandboxUnavailable(
+                f"the sandbox's interpreter {self.python} imports an older workerloader than "
+                f"this host's {__version__}: install this one for it"
+            )
         if not ready.startswith(b"ready "):
             raise SandboxUnavailable("the zygote failed to start")
-        theirs = ready.removeprefix(b"ready ").decode(errors="replace")
-        if theirs != __version__:
+        version, _, code = ready.removeprefix(b"ready ").decode(errors="replace").partition(" ")
+        here = Path(__file__).parents[1]
+        if version != __version__:
             raise SandboxUnavailable(
-                f"the sandbox's interpreter {self.python} imports workerloader {theirs}, not "
-                f"this host's {__version__}: install this version for it"
+                f"the sandbox's interpreter {self.python} imports workerloader {version}; this "
+                f"host runs {__version__} (from {here}): install that one for it"
+            )
+        if code != code_digest():
+            raise SandboxUnavailable(
+                f"the sandbox's interpreter {self.python} imports workerloader {version} from "
+                f"other sources than this host's ({here}): install this one for it"
             )
 
     async def spawn(self) -> WorkerProcess:

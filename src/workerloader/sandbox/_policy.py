@@ -1,6 +1,7 @@
 """The confinement policy: the seccomp allow-list (generated with libseccomp) and Landlock rules.
 
-The seccomp program is compiled once, in the zygote, and loaded by each worker with one prctl.
+The seccomp programs are compiled by the host (on its interpreter: ``Sandbox.start``) and sent
+to the zygote, which loads its own and each worker loads the other with one prctl.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ its own PID namespace, already confined and waiting on its RPC channel.
 Control protocol (SOCK_SEQPACKET, one message per datagram):
 
 - zygote → host ``b"userns"``; host writes the maps and answers ``b"mapped"``;
-- zygote → host ``b"ready <version>"`` once the pool is warm (``<version>``: of the
-  workerloader it imported, which the host checks against its own);
+- zygote → host ``b"ready <version> <digest>"`` once the pool is warm: the version and
+  ``_identity.code_digest`` of the workerloader it imported, which the host checks against
+  its own;
 - host → zygote ``b"spawn"``; zygote → host ``b"worker"`` with three fds (SCM_RIGHTS): the
   host's end of the worker's channel, a pidfd of the worker, and its output file (``_output``);
 - the host closing the socket stops the zygote; its workers die with it (PDEATHSIG).
@@ -42,6 +43,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._fork import fork, single_threaded  # noqa: E402
+from ._identity import code_digest  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
 from ._output import new_output_file  # noqa: E402
 from ._pack import pack_hot_code  # noqa: E402
@@ -166,7 +168,7 @@ class _Zygote:
         if not INSECURE:
             _cover_proc()
         self.prefork(POOL_SIZE)
-        self.ctrl.send(b"ready " + __version__.encode())
+        self.ctrl.send(f"ready {__version__} {code_digest()}".encode())
         while True:
             self._reap()
             timeout = 0 if len(self.pool) <= _LOW_WATER else 1.0
@@ -269,6 +271,7 @@ def _cover_proc() -> None:
 
 def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
+    code_digest()  # read now, from the host's file system (kept for ``ready``)
     os.nice(NICE)
     if INSECURE:
         ctrl.send(b"userns")

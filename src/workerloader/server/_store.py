@@ -74,8 +74,9 @@ service's fastest (``_FLUSH_AT``), so the log shrinks back under the cap while i
 to."""
 _FLUSH_AT = 256
 """Records held that make ``log`` schedule a flush before the service's next (0.2 s)."""
-_ROWS_PER_INSERT = 256
-"""Request records one INSERT statement writes (11 parameters each: SQLite allows 32,766)."""
+_ROWS_PER_INSERT = 64
+"""Most request records one INSERT statement writes: 704 parameters, under the 999 that
+SQLite builds before 3.32 allow (32,766 since)."""
 _logger = logging.getLogger("workerloader.server")
 
 
@@ -102,12 +103,19 @@ class ApiKey:
     secret: str | None = field(default=None, repr=False)
 
 
-_id_bits = random.Random().getrandbits
+_id_bits = random.getrandbits
 """The random half of a request record's id (``log``): 32 hex digits, the first 16 the time
 in nanoseconds, the rest random. Ids that grow with time are appended to the id index, where
 random ones (uuid4) landed all over it: writing a record cost half as much (11 against 23 µs,
 60,000 records into a log of 20,000). They need to be unique, not secret: a generator seeded
-from the OS, not a system call per record."""
+from the OS (again in a forked child), not a system call per record."""
+
+
+def _rows_per_insert(left: int) -> int:
+    """How many of ``left`` records to write with the next INSERT: ``_ROWS_PER_INSERT``, or
+    the largest power of two below it, so that a few statements serve every batch (SQLite
+    keeps the last 128 it prepared)."""
+    return _ROWS_PER_INSERT if left >= _ROWS_PER_INSERT else 1 << (left.bit_length() - 1)
 
 
 @functools.cache
@@ -148,6 +156,7 @@ class ServiceStore:
         self._log_write_failing = False  # warned once; cleared by the next good write
         self._flush_at = 0.0
         self._flush_soon = False  # a flush is scheduled on the event loop
+        self._dropped = False  # warned that held records were dropped
         for statement in _SCHEMA:
             self._conn.execute(statement)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(request_logs)")}
@@ -311,25 +320,33 @@ class ServiceStore:
             error_type,
             json.dumps(logs[:_LOG_LINES_KEPT]) if logs else "[]",
         )
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         with self._lock:
             pending = self._pending_logs
             pending.append(row)
-            if len(pending) > _PENDING_LOGS_MAX:  # writes failing: oldest go
+            if len(pending) > _PENDING_LOGS_MAX:  # writes failing (or no flush for long)
                 del pending[0]
-            if len(pending) < _FLUSH_AT or self._flush_soon or self._log_write_failing:
+                if not self._log_write_failing and not self._dropped:
+                    self._dropped = True
+                    _logger.warning("request log records dropped: none was written for long")
+            if len(pending) < _FLUSH_AT or self._log_write_failing:
+                return
+            if loop is None:  # no event loop here to be kept free
+                self._flush_logs()
+                return
+            if self._flush_soon:
                 return
             self._flush_soon = True
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
-        except RuntimeError:  # no event loop here to be kept free
-            self.flush()
+        loop.call_soon(self.flush)
 
     def flush(self, *, when_due: bool = False) -> None:
         """Write the records still held in memory (``log`` batches them). ``when_due``: not
         while writes are failing and their next retry has not come (the service's periodic
         flush; a caller's own flush tries at once)."""
         with self._lock:
-            self._flush_soon = False
             if when_due and self._log_write_failing and time.monotonic() < self._flush_at:
                 return
             self._flush_logs()
@@ -337,10 +354,11 @@ class ServiceStore:
     def _flush_logs(self) -> None:
         """Write the pending records. Never raises: a request's answer does not depend on
         its record being written. If the database refuses them (a full disk, say), they stay
-        pending, up to ``_PENDING_LOGS_MAX`` (``log`` drops the oldest past it), retried every
-        ``_RETRY_S`` (not with each request), and a warning says so once until a write
-        succeeds again."""
+        pending, up to ``_PENDING_LOGS_MAX`` (``log`` drops the oldest past it), retried by the
+        service's periodic flush every ``_RETRY_S`` (not with each request), and a warning says
+        so once until a write succeeds again."""
         # One transaction for many records: a commit per request cost more than the request.
+        self._flush_soon = False  # whoever flushes, a full batch may schedule the next
         now = time.monotonic()
         self._flush_at = now + 0.2
         try:
@@ -358,8 +376,10 @@ class ServiceStore:
                 # Many records a statement: SQLite's CPU a record 2.6 µs against 4.1 with
                 # executemany, measured in batches of 250.
                 pending = self._pending_logs
-                for start in range(0, len(pending), _ROWS_PER_INSERT):
-                    rows = pending[start : start + _ROWS_PER_INSERT]
+                start = 0
+                while start < len(pending):
+                    rows = pending[start : start + _rows_per_insert(len(pending) - start)]
+                    start += len(rows)
                     self._conn.execute(
                         _insert_rows(len(rows)), list(itertools.chain.from_iterable(rows))
                     )
@@ -380,7 +400,7 @@ class ServiceStore:
                 )
             return
         self._pending_logs = []
-        self._log_write_failing = False
+        self._log_write_failing = self._dropped = False
 
     def _prune_to_size(self) -> None:
         """Delete the oldest records while the database is over ``max_bytes``, at most
