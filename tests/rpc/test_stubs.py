@@ -531,15 +531,18 @@ async def test_pipelined_chain_is_one_round_trip(monkeypatch: pytest.MonkeyPatch
 
         rows = await caller.main.table("users").list()
         assert rows == [{"table": "users", "id": 1}, {"table": "users", "id": 2}]
-        # The caller wrote once before anything came back, and the callee replied once.
+        # The caller wrote once before anything came back, and the callee replied once, each
+        # write starting with its side's Hello (sent with the first message, not on its own).
         assert writes_before_reply[:1] == [1]
-        (first_write,) = sent.writes[:1]
+        assert isinstance(sent.writes[0][0], _wire.Hello)
+        assert isinstance(replied.writes[0][0], _wire.Hello)
+        first_write = sent.writes[0][1:]
         assert first_write[:2] == [
             Push(1, 0, ["table"], [["users"], {}], False),
             Push(2, 1, ["list"], [[], {}], True),
         ]
         assert first_write[2:] in ([], [Release(1, 1)])
-        assert replied.writes == [[Resolve(2, rows)]]
+        assert [w[1:] for w in replied.writes] == [[Resolve(2, rows)]]
         await settle()
         # The intermediate answer was released (in the same write or right after).
         assert sum(isinstance(m, Release) for m in sent.frames) == 1
@@ -683,7 +686,8 @@ async def test_unclonable_argument_raises_locally_and_sends_nothing(
         assert caller.table_sizes() == EMPTY
         # The next call is push 1: no id was used up.
         assert await caller.main.add(1, 2) == 3
-        assert sent.frames[0] == Push(1, 0, ["add"], [[1, 2], {}], True)
+        assert isinstance(sent.frames[0], _wire.Hello)  # held until a message went out
+        assert sent.frames[1] == Push(1, 0, ["add"], [[1, 2], {}], True)
         assert callee.table_sizes() == EMPTY
 
 

@@ -151,7 +151,9 @@ class RpcSession(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         limits = self._session.limits
         self._transport.set_write_buffer_limits(high=limits.write_high_water)
-        self._flush()
+        # The Hello waits for this side's first message (still the first frame): a session
+        # opened ahead of use, as the Loader opens its ready workers', then wakes neither
+        # peer just to say hello.
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # A reused buffer: plain data_received would make asyncio allocate (and, at its 256 KiB
