@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from tests.server.conftest import running
 from workerloader import Loader, SandboxUnavailable, WorkerCode, __version__
+from workerloader.cli import main as cli
 from workerloader.sandbox import _host
 from workerloader.server import ServerConfig
 
@@ -129,3 +131,17 @@ async def test_the_service_runs_its_workers_on_its_sandbox_python(tmp_path: Path
         answer = await client.post("/execute", json={"code": "return 2 + 2"})
         assert answer.json()["result"] == 4
         assert not gone(int((tmp_path / "pid").read_text()))
+
+
+def test_workers_put_loads_the_worker_on_the_interpreter_given(tmp_path: Path) -> None:
+    python = wrapper(tmp_path, f'exec {sys.executable} "$@"')
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "main.py").write_text(MAIN)
+    env = {"WORKERLOADER_SANDBOX_PYTHON": python}
+    data = str(tmp_path / "data")
+    result = CliRunner().invoke(
+        cli, ["workers", "put", "w", str(site), "--data-dir", data], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pid").exists()  # the check's zygote ran on it

@@ -19,7 +19,7 @@ from ..bench import (
     run_loader_bench,
     run_rpc_bench,
 )
-from ._common import option
+from ._common import option, sandbox_python_option
 
 
 def _measured(what: str, measure: Callable[[], list[Figure]]) -> list[Figure]:
@@ -89,13 +89,7 @@ def bench_bindings() -> None:
     help="The interpreter the service runs on (it must import this workerloader). "
     "[default: this one]",
 )
-@option(
-    "--sandbox-python",
-    default=None,
-    envvar="WORKERLOADER_SANDBOX_PYTHON",
-    help="The interpreter its workers run on (see serve --sandbox-python). "
-    "[default: the service's]",
-)
+@sandbox_python_option
 def bench_http(service_python: str | None, sandbox_python: str | None) -> None:
     """The service end to end beside Cloudflare's workerd (installed from npm on first use).
     ``./scripts/bench http`` runs the service as ``./scripts/serve`` does."""

@@ -131,6 +131,14 @@ insecure_option = option(
     help="Run workers unconfined where this machine has no sandbox.",
 )
 
+sandbox_python_option = option(
+    "--sandbox-python",
+    default=None,
+    envvar="WORKERLOADER_SANDBOX_PYTHON",
+    help="The interpreter workers run on; it must import this workerloader (3.12+: workers "
+    "share the zygote's memory). [default: the one running workerloader]",
+)
+
 
 def announce_made_data_dir(data_dir: Path) -> None:
     """Say on stderr that ``data_dir`` was made (by ``exec`` or ``workers put``: call it only

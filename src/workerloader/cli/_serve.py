@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import config_option, config_path_or_default, option
+from ._common import config_option, config_path_or_default, option, sandbox_python_option
 
 # Every option defaults to None here: load_config tells a flag given (or its variable set,
 # which click reads into the flag) from one absent, so the config file fills the rest. The
@@ -75,13 +75,7 @@ from ._common import config_option, config_path_or_default, option
     help="The most each namespace keeps in each of its stores (KV, documents, SQL, blobs); "
     "0: no quota. [default: 1024]",
 )
-@option(
-    "--sandbox-python",
-    default=None,
-    envvar="WORKERLOADER_SANDBOX_PYTHON",
-    help="The interpreter workers run on; it must import this workerloader (3.12+: workers "
-    "share the zygote's memory). [default: the service's own]",
-)
+@sandbox_python_option
 @option(
     "--auth",
     is_flag=True,

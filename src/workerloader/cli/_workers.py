@@ -34,6 +34,7 @@ from ._common import (
     insecure_option,
     namespace_option,
     option,
+    sandbox_python_option,
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -125,6 +126,7 @@ def list_workers(namespace: str, data_dir: Path) -> None:
 @namespace_option
 @data_dir_option
 @insecure_option
+@sandbox_python_option
 def put_worker(
     worker_id: str,
     path: Path,
@@ -133,6 +135,7 @@ def put_worker(
     namespace: str,
     data_dir: Path,
     insecure: bool,
+    sandbox_python: str | None,
     **limits: int | None,
 ) -> None:
     """Store the worker in directory PATH as WORKER_ID, with its env data, bindings and
@@ -164,7 +167,9 @@ def put_worker(
     fresh = not data_dir.exists()
 
     async def check() -> None:
-        async with Loader(data_dir, pool_size=1, insecure=insecure) as loader:
+        async with Loader(
+            data_dir, pool_size=1, insecure=insecure, sandbox_python=sandbox_python
+        ) as loader:
             caller = Caller(None, namespace, False)
             # An "api" binding is the serving service's HTTP gateway, which its config makes:
             # a gateway that allows nothing stands in, so that the code loads as it will there.
