@@ -1,5 +1,5 @@
 # Sourced by scripts/test, scripts/serve and scripts/bench: make .venv with the package and its
-# test extras (and defines service_venv, below). Idempotent and quick when everything is there.
+# test extras (and defines service_venv and default_sandbox_python, below). Idempotent and quick.
 
 # The interpreter: CPython 3.12 where the machine has it (on PATH or under pyenv), else 3.13,
 # else python3 (3.11 works). From 3.12 on the sandbox's zygote makes its heap immortal

@@ -1,9 +1,11 @@
-"""Python scripts run in a child process: one whose output lines a test watches as they come,
-and one that reports what it saw as JSON on its last line."""
+"""Child processes in tests: Python scripts run in one (one whose output lines a test watches as
+they come, and one that reports what it saw as JSON on its last line), and whether a pid
+still names a process."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -57,3 +59,12 @@ def script_json(
         assert done.stderr == ""
     report: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return report
+
+
+def pid_exists(pid: int) -> bool:
+    """True while ``pid`` names a process (a zombie too, until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

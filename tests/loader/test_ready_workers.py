@@ -5,9 +5,9 @@ and ready workers stop with the Loader."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
+from tests._proc import pid_exists
 from workerloader import Loader, WorkerCode
 
 PROBE = """
@@ -62,16 +62,8 @@ async def test_no_ready_worker_outlives_the_loader(tmp_path: Path) -> None:
         await _wait_ready(loader, 2)
         pids = [process.pid for process, _ in loader._ready]
     for _ in range(200):
-        alive = [pid for pid in pids if _exists(pid)]
+        alive = [pid for pid in pids if pid_exists(pid)]
         if not alive:
             break
         await asyncio.sleep(0.01)
     assert not alive
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

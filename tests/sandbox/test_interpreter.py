@@ -3,13 +3,13 @@ another than the host's, and what the host says when it cannot be used."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from tests._proc import pid_exists
 from tests.server.conftest import running
 from workerloader import Loader, SandboxUnavailable, WorkerCode, __version__
 from workerloader.cli import main as cli
@@ -33,22 +33,14 @@ def wrapper(tmp_path: Path, body: str) -> str:
     return str(script)
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 async def test_workers_run_on_the_interpreter_given(tmp_path: Path) -> None:
     python = wrapper(tmp_path, f'exec {sys.executable} "$@"')
     code = WorkerCode(main_module="main.py", modules={"main.py": MAIN})
     async with Loader(tmp_path / "data", pool_size=2, sandbox_python=python) as loader:
         assert await loader.get("w", lambda: code).get_entrypoint("E").add(2, 3) == 5
         zygote = int((tmp_path / "pid").read_text())
-        assert not gone(zygote)  # the zygote is the process the wrapper became
-    assert gone(zygote)
+        assert pid_exists(zygote)  # the zygote is the process the wrapper became
+    assert not pid_exists(zygote)
 
 
 def zygote_with(tmp_path: Path, setup: str) -> str:
@@ -86,7 +78,7 @@ async def test_an_interpreter_with_other_workerloader_code_is_refused(
     assert said in str(raised.value)
     assert python in str(raised.value)
     assert __version__ in str(raised.value)
-    assert gone(int((tmp_path / "pid").read_text()))  # the zygote was stopped, not left
+    assert not pid_exists(int((tmp_path / "pid").read_text()))  # the zygote was stopped, not left
 
 
 async def test_a_relative_interpreter_path_is_the_callers(
@@ -108,7 +100,7 @@ async def test_a_zygote_that_never_answers_is_given_up(
     python = wrapper(tmp_path, "exec sleep 30")
     with pytest.raises(SandboxUnavailable, match="did not start within 1 s"):
         await Loader(tmp_path / "data", pool_size=2, sandbox_python=python).__aenter__()
-    assert gone(int((tmp_path / "pid").read_text()))
+    assert not pid_exists(int((tmp_path / "pid").read_text()))
 
 
 async def test_an_interpreter_without_workerloader_is_named(tmp_path: Path) -> None:
@@ -130,7 +122,7 @@ async def test_the_service_runs_its_workers_on_its_sandbox_python(tmp_path: Path
     async with running(config) as client:
         answer = await client.post("/execute", json={"code": "return 2 + 2"})
         assert answer.json()["result"] == 4
-        assert not gone(int((tmp_path / "pid").read_text()))
+        assert pid_exists(int((tmp_path / "pid").read_text()))
 
 
 def test_workers_put_loads_the_worker_on_the_interpreter_given(tmp_path: Path) -> None:

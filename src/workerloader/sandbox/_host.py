@@ -338,13 +338,12 @@ class Sandbox:
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
                 await self._handshake(host)
-        except TimeoutError:
+        except BaseException as exc:  # every way out stops the zygote
             await self.aclose()
-            raise SandboxUnavailable(
-                f"the zygote ({self.python}) did not start within {_START_TIMEOUT_S:g} s"
-            ) from None
-        except BaseException:
-            await self.aclose()
+            if isinstance(exc, TimeoutError):
+                raise SandboxUnavailable(
+                    f"the zygote ({self.python}) did not start within {_START_TIMEOUT_S:g} s"
+                ) from None
             raise
 
     async def _handshake(self, host: socket.socket) -> None:

@@ -154,7 +154,7 @@ class ServiceStore:
         self._workers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._pending_logs: list[tuple[object, ...]] = []
         self._log_write_failing = False  # warned once; cleared by the next good write
-        self._flush_at = 0.0
+        self._retry_at = 0.0  # while writes fail: when the periodic flush tries again
         self._flush_soon = False  # a flush is scheduled on the event loop
         self._dropped = False  # warned that held records were dropped
         for statement in _SCHEMA:
@@ -347,7 +347,7 @@ class ServiceStore:
         while writes are failing and their next retry has not come (the service's periodic
         flush; a caller's own flush tries at once)."""
         with self._lock:
-            if when_due and self._log_write_failing and time.monotonic() < self._flush_at:
+            if when_due and self._log_write_failing and time.monotonic() < self._retry_at:
                 return
             self._flush_logs()
 
@@ -360,7 +360,6 @@ class ServiceStore:
         # One transaction for many records: a commit per request cost more than the request.
         self._flush_soon = False  # whoever flushes, a full batch may schedule the next
         now = time.monotonic()
-        self._flush_at = now + 0.2
         try:
             if now >= self._prune_at:  # by the clock, so that a quiet service prunes too
                 self._prune_at = now + _PRUNE_EVERY_S
@@ -389,7 +388,7 @@ class ServiceStore:
                     self._conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, MemoryError) as exc:  # MemoryError: SQLite's heap limit
-            self._flush_at = now + _RETRY_S  # the records stay pending (log() bounds them)
+            self._retry_at = now + _RETRY_S  # the records stay pending (log() bounds them)
             if not self._log_write_failing:
                 self._log_write_failing = True
                 _logger.warning(
