@@ -47,12 +47,21 @@ def script_with_lines(script: str, *args: str) -> Iterator[tuple[subprocess.Pope
 
 
 def script_json(
-    script: str, *args: str, executable: str = sys.executable, quiet: bool = False
+    script: str,
+    *args: str,
+    executable: str = sys.executable,
+    quiet: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``executable -c script *args`` to its end; it must exit 0 (and, if ``quiet``, write
-    nothing to stderr). The JSON object on its last line of output."""
+    """Run ``executable -c script *args`` to its end, with ``env`` added to this process's
+    environment; it must exit 0 (and, if ``quiet``, write nothing to stderr). The JSON object
+    on its last line of output."""
     done = subprocess.run(
-        [executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+        [executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 0, done.stderr
     if quiet:

@@ -46,7 +46,10 @@ async def test_workers_run_on_the_interpreter_given(tmp_path: Path) -> None:
 def zygote_with(tmp_path: Path, setup: str) -> str:
     """A stand-in interpreter that runs the real zygote after ``setup`` (Python, one line)."""
     run = "import runpy; runpy.run_module('workerloader.sandbox._zygote', run_name='__main__')"
-    return wrapper(tmp_path, f'exec {sys.executable} -I -c "{setup}; {run}" "$4"')
+    # The zygote's control socket is the last argument.
+    return wrapper(
+        tmp_path, f'for fd; do :; done; exec {sys.executable} -I -c "{setup}; {run}" "$fd"'
+    )
 
 
 @pytest.mark.parametrize(

@@ -313,6 +313,10 @@ class Sandbox:
         host, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {
             "PATH": "/usr/bin:/bin",
+            # The C allocator, not pymalloc. A worker's new objects then land one after
+            # another at the top of one heap, not in a fresh pool of each size class across
+            # 1 MB arenas, and that heap can be put in huge pages (_hugepages).
+            "PYTHONMALLOC": "malloc",
             "WORKERLOADER_POOL": str(self._pool_size),
             "WORKERLOADER_SCRATCH_MB": str(self._scratch_mb),
             "WORKERLOADER_INSECURE": "1" if self.insecure else "0",
@@ -321,7 +325,15 @@ class Sandbox:
         }
         try:
             self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; long-lived
-                [self.python, "-I", "-m", "workerloader.sandbox._zygote", str(zygote.fileno())],
+                # -I without its -E: the environment is the one above, which Python must read.
+                [
+                    self.python,
+                    "-s",
+                    "-P",
+                    "-m",
+                    "workerloader.sandbox._zygote",
+                    str(zygote.fileno()),
+                ],
                 pass_fds=[zygote.fileno()],
                 env=env,
                 cwd="/",

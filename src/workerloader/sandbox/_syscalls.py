@@ -136,6 +136,7 @@ def umount(target: str) -> None:
 
 MADV_POPULATE_READ: Final = 22  # Linux 5.14+; older kernels answer EINVAL
 MADV_POPULATE_WRITE: Final = 23
+MADV_COLLAPSE: Final = 25  # Linux 6.1+
 _PROT_READ_WRITE: Final = 0x1 | 0x2
 _MAP_PRIVATE_ANONYMOUS: Final = 0x02 | 0x20
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value

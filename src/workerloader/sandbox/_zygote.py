@@ -1,8 +1,9 @@
 """The zygote: a clean-exec'd, confined process that forks pre-confined workers.
 
-Started by the host as ``python -I -m workerloader.sandbox._zygote FD`` with a scrubbed
-environment. It unshares user, network, IPC, UTS, mount and PID namespaces, waits for the host to
-write its uid/gid maps, then forks the zygote proper (pid 1 of the new PID namespace). That
+Started by the host as ``python -s -P -m workerloader.sandbox._zygote FD`` with an
+environment of its own making (``PYTHONMALLOC=malloc``: see ``_hugepages``). It unshares
+user, network, IPC, UTS, mount and PID namespaces, waits for the host to write its uid/gid
+maps, then forks the zygote proper (pid 1 of the new PID namespace). That
 process imports the worker runtime once and keeps a pool of pre-forked workers, each pid 1 of
 its own PID namespace, already confined and waiting on its RPC channel.
 
@@ -43,6 +44,7 @@ from . import _syscalls as sc  # noqa: E402
 from ._confine import close_inherited, confine  # noqa: E402
 from ._fill import fill_free_blocks  # noqa: E402
 from ._fork import fork, single_threaded  # noqa: E402
+from ._hugepages import collapse_heap  # noqa: E402
 from ._identity import code_digest  # noqa: E402
 from ._immortal import immortalize_heap  # noqa: E402
 from ._output import new_output_file  # noqa: E402
@@ -165,6 +167,7 @@ class _Zygote:
         self.first_call_pages = learn_first_call(self.runtime.serve, self.fork)
         if not self.first_call_pages:
             _warn("the probe of a first call failed: workers will not copy its pages ahead")
+        collapse_heap()  # the last thing before the first fork: the heap is all there
         if not INSECURE:
             _cover_proc()
         self.prefork(POOL_SIZE)
