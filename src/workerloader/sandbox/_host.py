@@ -325,7 +325,8 @@ class Sandbox:
         }
         try:
             self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; long-lived
-                # -I without its -E: the environment is the one above, which Python must read.
+                # -I is -E -s -P; without its -E, Python reads the environment above (made
+                # here, whole), and obeys every PYTHON* variable put into it.
                 [
                     self.python,
                     "-s",

@@ -1,48 +1,50 @@
-"""Back the zygote's heap with huge pages before it forks workers.
+"""Put the zygote's heap in huge pages before it forks workers.
 
 Each fork copies the page table entries of the zygote's written memory (~15 MB: ~3,900
 entries), and each worker's exit takes them down again. In a stream of cold workers these two
 took a seventh of all the machine's CPU (system-wide perf: ``copy_page_range`` in the zygote's
-fork, ``unmap_page_range`` in each exit). One entry of a transparent huge page maps 2 MB, where
-512 entries of 4 KB pages did; ``MADV_COLLAPSE`` (Linux 6.1+) puts a range's pages into huge
-pages in place, whatever the system's THP setting short of ``never``.
+forks, ``unmap_page_range`` in workers' exits). ``MADV_COLLAPSE`` (Linux 6.1+, whatever the
+system's THP setting) moves a range's pages into 2 MB transparent huge pages, in place.
 
-A worker's private memory does not grow for it: a worker that writes to a shared huge page has
-its own entry split into 4 KB ones, and copies only the 4 KB page it wrote. The zygote's own
-writes after a fork split its entries as well; the pages stay huge underneath, and the kernel
-copies and frees the entries of one in batches.
+What that buys: one entry maps 2 MB where 512 did, but only until a process writes to a huge
+page it shares. The writer's entry is then split into 4 KB ones, and the page written is copied
+alone; so a worker's private memory does not grow. The zygote's own writes split its entries
+within its first batch of forks. The pages stay huge underneath, and the kernel copies and
+takes down the entries of one huge page in batches rather than one page at a time. Measured
+(``docs/design.md``): fewer of a worker's and the zygote's CPU a worker, more new workers a
+second.
 
-It needs the heap in long, 2 MB-aligned stretches: the workers' interpreter uses the C
-allocator (``PYTHONMALLOC=malloc``, set by the host), whose heap is one mapping, not pymalloc's
-1 MB arenas scattered across the address space.
+The heap must lie in long stretches for 2 MB-aligned pieces of it to exist: the workers'
+interpreter uses the C allocator (``PYTHONMALLOC=malloc``, set by the host), whose heap is one
+mapping, not pymalloc's 1 MB arenas scattered across the address space. The holes in a
+collapsed piece are filled with zeroed pages (~0.5–0.9 MB in the zygote, shared by every
+worker).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 from . import _syscalls as sc
 
 __all__ = ["collapse_heap"]
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_HUGE = _PAGE * (_PAGE // 8)  # what one page-middle-directory entry maps: 2 MB on x86-64
 
-
-def collapse_heap() -> int:
-    """Collapse every huge-page-aligned stretch of this process's private anonymous memory
-    (the heap and other anonymous mappings) into huge pages; the bytes collapsed. Best effort:
-    0 where the kernel cannot (older than 6.1, THP ``never``). Reads ``/proc/self/maps``."""
-    collapsed = 0
-    with open("/proc/self/maps") as maps:
-        regions = [line.split() for line in maps]
-    for fields in regions:
-        if fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):
-            continue  # a file's pages, a stack, or shared memory
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        for address in range(-(-start // _HUGE) * _HUGE, end - _HUGE + 1, _HUGE):
-            with contextlib.suppress(OSError):
-                sc.madvise(address, _HUGE, sc.MADV_COLLAPSE)
-                collapsed += _HUGE
-    return collapsed
+def collapse_heap() -> None:
+    """Move every 2 MB-aligned piece of this process's private anonymous memory (the heap and
+    other anonymous mappings; not files' pages, shared memory or the stack) into huge pages.
+    Best effort, silent: nothing happens where the kernel cannot (older than 6.1, without
+    THP, or THP disabled for this process). Reads ``/proc/self/maps``; leaves a few freed
+    blocks behind (call before ``_fill.fill_free_blocks``)."""
+    ranges: list[tuple[int, int]] = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if fields[1] == "rw-p" and (len(fields) < 6 or fields[5] == "[heap]"):
+                low, _, high = fields[0].partition("-")
+                ranges.append((int(low, 16), int(high, 16)))
+    for start, end in ranges:
+        # The kernel takes the 2 MB-aligned pieces inside the range, and goes on past most
+        # that it cannot collapse (its error then names the last of those).
+        with contextlib.suppress(OSError):
+            sc.madvise(start, end - start, sc.MADV_COLLAPSE)

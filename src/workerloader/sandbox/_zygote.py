@@ -158,6 +158,7 @@ class _Zygote:
         immortalize_heap()  # collects first
         gc.freeze()
         self.runtime.measure_base_vm()  # a worker maps what the zygote does, from here on
+        collapse_heap()  # before the last fill, which takes the blocks this leaves freed
         fill_free_blocks()
         if not INSECURE:
             # From here on the zygote can do little more than its workers: fork them, give
@@ -167,7 +168,6 @@ class _Zygote:
         self.first_call_pages = learn_first_call(self.runtime.serve, self.fork)
         if not self.first_call_pages:
             _warn("the probe of a first call failed: workers will not copy its pages ahead")
-        collapse_heap()  # the last thing before the first fork: the heap is all there
         if not INSECURE:
             _cover_proc()
         self.prefork(POOL_SIZE)
