@@ -21,7 +21,7 @@ from typing import Any, Final
 import pytest
 
 from tests.bindings._helpers import DESCRIBE, exact
-from workerloader import Loader, WorkerCode
+from workerloader import Loader, WorkerCode, WorkerError
 from workerloader._errors import BindingError, PermissionDenied
 from workerloader.bindings import HttpGateway
 
@@ -462,7 +462,7 @@ async def test_urls_that_are_not_http_or_https_are_refused(url: str) -> None:
 
 WORKER = (
     """
-from workers import WorkerEntrypoint, fetch, sdk
+from workers import HTTPError, WorkerEntrypoint, fetch, sdk
 
 """
     + DESCRIBE
@@ -491,6 +491,12 @@ class Api(WorkerEntrypoint):
 
     async def api_attempt(self, url):
         return await describe(sdk.api.get(url))
+
+    async def api_refused(self, url):
+        try:
+            await sdk.api.post(url, {"n": 1})
+        except HTTPError as exc:
+            return [exc.method, exc.url, exc.status, exc.body, str(exc)]
 """
 )
 
@@ -576,6 +582,26 @@ async def test_sdk_api_decodes_json_through_the_gateway(
     # sdk.api is the gateway only: workers.fetch stays disabled for this worker.
     assert (await api.attempt(f"{server.base}/hello"))[0] == "builtins.PermissionError"
     assert server.paths() == ["/json", "/hello", "/echo"]
+
+
+async def test_sdk_api_raises_http_error_for_an_answer_outside_2xx(
+    loader: Loader, server: LoopbackServer
+) -> None:
+    sdk = loader.sdk("t", api=HttpGateway(["127.0.0.1"], allow_private=True))
+    api = worker(loader, "w", None, env={"SDK": sdk})
+    server.route("/gone", 404, b'{"error": "no such customer"}', content_type="application/json")
+    url = f"{server.base}/gone"
+    assert await api.api_refused(url) == [
+        "POST",
+        url,
+        404,
+        {"error": "no such customer"},
+        f'POST {url} answered 404: {{"error": "no such customer"}}',
+    ]
+    # Uncaught, it reaches the caller as the worker's error, naming the status and the body.
+    server.route("/gone", 500, b"broken")
+    with pytest.raises(WorkerError, match=exact(f"HTTPError: GET {url} answered 500: broken")):
+        await api.api_get(url)
 
 
 async def test_sdk_api_applies_the_gateways_allow_list(

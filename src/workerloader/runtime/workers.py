@@ -16,6 +16,7 @@ from ..rpc import RpcTarget
 __all__ = [
     "Context",
     "Env",
+    "HTTPError",
     "Request",
     "Response",
     "WorkerEntrypoint",
@@ -301,6 +302,20 @@ class CallerContext(dict[str, Any]):
         return f"CallerContext({dict.__repr__(self)})"
 
 
+class HTTPError(Exception):
+    """``sdk.api.get``/``post``: the server answered with a status outside 200–299. ``method``,
+    ``url``, ``status`` and ``body`` (parsed as JSON, else text) tell what it said; ``fetch``
+    hands any answer back as a ``Response`` instead."""
+
+    def __init__(self, method: str, url: str, status: int, body: Any) -> None:
+        said = body if isinstance(body, str) else _json.dumps(body)
+        super().__init__(f"{method} {url} answered {status}: {said[:200]}")
+        self.method = method
+        self.url = url
+        self.status = status
+        self.body = body
+
+
 class Api:
     """``sdk.api``: outbound HTTP through the host's gateway (allow-listed, SSRF-checked)."""
 
@@ -319,23 +334,26 @@ class Api:
         return Response(wire["body"], status=wire["status"], headers=wire["headers"])
 
     async def get(self, url: str, headers: Mapping[str, str] | None = None) -> Any:
-        """GET ``url`` and decode a JSON answer (text otherwise)."""
-        response = await self.fetch(url, headers=headers)
-        text = await response.text()
-        try:
-            return _json.loads(text)
-        except ValueError:
-            return text
+        """GET ``url``: the answer's body parsed as JSON, else its text. Raises ``HTTPError``
+        for a status outside 200–299 (a 404's page is not data)."""
+        return await _decoded("GET", url, await self.fetch(url, headers=headers))
 
     async def post(self, url: str, json: object, headers: Mapping[str, str] | None = None) -> Any:
-        """POST ``json`` to ``url`` and decode a JSON answer (text otherwise)."""
+        """POST ``json`` to ``url`` as JSON; the answer as ``get`` gives it."""
         merged = {"content-type": "application/json", **(headers or {})}
         response = await self.fetch(url, method="POST", headers=merged, body=_json.dumps(json))
-        text = await response.text()
-        try:
-            return _json.loads(text)
-        except ValueError:
-            return text
+        return await _decoded("POST", url, response)
+
+
+async def _decoded(method: str, url: str, response: Response) -> Any:
+    text = await response.text()
+    try:
+        body: Any = _json.loads(text)
+    except ValueError:
+        body = text
+    if not 200 <= response.status < 300:
+        raise HTTPError(method, url, response.status, body)
+    return body
 
 
 class Sdk:
