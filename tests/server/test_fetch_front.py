@@ -103,6 +103,17 @@ async def test_each_method_reaches_the_worker_with_path_query_and_body(
     assert await seen(echo) == [f"{method} /a/b/c"]
 
 
+async def test_the_path_reaches_the_worker_as_the_client_encoded_it(
+    echo: httpx.AsyncClient,
+) -> None:
+    # %2F stays inside one segment, %3F is no query, %20 no space: decoded, each would
+    # change what the worker is asked for.
+    response = await echo.get("/workers/echo/fetch/files/a%2Fb/what%3Fnot%20this?q=1")
+    got = response.json()
+    assert got["url"] == "https://echo/files/a%2Fb/what%3Fnot%20this?q=1"
+    assert (got["path"], got["query"]) == ("/files/a%2Fb/what%3Fnot%20this", "q=1")
+
+
 async def test_head_and_options_are_proxied_too(echo: httpx.AsyncClient) -> None:
     head = await echo.head("/workers/echo/fetch/h")
     assert head.status_code == 200

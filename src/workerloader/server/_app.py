@@ -13,6 +13,7 @@ from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -208,10 +209,17 @@ class _Front:
 
 
 def _fetch_parts(scope: Any) -> tuple[str, str] | None:
-    """The worker id and path of a request to ``/workers/{worker_id}/fetch/{path:path}``, as
-    the FastAPI routes match it, or to ``/workers/{worker_id}/fetch`` itself (the worker's
-    root, not a redirect to it); None for any other request."""
-    parts = scope["path"].split("/", 4)
+    """The worker id and path of a request to ``/workers/{worker_id}/fetch/{path:path}``, or
+    to ``/workers/{worker_id}/fetch`` itself (the worker's root, not a redirect to it); None
+    for any other request.
+
+    The path is the one the client sent, still percent-encoded (the ASGI ``raw_path``, where
+    the server gives one): decoded, ``a%2Fb`` would reach the worker as two segments and
+    ``%3F`` as the start of a query. The id is decoded, as routes decode it."""
+    raw: bytes | None = scope.get("raw_path")
+    # (httpx's in-process transport puts the query into raw_path; servers do not)
+    target = raw.partition(b"?")[0].decode("latin-1") if raw is not None else scope["path"]
+    parts = target.split("/", 4)
     if (
         len(parts) >= 4
         and parts[1] == "workers"
@@ -219,7 +227,7 @@ def _fetch_parts(scope: Any) -> tuple[str, str] | None:
         and parts[3] == "fetch"
         and scope["method"] in FETCH_METHODS
     ):
-        return parts[2], parts[4] if len(parts) == 5 else ""
+        return unquote(parts[2]), parts[4] if len(parts) == 5 else ""
     return None
 
 
