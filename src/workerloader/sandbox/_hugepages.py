@@ -11,8 +11,8 @@ page it shares. The writer's entry is then split into 4 KB ones, and the page wr
 alone; so a worker's private memory does not grow. The zygote's own writes split its entries
 within its first batch of forks. The pages stay huge underneath, and the kernel copies and
 takes down the entries of one huge page in batches rather than one page at a time. Measured
-(``docs/design.md``): fewer of a worker's and the zygote's CPU a worker, more new workers a
-second.
+(``docs/design.md``): less CPU per worker, the worker's and the zygote's together, and more new
+workers a second.
 
 The heap must lie in long stretches for 2 MB-aligned pieces of it to exist: the workers'
 interpreter uses the C allocator (``PYTHONMALLOC=malloc``, set by the host), whose heap is one
